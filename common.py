@@ -94,15 +94,14 @@ TOY_CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789
 
 
 def toy_tokenizer():
-    """A character-level tokenizer, saved and reloaded by AutoTokenizer like any other."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(TOY_CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", unk_token="<unk>")
+    """A character-level tokenizer: a Qwen2 (byte-level BPE) tokenizer with one token per character
+    and no merges, so that AutoTokenizer reloads it as the same Qwen2Tokenizer from a saved folder."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    byte_char = bytes_to_unicode()
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{byte_char[ord(c)]: i + 2 for i, c in enumerate(TOY_CHARS)}}
+    return Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<unk>", eos_token="<|endoftext|>",
+                          pad_token="<|endoftext|>", bos_token=None)
 
 
 def toy_model(vocab_size):
@@ -481,7 +480,33 @@ class Rollout:
         return torch.cat([pad, self.latents], 1)
 
 
-@torch.inference_mode()
+def _preallocated_cache(model, capacity):
+    """A DynamicCache whose full-attention layers write each step in place into buffers sized for
+    the whole rollout and hand attention views of the filled part, instead of torch.cat-ing the
+    entire cache at every step (a third of a toy rollout's time, and O(T^2) copying on long ones)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, m = self.get_seq_length(), key_states.shape[-2]
+            buf = getattr(self, "_buf", None)
+            if (buf is None or buf[0].shape[0] != key_states.shape[0] or n + m > buf[0].shape[-2]
+                    or (n and self.keys.data_ptr() != buf[0].data_ptr())):  # first use, resized or repeated batch
+                buf = tuple(s.new_empty(s.shape[:2] + (max(capacity, n + m),) + s.shape[3:]) for s in (key_states, value_states))
+                if n:
+                    buf[0][:, :, :n], buf[1][:, :, :n] = self.keys, self.values
+                self._buf = buf
+            buf[0][:, :, n:n + m], buf[1][:, :, n:n + m] = key_states, value_states
+            self.keys, self.values = buf[0][:, :, :n + m], buf[1][:, :, :n + m]
+            return self.keys, self.values
+
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 def rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generations=1, store_latents=True):
     """Generate from `prompts` (lists of token ids), `num_generations` rollouts each.
 
@@ -490,12 +515,18 @@ def rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generat
     state (N, d) and returns (token ids (N,), vectors (N, d) or None, kinds (N,)): rows whose kind is
     LATENT_STEP are fed their vector, the others their token's embedding. A row stops after it
     feeds EOS as a TOKEN or FORCED id. The step function keeps any per-step state it needs itself.
+    Runs under inference_mode; the returned tensors are ordinary ones a loss can use.
     """
-    from transformers import DynamicCache
+    with torch.inference_mode():
+        r = _rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generations, store_latents)
+    return Rollout(**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in vars(r).items()})
+
+
+def _rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generations, store_latents):
     device = next(model.parameters()).device
     ids, pmask = pad_left(prompts, pad_id, device)
-    logits, hidden = lm_forward(model, ids, pmask, positions(pmask), cache := DynamicCache(config=model.config),
-                                logits_to_keep=1)
+    cache = _preallocated_cache(unwrap(model), ids.shape[1] + max_new_tokens)
+    logits, hidden = lm_forward(model, ids, pmask, positions(pmask), cache, logits_to_keep=1)
     G = num_generations
     if G > 1:
         cache.batch_repeat_interleave(G)
@@ -503,6 +534,8 @@ def rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generat
         logits, hidden = logits.repeat_interleave(G, 0), hidden.repeat_interleave(G, 0)
     N, P = ids.shape
     attn = torch.cat([pmask, pmask.new_ones(N, max_new_tokens)], 1)   # preallocated, sliced per step
+    if unwrap(model).config._attn_implementation == "sdpa":  # one query per step: sdpa takes the key mask as is
+        attn = attn.bool()[:, None, None, :]                       # (transformers won't rebuild it each step)
     pos = pmask.sum(1, keepdim=True) - 1
     tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     kinds = torch.zeros((N, max_new_tokens), dtype=torch.int8, device=device)
@@ -532,7 +565,7 @@ def rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generat
         if t == max_new_tokens - 1 or (_all_ranks_done(done, device) if synced else done.all()):
             break
         pos = pos + 1
-        logits, hidden = lm_forward(model, tok[:, None], attn[:, :P + t + 1], pos, cache,
+        logits, hidden = lm_forward(model, tok[:, None], attn[..., :P + t + 1], pos, cache,
                                     latent_mask=is_latent[:, None] if vec is not None else None,
                                     latent_vectors=vec[:, None] if vec is not None else None)
     tokens, kinds, logprobs = tokens[:, :T], kinds[:, :T], logprobs[:, :T]
@@ -822,3 +855,23 @@ def reasoning_length(tokenizer, r: Rollout, i):
     before = text.split(ANSWER_MARKER, 1)[0]
     n_latent = int(((r.kinds[i] == LATENT_STEP) & r.mask[i].bool()).sum())
     return n_latent + len(tokenizer.encode(before, add_special_tokens=False)) if before.strip() else n_latent
+
+
+def completion_logits(model, r: Rollout, rows=None, temperature=1.0, detach_latents=True):
+    """Logits (n, T, V) that predicted each generated position of rollout rows `rows`, from one
+    forward over prompt + completion with the stored latent vectors fed back (detached: latent
+    inputs are inputs, not actions). Divided by `temperature`, as the sampler saw them."""
+    rows = slice(None) if rows is None else rows
+    ids, mask = r.full_ids[rows], r.full_mask[rows]
+    latents = r.full_latents[rows] if r.latents is not None else None
+    if latents is not None and detach_latents:
+        latents = latents.detach()
+    logits, _ = lm_forward(model, ids, mask, positions(mask), latent_mask=r.latent_mask[rows] if latents is not None else None,
+                           latent_vectors=latents)
+    P = r.prompt_ids.shape[1]
+    return logits[:, P - 1:-1].float() / (temperature if temperature > 0 else 1.0)
+
+
+def gather_logprobs(logits, tokens):
+    """log softmax(logits)[token] without materialising the whole log-softmax twice."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)

@@ -57,3 +57,16 @@ def test_bad_datasets_are_one_line_errors(tmp_path):
         assert words in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(SystemExit, match="could not load dataset"):
         common.load_data("nobody/no-such-dataset-xyz", "train")
+
+
+def test_toy_tokenizer_survives_save_and_autotokenizer(tmp_path):
+    """A saved toy tokenizer reloads with plain AutoTokenizer to the very same ids (spaces and
+    newlines included): checkpoints must work outside this project."""
+    from transformers import AutoTokenizer
+    model, tok, _ = common.load_model("toy")
+    common.add_special_tokens(model, tok, [common.START_LATENT, common.END_LATENT, common.LATENT])
+    common.save_checkpoint(model, tok, tmp_path / "ck", {"mode": "cot"})
+    again = AutoTokenizer.from_pretrained(tmp_path / "ck")
+    text = common.toy_dataset("test")[0]["question"] + "\n<<3*4=12>>\n### 12" + common.LATENT
+    assert again.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
+    assert again.decode(again.encode(text, add_special_tokens=False), skip_special_tokens=True) == text.replace(common.LATENT, "")
