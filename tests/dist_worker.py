@@ -1,0 +1,26 @@
+"""Run under torchrun by test_distributed.py: a short coconut_sft.py run, then every rank reports
+a fingerprint of the full weights it ends with, so the test can check that ranks agree."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import coconut_sft  # noqa: E402
+import common  # noqa: E402
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    args = HfArgumentParser(coconut_sft.Args).parse_args_into_dataclasses()[0]
+    model = coconut_sft.main(args)
+    d = common.setup_distributed()
+    state = common.full_state_dict(model)  # every rank: FSDP gathers the shards
+    flat = torch.cat([v.flatten().float() for _, v in sorted(state.items())])
+    mine = torch.tensor([flat.sum().item(), flat.abs().sum().item(), flat[::101].sum().item()], dtype=torch.float64)
+    everyone = [torch.zeros_like(mine) for _ in range(d.world)]
+    torch.distributed.all_gather(everyone, mine)
+    if d.main:
+        Path(args.output_dir, "fingerprints.json").write_text(json.dumps([e.tolist() for e in everyone]))
+    torch.distributed.destroy_process_group()

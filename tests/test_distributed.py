@@ -1,0 +1,36 @@
+"""torchrun with 2 CPU processes (gloo): FSDP2 and DDP end with the same weights on every rank,
+and the same weights as one process training on the same global batches."""
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_script
+
+ARGS = ["--model", "toy", "--start_stage", "0", "--end_stage", "1", "--max_latent_stage", "1", "--max_steps", "2",
+        "--train_batch_size", "8", "--micro_batch_size", "4", "--max_train_samples", "32", "--max_eval_samples", "8",
+        "--max_completion_length", "8", "--learning_rate", "1e-3", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    run_script("coconut_sft.py", *ARGS, "--output_dir", out)
+    return load_file(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_process_run_matches_one_process(strategy, single, tmp_path):
+    out = tmp_path / strategy
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517" if strategy == "fsdp" else "29518",
+               ROOT / "tests" / "dist_worker.py", *ARGS, "--distributed", strategy, "--output_dir", out,
+               env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    fingerprints = json.loads((out / "fingerprints.json").read_text())
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]   # ranks agree exactly
+    multi = load_file(out / "model.safetensors")
+    for name, w in single.items():  # and agree with one process on the same global batches
+        assert torch.allclose(multi[name], w, atol=2e-5), (name, (multi[name] - w).abs().max())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)

@@ -1,0 +1,84 @@
+"""End-to-end: grpo_latent.py and latent_value_rl.py for a few steps on the toy checkpoints."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import common
+from conftest import run_script
+from test_scripts import one_line_error
+
+FAST = ["--max_steps", "2", "--train_batch_size", "4", "--mini_batch_size", "2", "--num_generations", "4",
+        "--max_eval_samples", "8", "--max_completion_length", "40", "--eval_every", "100"]
+
+
+def test_grpo_on_the_coconut_checkpoint(tmp_path):
+    out = tmp_path / "grpo"
+    run_script("grpo_latent.py", "--model", common.TOY_COCONUT, *FAST, "--beta", "0.04", "--num_iterations", "2",
+               "--log_completions", "--output_dir", out)
+    rows = common.read_metrics(out / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r]
+    assert len(train) == 2 and all(abs(r["loss"]) < 10 and r["kl"] >= 0 for r in train)
+    assert all(r["n_latents"] == 6 for r in train) and all("rollout_s" in r and "update_s" in r for r in train)
+    assert [r["step"] for r in rows if "eval_acc" in r] == [0, 2]
+    cfg = json.loads((out / "latent_config.json").read_text())
+    assert cfg["mode"] == "coconut" and cfg["n_latents"] == 6 and cfg["method"] == "grpo_latent"
+    AutoModelForCausalLM.from_pretrained(out)
+    assert (out / "completions.jsonl").read_text().count("\n") == 4
+
+
+def test_plain_grpo_from_cot_changes_every_parameter_at_high_lr(tmp_path):
+    out = tmp_path / "grpo"
+    run_script("grpo_latent.py", "--model", common.TOY_COT, "--max_steps", "1", "--train_batch_size", "8",
+               "--mini_batch_size", "8", "--num_generations", "8", "--max_eval_samples", "4", "--max_completion_length", "40",
+               "--learning_rate", "1e-2", "--loss_type", "seq-mean-token-mean", "--output_dir", out)
+    row = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r][0]
+    assert row["frac_zero_std"] < 1 and row["n_latents"] == 0         # some group carried signal; no latents
+    before, after = load_file(f"{common.TOY_COT}/model.safetensors"), load_file(out / "model.safetensors")
+    for name, w in before.items():
+        assert not torch.allclose(after[name], w), f"{name} did not change"
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--num_generations", "1"], "--num_generations must be at least 2"),
+    (["--loss_type", "sum"], "unknown --loss_type"),
+    (["--train_batch_size", "3"], "must be a multiple of --mini_batch_size"),
+])
+def test_grpo_bad_input(argv, words, tmp_path):
+    one_line_error(run_script("grpo_latent.py", *FAST, *argv, "--output_dir", tmp_path / "x", ok=False), words)
+
+
+def test_latent_mode_needs_latent_tokens(tmp_path):
+    plain = tmp_path / "plain"
+    model, tok, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
+    model.save_pretrained(plain)
+    tok.save_pretrained(plain)
+    one_line_error(run_script("grpo_latent.py", "--model", plain, "--n_latents", "2", *FAST, "--output_dir", tmp_path / "x", ok=False),
+                   "the tokenizer has no <|start-latent|>")
+    (tmp_path / "noans.jsonl").write_text(json.dumps({"question": "1+1?"}) + "\n")
+    one_line_error(run_script("grpo_latent.py", "--dataset", tmp_path / "noans.jsonl", *FAST, "--output_dir", tmp_path / "x", ok=False),
+                   "no answer field")
+    one_line_error(run_script("latent_value_rl.py", "--model", plain, "--output_dir", tmp_path / "x", ok=False),
+                   "not a latent-rl checkpoint")
+    one_line_error(run_script("latent_value_rl.py", "--model", common.TOY_COT, "--output_dir", tmp_path / "x", ok=False),
+                   "needs a Coconut model")
+
+
+def test_latent_value_rl_runs_and_saves_its_head(tmp_path):
+    out = tmp_path / "lvrl"
+    run_script("latent_value_rl.py", "--max_steps", "2", "--pretrain_questions", "64", "--pretrain_epochs", "2",
+               "--train_batch_size", "8", "--max_eval_samples", "8", "--learning_rate", "1e-2", "--output_dir", out)
+    rows = common.read_metrics(out / "metrics.jsonl")
+    assert rows[0]["pretrain_pairs"] == 64 * 6
+    train = [r for r in rows if "policy_loss" in r]
+    assert len(train) == 2 and all(-1 <= r["policy_loss"] <= 0 and r["value_loss"] > 0 for r in train)
+    assert all(0 <= r["mean_value"] <= 1 and 0 <= r["acc"] <= 1 for r in train)
+    head = load_file(out / "value_head.safetensors")
+    assert head["net.0.weight"].shape == (128, 128)
+    cfg = json.loads((out / "latent_config.json").read_text())
+    assert cfg["value_head"]["dims"] == [128, 128, 32, 8, 1]
+    before, after = load_file(f"{common.TOY_COCONUT}/model.safetensors"), load_file(out / "model.safetensors")
+    changed = [n for n, w in before.items() if not torch.allclose(after[n], w)]
+    assert len(changed) >= len(before) - 1   # the policy loss moved the language model (norms included)
