@@ -77,7 +77,7 @@ def toy_problem(rng):
 
 def toy_dataset(split, n=None, seed=0):
     """Deterministic splits: train and test come from disjoint seeds and share no question."""
-    n = n or {"train": 20000, "test": 500}.get(split, 500)
+    n = n or {"train": 12800, "test": 500}.get(split, 500)
     rng = random.Random(f"toy-{split}-{seed}")
     out, seen = [], set()
     held_out = set() if split == "test" else {ex["question"] for ex in toy_dataset("test", seed=seed)}
@@ -259,9 +259,11 @@ def normalize_example(row, where="dataset"):
 
 
 def load_data(name, split, limit=None, seed=0):
-    """"toy", a local .jsonl/.json/.parquet file, or a hub dataset from HF_DATASETS (or any hub id)."""
-    if name == "toy":
-        rows = toy_dataset(split, seed=seed)
+    """"toy" (or "toy:N" for N training problems), a local .jsonl/.json/.parquet file, or a hub
+    dataset from HF_DATASETS (or any hub id)."""
+    if name == "toy" or name.startswith("toy:"):
+        n = int(name.split(":")[1]) if ":" in name and split == "train" else None
+        rows = toy_dataset(split, n, seed=seed)
     elif Path(name).suffix in (".jsonl", ".json", ".parquet"):
         if not Path(name).is_file():
             die(f"dataset file {name!r} does not exist")
@@ -745,29 +747,46 @@ def read_metrics(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_metrics(run_dir, keys, out=None, title=None):
-    """One panel per metric against step, from a run's metrics.jsonl; saved as PNG."""
+def plot_runs(runs, keys, out, title=None):
+    """One panel per metric against step, one line per run ({label: run folder}); noisy per-step
+    series are drawn faintly with a moving average on top. Saved as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
-    keys = [k for k in keys if any(k in r for r in rows)]
+    data = {label: read_metrics(Path(d) / "metrics.jsonl") for label, d in runs.items()}
+    keys = [k for k in keys if any(k in r for rows in data.values() for r in rows)]
     if not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, k in zip(axes[0], keys):
-        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3)
+        for i, (label, rows) in enumerate(data.items()):
+            pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+            if not pts:
+                continue
+            x, y = np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float)
+            color = f"C{i}"
+            if len(pts) >= 20:
+                w = max(3, len(pts) // 10)
+                ax.plot(x, y, color=color, alpha=0.25, lw=1)
+                ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), color=color, lw=2, label=label)
+            else:
+                ax.plot(x, y, color=color, marker="o", ms=3, label=label)
         ax.set_title(k)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = out or Path(run_dir) / "curves.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_metrics(run_dir, keys, out=None, title=None):
+    """A run's training curves as <run_dir>/curves.png."""
+    return plot_runs({Path(run_dir).name: run_dir}, keys, out or Path(run_dir) / "curves.png", title)
 
 
 # ----------------------------------------------------------------------------------------------

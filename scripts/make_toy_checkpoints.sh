@@ -3,6 +3,6 @@
 # RL files). About 10 CPU minutes for the CoT model, then the Coconut curriculum on top of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python coconut_sft.py --model toy --start_stage 0 --end_stage 0 --epochs_per_stage 2 \
+python coconut_sft.py --model toy --dataset toy:20000 --start_stage 0 --end_stage 0 --epochs_per_stage 2 \
     --learning_rate 3e-3 --lr_scheduler_type cosine --warmup_steps 30 --output_dir checkpoints/toy-cot "$@"
 python coconut_sft.py --model checkpoints/toy-cot --output_dir checkpoints/toy-coconut "$@"

@@ -1,5 +1,7 @@
-"""Run under torchrun by test_distributed.py: a short coconut_sft.py run, then every rank reports
-a fingerprint of the full weights it ends with, so the test can check that ranks agree."""
+"""Run under torchrun by test_distributed.py: `dist_worker.py <script module> <its arguments>`
+runs a short training with that script's main(), then every rank reports a fingerprint of the
+full weights it ends with, so the test can check that ranks agree."""
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -8,13 +10,13 @@ import torch
 from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import coconut_sft  # noqa: E402
 import common  # noqa: E402
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    args = HfArgumentParser(coconut_sft.Args).parse_args_into_dataclasses()[0]
-    model = coconut_sft.main(args)
+    script = importlib.import_module(sys.argv[1])
+    args = HfArgumentParser(script.Args).parse_args_into_dataclasses(args=sys.argv[2:])[0]
+    model = script.main(args)
     d = common.setup_distributed()
     state = common.full_state_dict(model)  # every rank: FSDP gathers the shards
     flat = torch.cat([v.flatten().float() for _, v in sorted(state.items())])

@@ -25,7 +25,7 @@ def single(tmp_path_factory):
 def test_two_process_run_matches_one_process(strategy, single, tmp_path):
     out = tmp_path / strategy
     run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517" if strategy == "fsdp" else "29518",
-               ROOT / "tests" / "dist_worker.py", *ARGS, "--distributed", strategy, "--output_dir", out,
+               ROOT / "tests" / "dist_worker.py", "coconut_sft", *ARGS, "--distributed", strategy, "--output_dir", out,
                env={"OMP_NUM_THREADS": "1"}, timeout=600)
     fingerprints = json.loads((out / "fingerprints.json").read_text())
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]   # ranks agree exactly
@@ -34,3 +34,15 @@ def test_two_process_run_matches_one_process(strategy, single, tmp_path):
         assert torch.allclose(multi[name], w, atol=2e-5), (name, (multi[name] - w).abs().max())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)
+
+
+def test_two_process_grpo_latent(tmp_path):
+    out = tmp_path / "grpo"
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+               ROOT / "tests" / "dist_worker.py", "grpo_latent", "--max_steps", "2", "--train_batch_size", "4",
+               "--mini_batch_size", "2", "--num_generations", "4", "--max_eval_samples", "8", "--max_completion_length", "40",
+               "--beta", "0.04", "--output_dir", out, env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    fingerprints = json.loads((out / "fingerprints.json").read_text())
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "loss" in r]) == 2 and all(r["kl"] == r["kl"] for r in rows if "kl" in r)
