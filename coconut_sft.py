@@ -172,13 +172,13 @@ def main(args):
     common.seed_everything(args.seed, d.rank)
     if d.world > 1 and args.train_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} is not divisible by {d.world} processes")
+    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
+    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
     model, tokenizer, start_cfg = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
     cot_only = max(stages) == 0
     special = common.add_special_tokens(model, tokenizer, [common.START_LATENT, common.END_LATENT, common.LATENT])
     if start_cfg and start_cfg.get("prompt_format") == "chat":
         args.chat_template = True
-    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
-    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
     tokens_per_stage = args.tokens_per_stage or max(1, round(
         sum(len(tokenizer.encode(s + "\n", add_special_tokens=False)) for ex in train[:2000] for s in ex["steps"])
         / max(1, sum(len(ex["steps"]) for ex in train[:2000]))))
@@ -215,21 +215,23 @@ def main(args):
                     break
                 batch = order[b * args.train_batch_size:(b + 1) * args.train_batch_size][d.rank::d.world]
                 sizes = [rng.randint(0, stage) if rng.random() < args.uniform_prob else stage for _ in batch]
-                n_tokens = 0
+                exs = [build_example(tokenizer, train[j], s, args, special, tokens_per_stage, markers=not cot_only)
+                       for j, s in zip(batch, sizes)]
+                # every labelled token of the global batch weighs the same, however it is split into
+                # ranks and micro-batches (the gradients are averaged over ranks, hence * world)
+                n_tokens = common.all_sum(sum(sum(y != -100 for y in ex[3]) for ex in exs), d)
                 stats = {"loss": 0.0, "thought_norm": 0.0, "n_thoughts": 0}
-                for m in range(0, len(batch), micro):
-                    exs = [build_example(tokenizer, train[j], s, args, special, tokens_per_stage, markers=not cot_only)
-                           for j, s in zip(batch[m:m + micro], sizes[m:m + micro])]
-                    ids, mask, labels, n_latent, c0 = collate(exs, tokenizer.pad_token_id, d.device)
+                for m in range(0, len(exs), micro):
+                    ids, mask, labels, n_latent, c0 = collate(exs[m:m + micro], tokenizer.pad_token_id, d.device)
                     logits, thoughts = coconut_forward(model, ids, mask, n_latent, c0, args.pause_as_thought)
-                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-                    (loss * len(exs) / len(batch)).backward()
-                    stats["loss"] += loss.item() * len(exs) / len(batch)
+                    loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                               ignore_index=-100, reduction="sum")
+                    (loss_sum * d.world / n_tokens).backward()
+                    stats["loss"] += loss_sum.item() / n_tokens
                     if thoughts:
                         all_t = torch.cat([v[rows] for v, rows in thoughts]).detach()
                         stats["thought_norm"] += all_t.norm(dim=-1).sum().item()
                         stats["n_thoughts"] += len(all_t)
-                    n_tokens += int((labels != -100).sum())
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -238,9 +240,9 @@ def main(args):
                 step += 1
                 bar.update(1)
                 if i % args.log_every == 0 or i == total:
-                    row = {"stage": stage, "loss": common.all_mean(stats["loss"], d),
+                    row = {"stage": stage, "loss": common.all_sum(stats["loss"], d),
                            "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                           "lr": scheduler.get_last_lr()[0], "tok_per_s": n_tokens * d.world * args.log_every / max(1e-9, time.time() - t0)}
+                           "lr": scheduler.get_last_lr()[0], "tok_per_s": n_tokens * args.log_every / max(1e-9, time.time() - t0)}
                     if stats["n_thoughts"]:
                         row["thought_norm"] = stats["thought_norm"] / stats["n_thoughts"]
                     logger.log(row, step)
@@ -264,7 +266,7 @@ def main(args):
     if d.main:
         common.plot_metrics(args.output_dir, ["loss", "thought_norm", "eval_acc", "eval_mean_L"])
         print(f"saved {args.output_dir}")
-    return args.output_dir
+    return model
 
 
 if __name__ == "__main__":

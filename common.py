@@ -521,6 +521,8 @@ def rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generat
     """
     with torch.inference_mode():
         r = _rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generations, store_latents)
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root unsharded after a forward without backward
+        model.reshard()
     return Rollout(**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in vars(r).items()})
 
 
@@ -707,6 +709,16 @@ def all_mean(x, d: Dist):
     t = torch.tensor([float(x)], device=d.device)
     dist.all_reduce(t)
     return t.item() / d.world
+
+
+def all_sum(x, d: Dist):
+    """Sum of a number over ranks."""
+    if d.world == 1:
+        return float(x)
+    import torch.distributed as dist
+    t = torch.tensor([float(x)], device=d.device)
+    dist.all_reduce(t)
+    return t.item()
 
 
 def barrier(d: Dist):

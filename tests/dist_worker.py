@@ -18,7 +18,9 @@ if __name__ == "__main__":
     args = HfArgumentParser(script.Args).parse_args_into_dataclasses(args=sys.argv[2:])[0]
     model = script.main(args)
     d = common.setup_distributed()
-    state = common.full_state_dict(model)  # every rank: FSDP gathers the shards
+    from torch.distributed.tensor import DTensor
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v)   # every rank gathers FSDP's shards
+             for k, v in common.unwrap(model).state_dict().items()}
     flat = torch.cat([v.flatten().float() for _, v in sorted(state.items())])
     mine = torch.tensor([flat.sum().item(), flat.abs().sum().item(), flat[::101].sum().item()], dtype=torch.float64)
     everyone = [torch.zeros_like(mine) for _ in range(d.world)]
