@@ -519,11 +519,27 @@ def rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generat
     feeds EOS as a TOKEN or FORCED id. The step function keeps any per-step state it needs itself.
     Runs under inference_mode; the returned tensors are ordinary ones a loss can use.
     """
-    with torch.inference_mode():
+    with _full_weights(model), torch.inference_mode():  # gather outside inference mode
         r = _rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generations, store_latents)
-    if hasattr(model, "reshard"):  # FSDP2 keeps the root unsharded after a forward without backward
-        model.reshard()
     return Rollout(**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in vars(r).items()})
+
+
+@contextlib.contextmanager
+def _full_weights(model):
+    """Under FSDP2, gather every shard once for the whole rollout (as verl does for generation):
+    each rank then generates on its own, with no collective per step and no need for the ranks to
+    stop at the same step. Resharded afterwards, so the optimizer keeps seeing the shards."""
+    from torch.distributed.fsdp import FSDPModule
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 def _rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generations, store_latents):
@@ -549,7 +565,6 @@ def _rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_genera
     lengths = torch.zeros(N, dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     T = 0
-    synced = _is_sharded(model)  # FSDP ranks must run the same number of forwards
     for t in range(max_new_tokens):
         last_logits, last_hidden = logits[:, -1].float(), hidden[:, -1]
         tok, vec, kind = step_fn(t, last_logits, last_hidden, done)
@@ -566,7 +581,7 @@ def _rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_genera
         finished |= ended
         done = done | ended
         T = t + 1
-        if t == max_new_tokens - 1 or (_all_ranks_done(done, device) if synced else done.all()):
+        if t == max_new_tokens - 1 or done.all():
             break
         pos = pos + 1
         logits, hidden = lm_forward(model, tok[:, None], attn[..., :P + t + 1], pos, cache,
@@ -576,17 +591,6 @@ def _rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_genera
     mask = (torch.arange(T, device=device)[None] < lengths[:, None]).long()
     return Rollout(ids, pmask, tokens, kinds, mask, lengths, finished,
                    latents[:, :T] if latents is not None else None, logprobs * mask)
-
-
-def _is_sharded(model):
-    from torch.distributed.tensor import DTensor
-    return torch.distributed.is_initialized() and isinstance(next(model.parameters()), DTensor)
-
-
-def _all_ranks_done(done, device):
-    flag = torch.tensor([float(done.all())], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def sampling_step(temperature=1.0, top_k=0, top_p=1.0):

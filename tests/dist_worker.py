@@ -27,4 +27,5 @@ if __name__ == "__main__":
     torch.distributed.all_gather(everyone, mine)
     if d.main:
         Path(args.output_dir, "fingerprints.json").write_text(json.dumps([e.tolist() for e in everyone]))
+    torch.distributed.barrier()  # nobody tears down gloo while a peer still talks to it
     torch.distributed.destroy_process_group()
