@@ -426,6 +426,16 @@ def pad_left(seqs, pad_id, device=None):
     return ids.to(device), mask.to(device)
 
 
+def topk_mixture(scores, embedding_weight, k, tau=1.0):
+    """The soft-thinking latent token: top-k of `scores` (logits, log-probs, or log-probs plus the
+    method's own noise), weights softmax(top-k / tau), vector sum_j w_j E[id_j].
+    Returns (vectors (N, d), ids (N, k), weights (N, k))."""
+    top, ids = scores.float().topk(k, dim=-1)
+    weights = (top / tau).softmax(-1)
+    vectors = torch.einsum("nk,nkd->nd", weights.to(embedding_weight.dtype), embedding_weight[ids])
+    return vectors, ids, weights
+
+
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0):
     """Greedy when temperature == 0, else ancestral sampling with optional top-k / top-p."""
     if temperature == 0:
