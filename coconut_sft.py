@@ -28,8 +28,8 @@ Deviations and choices (numbered, so the README can refer to them):
 
 Commands:
     python coconut_sft.py                                    # toy: CoT checkpoint -> stages 1..4
-    python coconut_sft.py --model toy --end_stage 0 --output_dir runs/cot --learning_rate 3e-3 \
-        --lr_scheduler_type cosine --warmup_steps 30 --epochs_per_stage 1   # toy CoT from scratch
+    python coconut_sft.py --model toy --dataset toy:20000 --start_stage 0 --end_stage 0 --epochs_per_stage 2 \
+        --learning_rate 3e-3 --lr_scheduler_type cosine --warmup_steps 30 --output_dir runs/cot   # toy CoT (~10 min)
     python coconut_sft.py --model Qwen/Qwen2.5-1.5B --dataset whynlp/gsm8k-aug-nl \
         --start_stage 0 --end_stage 0 --learning_rate 1e-4 --epochs_per_stage 3 --output_dir runs/qwen-cot
     python coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl --learning_rate 1e-4 \
