@@ -232,7 +232,7 @@ def main(args):
                         all_t = torch.cat([v[rows] for v, rows in thoughts]).detach()
                         stats["thought_norm"] += all_t.norm(dim=-1).sum().item()
                         stats["n_thoughts"] += len(all_t)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -241,7 +241,7 @@ def main(args):
                 bar.update(1)
                 if i % args.log_every == 0 or i == total:
                     row = {"stage": stage, "loss": common.all_sum(stats["loss"], d),
-                           "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                           "grad_norm": grad_norm,
                            "lr": scheduler.get_last_lr()[0], "tok_per_s": n_tokens * args.log_every / max(1e-9, time.time() - t0)}
                     if stats["n_thoughts"]:
                         row["thought_norm"] = stats["thought_norm"] / stats["n_thoughts"]
@@ -256,7 +256,7 @@ def main(args):
         cfg.update(prompt_format="chat" if args.chat_template else "plain", method="coconut_sft",
                    base_model=args.model_name_or_path)
         with torch.no_grad():
-            res = evaluate(model if args.distributed == "fsdp" else common.unwrap(model), tokenizer, test, cfg,
+            res = evaluate(model, tokenizer, test, cfg,
                            max_new_tokens=args.max_completion_length, d=d)
         logger.log({"stage": stage, "eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
         if d.main:

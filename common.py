@@ -471,25 +471,17 @@ class Rollout:
     logprobs: torch.Tensor         # (N, T) log softmax(logits)[token] of the raw logits at each step
     extras: dict = field(default_factory=dict)
 
-    @property
-    def full_ids(self):
-        return torch.cat([self.prompt_ids, self.tokens], 1)
-
-    @property
-    def full_mask(self):
-        return torch.cat([self.prompt_mask, self.mask], 1)
-
-    @property
-    def latent_mask(self):
-        return torch.cat([torch.zeros_like(self.prompt_mask, dtype=torch.bool),
-                          (self.kinds == LATENT_STEP) & self.mask.bool()], 1)
-
-    @property
-    def full_latents(self):
+    def inputs(self, rows=slice(None)):
+        """What a forward over prompt + completion of `rows` takes: (ids, attention mask, latent mask,
+        latent vectors or None). Only the selected rows are built (it runs per micro-batch)."""
+        ids = torch.cat([self.prompt_ids[rows], self.tokens[rows]], 1)
+        mask = torch.cat([self.prompt_mask[rows], self.mask[rows]], 1)
         if self.latents is None:
-            return None
-        pad = self.latents.new_zeros(self.prompt_ids.shape + self.latents.shape[-1:])
-        return torch.cat([pad, self.latents], 1)
+            return ids, mask, None, None
+        is_latent = (self.kinds[rows] == LATENT_STEP) & self.mask[rows].bool()
+        no = torch.zeros_like(self.prompt_mask[rows], dtype=torch.bool)
+        lat = self.latents[rows]
+        return ids, mask, torch.cat([no, is_latent], 1), torch.cat([lat.new_zeros(no.shape + lat.shape[-1:]), lat], 1)
 
 
 def _preallocated_cache(model, capacity):
@@ -725,6 +717,12 @@ def all_mean(x, d: Dist):
     return t.item() / d.world
 
 
+def clip_grad_norm(model, max_norm):
+    """Clip the gradients' global norm (across FSDP shards too) and return it as a float."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def all_sum(x, d: Dist):
     """Sum of a number over ranks."""
     if d.world == 1:
@@ -847,15 +845,6 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
     return output_dir
 
 
-def load_extra_module(checkpoint, name, module):
-    from safetensors.torch import load_file
-    path = Path(checkpoint) / f"{name}.safetensors"
-    if not path.is_file():
-        die(f"checkpoint {checkpoint!r} has no {name}.safetensors")
-    module.load_state_dict(load_file(str(path)))
-    return module
-
-
 def require_latent_config(path, what="this script"):
     """A checkpoint made by this project (one with latent_config.json), or a one-line error."""
     cfg = Path(path) / LATENT_CONFIG
@@ -906,13 +895,10 @@ def completion_logits(model, r: Rollout, rows=None, temperature=1.0, detach_late
     """Logits (n, T, V) that predicted each generated position of rollout rows `rows`, from one
     forward over prompt + completion with the stored latent vectors fed back (detached: latent
     inputs are inputs, not actions). Divided by `temperature`, as the sampler saw them."""
-    rows = slice(None) if rows is None else rows
-    ids, mask = r.full_ids[rows], r.full_mask[rows]
-    latents = r.full_latents[rows] if r.latents is not None else None
+    ids, mask, latent_mask, latents = r.inputs(slice(None) if rows is None else rows)
     if latents is not None and detach_latents:
         latents = latents.detach()
-    logits, _ = lm_forward(model, ids, mask, positions(mask), latent_mask=r.latent_mask[rows] if latents is not None else None,
-                           latent_vectors=latents)
+    logits, _ = lm_forward(model, ids, mask, positions(mask), latent_mask=latent_mask, latent_vectors=latents)
     P = r.prompt_ids.shape[1]
     return logits[:, P - 1:-1].float() / (temperature if temperature > 0 else 1.0)
 

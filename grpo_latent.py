@@ -134,7 +134,8 @@ def main(args):
     ref = None
     if args.beta > 0:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-        ref = common.wrap_model(ref, d, args.distributed) if args.distributed == "fsdp" else ref
+        if args.distributed == "fsdp":  # sharded like the policy; under DDP a frozen copy needs no wrapper
+            ref = common.wrap_model(ref, d, "fsdp")
     model = common.wrap_model(model, d, args.distributed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     logger = common.Logger(args.output_dir, args, d, args.track)
@@ -145,7 +146,7 @@ def main(args):
     completions_file = Path(args.output_dir) / "completions.jsonl"
 
     def run_eval(step):
-        res = evaluate(model if args.distributed == "fsdp" else common.unwrap(model), tokenizer, test, cfg,
+        res = evaluate(model, tokenizer, test, cfg,
                        max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
         logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
         return res
@@ -201,10 +202,10 @@ def main(args):
                         stats["loss"] += loss.item()
                         clipped = ((ratio - 1).abs() > args.epsilon).float()
                         stats["clip_frac"] += ((clipped * loss_mask[rows]).sum() / n_tok).item()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    stats["grad_norm"] += float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                    stats["grad_norm"] += grad_norm
                     stats["n"] += 1
         # ---- logging
         groups = rewards.view(-1, G)

@@ -172,7 +172,7 @@ def main(args):
     n = cfg["n_latents"]
 
     def run_eval(step):
-        res = evaluate(model if args.distributed == "fsdp" else common.unwrap(model), tokenizer, test, cfg,
+        res = evaluate(model, tokenizer, test, cfg,
                        max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
         logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
         return res
@@ -230,7 +230,7 @@ def main(args):
                     p.grad /= d.world
             head_opt.step()
             head_opt.zero_grad(set_to_none=True)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
         lm_opt.step()
         lm_opt.zero_grad(set_to_none=True)
         lm_sched.step()
@@ -240,7 +240,7 @@ def main(args):
             row = {"acc": correct.mean().item(), "mean_value": pred.mean().item(), "policy_loss": policy_loss.item(),
                    "value_loss": value_loss.item(), "auc": roc_auc(pred, correct), "f1": f1_score((pred > 0.5).long(), correct.long()),
                    "thought_norm": h.detach().norm(dim=-1).mean().item(),
-                   "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)}
+                   "grad_norm": grad_norm}
         logger.log({k: common.all_mean(x, d) for k, x in row.items()}, step)
         if step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)

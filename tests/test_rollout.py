@@ -10,9 +10,9 @@ def prompts_of(tok, start, n=3):
 
 def full_recompute_logprobs(model, r):
     """Log-probs of every generated token from one forward over prompt + completion (no cache)."""
-    ids, mask = r.full_ids, r.full_mask
-    logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=r.latent_mask,
-                                  latent_vectors=r.full_latents)
+    ids, mask, latent_mask, latents = r.inputs()
+    logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask,
+                                  latent_vectors=latents)
     P = r.prompt_ids.shape[1]
     lp = logits[:, P - 1:-1].float().log_softmax(-1).gather(-1, r.tokens[..., None]).squeeze(-1)
     return lp * r.mask, logits[:, P - 1:-1]
@@ -29,8 +29,8 @@ def test_cached_rollout_equals_full_recompute(toy):
     lp, logits = full_recompute_logprobs(model, r)
     assert torch.allclose(lp, r.logprobs, atol=1e-4), (lp - r.logprobs).abs().max()
     # the latent fed at step t is the final hidden state at the position before it
-    _, hidden = common.lm_forward(model, r.full_ids, r.full_mask, common.positions(r.full_mask),
-                                  latent_mask=r.latent_mask, latent_vectors=r.full_latents)
+    ids, mask, latent_mask, latents = r.inputs()
+    _, hidden = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask, latent_vectors=latents)
     P = r.prompt_ids.shape[1]
     for t in range(4):
         assert torch.allclose(r.latents[:, t], hidden[:, P - 1 + t], atol=1e-4)
