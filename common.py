@@ -26,11 +26,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent
 TOY_COT = str(ROOT / "checkpoints" / "toy-cot")          # committed; remade by scripts/make_toy_checkpoints.sh
 TOY_COCONUT = str(ROOT / "checkpoints" / "toy-coconut")
+TOY_LATENT_SFT = str(ROOT / "checkpoints" / "toy-latent-sft")
 LATENT_CONFIG = "latent_config.json"
 
 # Coconut's special tokens (seed 000 / Hao et al. 2024). Their rows start as copies of "<<".
 START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
 ANSWER_MARKER = "###"
+# The think markers of vocabulary-superposition models (Latent-SFT, Latent-GRPO, Soft-GRPO).
+START_THINK, END_THINK = "<think>", "</think>"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,7 +472,14 @@ class Rollout:
     finished: torch.Tensor         # (N,) True if EOS was produced (False: truncated)
     latents: torch.Tensor | None   # (N, T, d) vectors fed at LATENT_STEP positions (if stored)
     logprobs: torch.Tensor         # (N, T) log softmax(logits)[token] of the raw logits at each step
-    extras: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # per-position tensors (N, T, ...) a method records
+
+    def select(self, rows):
+        """The rollout of rows `rows` only (an index tensor or list)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.tokens.device)
+        pick = lambda v: v[rows] if torch.is_tensor(v) else v  # noqa: E731
+        return Rollout(**{k: pick(v) for k, v in vars(self).items() if k != "extras"},
+                       extras={k: v[rows] for k, v in self.extras.items()})
 
     def inputs(self, rows=slice(None)):
         """What a forward over prompt + completion of `rows` takes: (ids, attention mask, latent mask,
@@ -482,6 +492,29 @@ class Rollout:
         no = torch.zeros_like(self.prompt_mask[rows], dtype=torch.bool)
         lat = self.latents[rows]
         return ids, mask, torch.cat([no, is_latent], 1), torch.cat([lat.new_zeros(no.shape + lat.shape[-1:]), lat], 1)
+
+
+def concat_rollouts(rs, pad_id):
+    """One Rollout from several (e.g. the rounds of dynamic sampling): prompts re-padded on the
+    left, completions and per-position extras on the right."""
+    def pad(x, width, value=0, left=False):
+        extra = x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), value)
+        return torch.cat([extra, x] if left else [x, extra], 1)
+    P, T = max(r.prompt_ids.shape[1] for r in rs), max(r.tokens.shape[1] for r in rs)
+    d = next((r.latents.shape[-1] for r in rs if r.latents is not None), None)
+    latents = None
+    if d is not None:
+        latents = torch.cat([pad(r.latents if r.latents is not None else r.tokens.new_zeros(r.tokens.shape + (d,), dtype=torch.float),
+                                 T) for r in rs])
+    return Rollout(
+        prompt_ids=torch.cat([pad(r.prompt_ids, P, pad_id, left=True) for r in rs]),
+        prompt_mask=torch.cat([pad(r.prompt_mask, P, 0, left=True) for r in rs]),
+        tokens=torch.cat([pad(r.tokens, T, pad_id) for r in rs]),
+        kinds=torch.cat([pad(r.kinds, T, TOKEN) for r in rs]),
+        mask=torch.cat([pad(r.mask, T) for r in rs]),
+        lengths=torch.cat([r.lengths for r in rs]), finished=torch.cat([r.finished for r in rs]),
+        latents=latents, logprobs=torch.cat([pad(r.logprobs, T) for r in rs]),
+        extras={k: torch.cat([pad(r.extras[k], T) for r in rs]) for k in rs[0].extras})
 
 
 def _preallocated_cache(model, capacity):
@@ -615,6 +648,65 @@ def coconut_step(n_latents, latent_id, end_id, temperature=0.0, top_k=0, top_p=1
             return full(end_id), None, full(FORCED, torch.int8)
         return sample_token(logits, temperature, top_k, top_p), None, full(TOKEN, torch.int8)
     return step
+
+
+class ThinkStep:
+    """A step_fn for vocabulary-superposition models whose prompt ends with <think>.
+
+    While a row thinks, `latent_fn(logits, E)` (E: the input-embedding table) returns
+    (vectors (N, d), recorded ids (N,), record {name: (N, ...)}): the row is fed its vector, and
+    `record` is kept for the loss (`extras()` stacks it over steps; zeros where a row did not
+    think). A row stops thinking when its recorded id is </think> (fed as an ordinary, scored
+    token) or after `max_latent_steps` latents (</think> forced, not scored). Then its tokens are
+    sampled (greedy at temperature 0). Each method brings its own latent_fn (its noise, its top-k).
+    """
+
+    def __init__(self, model, latent_fn, end_id, max_latent_steps, temperature=0.0, top_k=0, top_p=1.0):
+        self.embedding = unwrap(model).get_input_embeddings()
+        self.latent_fn, self.end_id, self.max_latent_steps = latent_fn, end_id, max_latent_steps
+        self.sampling = (temperature, top_k, top_p)
+        self.records, self.thinking = [], None
+
+    def __call__(self, t, logits, hidden, done):
+        if t == 0:
+            self.records, self.thinking = [], torch.ones_like(done)
+        # .weight read at each step: under FSDP2 it is the gathered table only during the rollout
+        vec, ids, rec = self.latent_fn(logits, self.embedding.weight)
+        ends = self.thinking & (ids == self.end_id)
+        forced = self.thinking & ~ends & (t >= self.max_latent_steps)
+        latent = self.thinking & ~ends & ~forced
+        tokens = torch.where(latent | ends, ids, sample_token(logits, *self.sampling))
+        tokens = tokens.masked_fill(forced, self.end_id)
+        kinds = torch.full_like(tokens, TOKEN, dtype=torch.int8)
+        kinds = kinds.masked_fill(latent, LATENT_STEP).masked_fill(forced, FORCED)
+        self.records.append({k: v * latent.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in rec.items()})
+        self.thinking = latent
+        return tokens, vec, kinds
+
+    def extras(self):
+        if not self.records or not self.records[0]:
+            return {}
+        return {k: torch.stack([r[k] for r in self.records], 1) for k in self.records[0]}
+
+
+def mixture_latent(k=10, noise_scale=0.0):
+    """The plain vocabulary-superposition latent (Latent-SFT inference, soft thinking): top-k of
+    log_softmax(z), weights softmax over those k, vector sum_j w_j E[id_j], recorded id = top-1.
+    `noise_scale` > 0 adds noise_scale * Gumbel (clamped to [-1.5, 3]) first: the Gumbel sampling
+    used for pass@k of latent models (seed 001 section 4.4; Wu et al. 2025)."""
+    def latent(logits, E):
+        scores = logits.float().log_softmax(-1)
+        if noise_scale > 0:
+            scores = scores + noise_scale * gumbel_like(scores).clamp(-1.5, 3.0)
+        vec, ids, w = topk_mixture(scores, E, k)
+        return vec, ids[:, 0], {}
+    return latent
+
+
+def gumbel_like(x):
+    """Standard Gumbel noise -log(-log U)."""
+    u = torch.rand_like(x).clamp_(1e-10, 1 - 1e-10)
+    return -torch.log(-torch.log(u))
 
 
 def decode_completion(tokenizer, r: Rollout, i):
@@ -870,11 +962,20 @@ def reasoning_prompts(tokenizer, questions, cfg):
     if cfg["mode"] == "coconut":
         start = require_tokens(tokenizer, [START_LATENT], "a Coconut model")[0]
         prompts = [p + [start] for p in prompts]
+    if cfg["mode"] == "mixture":
+        start = require_tokens(tokenizer, [START_THINK, END_THINK], "a latent (mixture) model")[0]
+        prompts = [p + [start] for p in prompts]
     return prompts
 
 
-def reasoning_step(cfg, tokenizer, temperature=0.0, top_k=0, top_p=1.0):
-    """The rollout step_fn for a checkpoint's mode ("cot" or "coconut")."""
+def reasoning_step(cfg, tokenizer, temperature=0.0, top_k=0, top_p=1.0, model=None, noise_scale=0.0):
+    """The rollout step_fn for a checkpoint's mode: "cot", "coconut", or "mixture" (top-k
+    vocabulary superposition until </think>; needs `model` for its embedding table; `noise_scale`
+    > 0 samples the latents with Gumbel noise)."""
+    if cfg["mode"] == "mixture":
+        end = require_tokens(tokenizer, [START_THINK, END_THINK], "a latent (mixture) model")[1]
+        return ThinkStep(model, mixture_latent(cfg.get("top_k", 10), noise_scale), end,
+                         cfg.get("max_latent_steps", 10 ** 9), temperature, top_k, top_p)
     if cfg["mode"] == "cot":
         return sampling_step(temperature, top_k, top_p)
     if cfg["mode"] == "coconut":

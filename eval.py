@@ -33,6 +33,7 @@ class Args:
     num_samples: int = field(default=1, metadata={"help": "k for pass@k; > 1 adds sampled rollouts"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature for pass@k"})
     top_p: float = 1.0
+    noise_scale: float = field(default=1.0, metadata={"help": "Gumbel noise on latent tokens for pass@k (mixture models)"})
     batch_size: int = 64
     max_completion_length: int = 128
     chat_template: bool = field(default=False, metadata={"help": "format questions with the chat template (plain models only)"})
@@ -49,9 +50,9 @@ def pass_at_k(n, c, k):
 
 
 def generate(model, tokenizer, data, cfg, num_generations=1, temperature=0.0, top_p=1.0, batch_size=64,
-             max_new_tokens=128, desc="eval", disable=False):
+             max_new_tokens=128, desc="eval", disable=False, noise_scale=0.0):
     """Roll out every question; returns per question a list of (completion, correct, #L, length)."""
-    step = common.reasoning_step(cfg, tokenizer, temperature, top_p=top_p)
+    step = common.reasoning_step(cfg, tokenizer, temperature, top_p=top_p, model=model, noise_scale=noise_scale)
     per_batch = max(1, batch_size // num_generations)
     out = []
     model.eval()
@@ -72,13 +73,15 @@ def generate(model, tokenizer, data, cfg, num_generations=1, temperature=0.0, to
 
 
 def evaluate(model, tokenizer, data, cfg, num_samples=1, temperature=0.7, top_p=1.0, batch_size=64,
-             max_new_tokens=128, disable_progress=False, d=None):
+             max_new_tokens=128, disable_progress=False, d=None, noise_scale=1.0):
     """Greedy pass@1, mean #L and answer length; with num_samples > 1 also pass@k of sampled rollouts.
+    Greedy means deterministic latents too (seed 001's "no sampling" mode); sampled rollouts of a
+    mixture model add Gumbel noise of scale `noise_scale` to its latent tokens.
     Under torchrun (`d`), every rank evaluates an equal share and the means are averaged."""
     if d is not None and d.world > 1:
         data = data[:len(data) // d.world * d.world][d.rank::d.world]
         res = evaluate(model, tokenizer, data, cfg, num_samples, temperature, top_p, batch_size, max_new_tokens,
-                       disable_progress or not d.main)
+                       disable_progress or not d.main, noise_scale=noise_scale)
         return {k: (common.all_mean(v, d) if isinstance(v, float) else v) for k, v in res.items()}
     greedy = generate(model, tokenizer, data, cfg, 1, 0.0, 1.0, batch_size, max_new_tokens, "greedy", disable_progress)
     res = {
@@ -91,7 +94,7 @@ def evaluate(model, tokenizer, data, cfg, num_samples=1, temperature=0.7, top_p=
     }
     if num_samples > 1:
         sampled = generate(model, tokenizer, data, cfg, num_samples, temperature, top_p, batch_size, max_new_tokens,
-                           f"pass@{num_samples}", disable_progress)
+                           f"pass@{num_samples}", disable_progress, noise_scale)
         res[f"pass@{num_samples}"] = float(np.mean([pass_at_k(num_samples, sum(s[1] for s in rows), num_samples) for rows in sampled]))
         res["sampled_acc"] = float(np.mean([s[1] for rows in sampled for s in rows]))
         res["sampled_mean_L"] = float(np.mean([s[2] for rows in sampled for s in rows]))
@@ -106,7 +109,7 @@ def main(args):
     data = common.load_data(args.dataset, args.split, args.max_samples or None, seed=args.seed)
     t0 = time.time()
     res = evaluate(model, tokenizer, data, cfg, args.num_samples, args.temperature, args.top_p, args.batch_size,
-                   args.max_completion_length)
+                   args.max_completion_length, noise_scale=args.noise_scale)
     res.update(model=args.model_name_or_path, dataset=args.dataset, split=args.split, mode=cfg["mode"],
                seconds=round(time.time() - t0, 1))
     for ex in res["examples"][:args.show]:

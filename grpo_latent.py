@@ -139,7 +139,7 @@ def main(args):
     model = common.wrap_model(model, d, args.distributed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     logger = common.Logger(args.output_dir, args, d, args.track)
-    step_fn = common.reasoning_step(cfg, tokenizer, args.temperature, top_p=args.top_p)
+    step_fn = common.reasoning_step(cfg, tokenizer, args.temperature, top_p=args.top_p, model=model)
     G, eps_high = args.num_generations, args.epsilon if args.epsilon_high < 0 else args.epsilon_high
     prompts_per_rank = args.train_batch_size // d.world
     rng = random.Random(args.seed)

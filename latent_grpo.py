@@ -1,0 +1,358 @@
+"""Latent-GRPO: stable GRPO for vocabulary-superposition latent reasoning.
+
+Paper: seed 001, "Latent-GRPO" (github DJC-GO-SOLO/Latent-GRPO), built on Soft-GRPO (Zheng and Lee
+2025) and started from a Latent-SFT model (latent_sft.py). Spec: ../shared/ALGORITHMS.md, section 5.
+
+A rollout thinks in latent tokens, each a top-k mixture of the embedding table, until </think>;
+then it answers in sampled words. Exploration comes from Gumbel noise on the latent scores, and a
+latent token's "log-probability" is a surrogate built from that noise. Three designs, each behind
+its own flag so the seed's ablation runs:
+
+1. Invalid-sample advantage masking (`--mask_invalid`). A rollout that reaches
+   `max_completion_length` without EOS is invalid: advantage 0, and left out of its group's mean
+   and std. Fewer than 2 valid rollouts, or std 0: the whole group gets 0.
+2. One-sided noise (`--one_sided_noise`, `--ste`). Noise g = clamp(Gumbel, -1.5, 3) + 1.5 + eps >= 0,
+   times `--noise_scale`; scores s = l + g with l = log_softmax(z); the latent is the top-k of s
+   with weights softmax(s_S / tau_g). At a step where the noise-free top-1 is </think> no noise is
+   added (noise never delays the end). The surrogate log-likelihood of a latent token is
+   (1/K) sum_i f(r_i), f(r) = -r - exp(-r) (the Gumbel log-density), r_i = s_i - l_i(theta): the
+   margin between the fixed target and the current prediction, >= 0 at the rollout policy.
+   After a few updates l_i(theta) can cross its target (r_i < 0), where f's slope changes sign
+   and a positive advantage would push the component *down*. `--ste paper` (eq. 15-16) keeps the
+   forward value and negates the margin's gradient there; `--ste code` (the official code) only
+   where A <= 0, and it routes the backward through f(-r), which keeps the sign and bounds the
+   size; `--ste none` leaves f alone.
+3. Optimal correct-path first-token selection (`--first_token_selection`). Among a group's
+   correct, valid rollouts, the one with the highest mean per-position log-prob under the
+   rollout policy keeps its first token's advantage; every other rollout's first-token advantage
+   is zeroed (they all share the prompt, and fitting several correct first latents at once
+   averages them into a state that is no path at all). Later tokens keep their advantages.
+
+The rest: PPO clip (0.8, 1.2) with dual clip 3 for negative advantages, token-mean over latent
+and answer positions, optional k3 KL; input embedding and LM head frozen; groups with no signal
+(all advantages 0) are dropped and sampling continues until the batch is full (DAPO-style,
+at most `--max_num_gen_batches` rounds); the fraction of latent tokens is logged, since RL can
+drift back toward explicit text (the authors' repo, issue #2).
+
+Deviations and choices:
+1. The </think> token that ends a think span is scored as an ordinary token (log-prob at the
+   answer temperature); a forced </think> (after `--max_latent_steps` latents) is not scored.
+2. Old log-probs are recomputed with a forward pass before the update (as verl does), not taken
+   from the rollout's KV-cached pass; the first-token selection uses them too.
+3. If a batch is still short after `--max_num_gen_batches` rounds, it is filled with dropped
+   groups whose advantages are 0 (they add nothing to the loss), so every rank has equal work.
+4. `--noise_eps` (the paper's small offset, 1e-6 here; the code uses 0).
+5. Defaults are sized for the toy task (learning rate 1e-4 on the 1M-parameter Latent-SFT toy
+   model, 16 prompts x 8 rollouts, 2 mini-batches per step); the real commands use the paper's.
+6. Started from a model that never saw Latent-SFT, the file still runs: <think>/</think> are
+   added if missing, the latent span is capped at `--max_latent_steps` (then </think> is forced)
+   and a warning says that the paper initialises from Latent-SFT.
+
+Commands:
+    python latent_grpo.py                                         # toy: from checkpoints/toy-latent-sft
+    python latent_grpo.py --one_sided_noise false --ste none --output_dir runs/lgrpo_no_onesided   # ablation
+    python latent_grpo.py --first_token_selection false --output_dir runs/lgrpo_no_fts              # ablation
+    python latent_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --learning_rate 1e-6 \
+        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 128
+    torchrun --nproc_per_node 8 latent_grpo.py --model Qwen/Qwen2.5-Math-7B --dataset HuggingFaceH4/MATH-500 \
+        --learning_rate 1e-6 --beta 0.001 --train_batch_size 32 --mini_batch_size 32 --micro_batch_size 4 \
+        --max_completion_length 4096 --max_latent_steps 2048   # runs, but the paper starts from Latent-SFT
+"""
+import copy
+import json
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+import common
+from eval import evaluate
+
+
+@dataclass
+class Args:
+    model_name_or_path: str = field(default=common.TOY_LATENT_SFT, metadata={"aliases": ["--model"], "help": "a Latent-SFT checkpoint (or any causal LM, with a warning)"})
+    dataset: str = "toy"
+    eval_dataset: str = ""
+    output_dir: str = "runs/latent_grpo"
+    seed: int = 0
+    num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
+    train_batch_size: int = field(default=16, metadata={"help": "prompts (groups with signal) per step, all ranks together"})
+    mini_batch_size: int = field(default=8, metadata={"help": "prompts per optimizer update"})
+    micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
+    num_iterations: int = field(default=1, metadata={"help": "passes over each batch"})
+    max_num_gen_batches: int = field(default=4, metadata={"help": "rollout rounds per step to fill the batch with groups that carry signal"})
+    epsilon: float = 0.2
+    epsilon_high: float = field(default=-1.0, metadata={"help": "upper clip; -1 = epsilon"})
+    dual_clip: float = field(default=3.0, metadata={"help": "c of the dual clip for negative advantages (0 = off)"})
+    beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the frozen start model (paper: 0 / 0.001)"})
+    top_k: int = field(default=10, metadata={"help": "vocabulary entries per latent token"})
+    tau_g: float = field(default=1.0, metadata={"help": "temperature of the latent mixture weights"})
+    noise_scale: float = 1.0
+    noise_eps: float = 1e-6
+    one_sided_noise: bool = True
+    ste: str = field(default="paper", metadata={"help": "straight-through rule for crossed targets: paper | code | none"})
+    mask_invalid: bool = True
+    first_token_selection: bool = True
+    temperature: float = field(default=0.6, metadata={"help": "answer sampling temperature (after </think>)"})
+    top_p: float = 0.95
+    max_completion_length: int = 64
+    max_latent_steps: int = field(default=-1, metadata={"help": "cap on latent tokens (then </think> is forced); -1 = the checkpoint's, or 48"})
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_steps: int = 60
+    max_train_samples: int = 0
+    max_eval_samples: int = 200
+    eval_every: int = 20
+    log_completions: bool = False
+    distributed: str = "fsdp"
+    track: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# the algorithm: noise, surrogate log-likelihood, straight-through rules, advantages, selection
+
+def one_sided_latent(k, tau_g, noise_scale, end_id, one_sided=True, eps=1e-6):
+    """The rollout's latent_fn: noisy scores s = l + g, top-k of s, weights softmax(s_S / tau_g).
+    Records the top-k ids and their scores s (the fixed targets of the surrogate)."""
+    def latent(logits, E):
+        l = logits.float().log_softmax(-1)
+        g = common.gumbel_like(l).clamp(-1.5, 3.0)
+        if one_sided:
+            g = g + 1.5 + eps
+        g = (noise_scale * g).masked_fill((l.argmax(-1) == end_id)[:, None], 0.0)  # never delay </think>
+        s = l + g
+        vec, ids, _ = common.topk_mixture(s, E, k, tau_g)
+        return vec, ids[:, 0], {"ids": ids, "scores": s.gather(-1, ids)}
+    return latent
+
+
+def gumbel_logdensity(r):
+    """f(r) = -r - exp(-r): the log-density of a standard Gumbel variable at r."""
+    return -r - torch.exp(-r)
+
+
+def latent_logprob(logp_S, scores, ste="paper", adv=None):
+    """Surrogate log-likelihood of each latent token, (1/K) sum_i f(r_i) with r_i = s_i - l_i(theta).
+    logp_S, scores: (..., K); adv broadcastable to (...,) (only the "code" rule reads it)."""
+    r = scores - logp_S
+    if ste == "paper":  # crossed target: same forward value, negated gradient of the margin
+        r = torch.where(r < 0, 2 * r.detach() - r, r)
+    f = gumbel_logdensity(r)
+    if ste == "code":   # crossed target and A <= 0: backward through f(-r) = r - exp(r) instead
+        alt = gumbel_logdensity(-r)
+        use = (r < 0) & (adv <= 0).unsqueeze(-1)
+        f = torch.where(use, alt + (f - alt).detach(), f)
+    return f.mean(-1)
+
+
+def valid_group_advantages(rewards, valid, G, eps=1e-6):
+    """Invalid-sample advantage masking: mean and std over the valid rollouts of each group only;
+    invalid rollouts get 0; groups with fewer than 2 valid rollouts or std 0 get 0 everywhere."""
+    r, v = rewards.view(-1, G), valid.view(-1, G).float()
+    n = v.sum(1, keepdim=True)
+    mean = (r * v).sum(1, keepdim=True) / n.clamp(min=1)
+    std = (((r - mean) ** 2 * v).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()  # unbiased, as torch.std
+    adv = (r - mean) / (std + eps) * v
+    return (adv * ((n >= 2) & (std > 0))).flatten()
+
+
+def first_token_selection(adv_tokens, seq_score, correct, valid, G):
+    """Zero the first-token advantage of every rollout but the best correct, valid one of its
+    group (highest seq_score). Groups without a correct, valid rollout are left as they are."""
+    out = adv_tokens.clone()
+    ok = (correct & valid).view(-1, G)
+    score = seq_score.view(-1, G).masked_fill(~ok, float("-inf"))
+    best = score.argmax(1)
+    for g in range(ok.shape[0]):
+        if ok[g].any():
+            rows = torch.arange(g * G, (g + 1) * G, device=out.device)
+            out[rows[rows != g * G + best[g]], 0] = 0.0
+    return out
+
+
+def ppo_dual_clip_loss(logp, old_logp, adv, eps_low, eps_high, dual_clip):
+    """max(-A rho, -A clip(rho)) per position, capped at -c A where A < 0 (dual clip)."""
+    ratio = torch.exp(logp - old_logp)
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - eps_low, 1 + eps_high))
+    if dual_clip > 0:
+        loss = torch.where(adv < 0, torch.min(loss, -dual_clip * adv), loss)
+    return loss, ratio
+
+
+def position_logprobs(model, r, rows, temperature, ste="none", adv_tokens=None):
+    """Per generated position: the latent surrogate at latent tokens, log pi(token) at temperature
+    for sampled tokens (returns (n, T)); also the fraction of latent targets crossed (r < 0)."""
+    logits = common.completion_logits(model, r, rows)
+    tok_lp = common.gather_logprobs(logits / temperature, r.tokens[rows])
+    is_latent = r.kinds[rows] == common.LATENT_STEP
+    if "ids" not in r.extras:
+        return tok_lp, 0.0
+    logp_S = logits.log_softmax(-1).gather(-1, r.extras["ids"][rows])
+    scores = r.extras["scores"][rows]
+    lat_lp = latent_logprob(logp_S, scores, ste, adv_tokens)
+    n_lat = is_latent.sum().clamp(min=1)
+    crossed = (((scores - logp_S) < 0).float().mean(-1) * is_latent).sum() / n_lat
+    return torch.where(is_latent, lat_lp, tok_lp), crossed.item()
+
+
+def main(args):
+    if args.num_generations < 2:
+        common.die(f"--num_generations must be at least 2: GRPO compares rollouts within a group (got {args.num_generations})")
+    if args.ste not in ("paper", "code", "none"):
+        common.die(f"--ste must be paper, code or none (got {args.ste!r})")
+    d = common.setup_distributed()
+    common.seed_everything(args.seed, d.rank)
+    if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
+        common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of --mini_batch_size "
+                   f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
+    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
+    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
+    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
+    if not cfg or cfg.get("mode") != "mixture":
+        if d.main:
+            warnings.warn(f"{args.model_name_or_path} never saw latent SFT: Latent-GRPO's paper initialises from a "
+                          "Latent-SFT model (latent_sft.py); expect the latent span to start as noise", stacklevel=1)
+        common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK])
+        cfg = {"mode": "mixture", "top_k": args.top_k, "max_latent_steps": 48,
+               "prompt_format": (cfg or {}).get("prompt_format", "plain")}
+    cfg = dict(cfg, top_k=args.top_k)
+    if args.max_latent_steps >= 0:
+        cfg["max_latent_steps"] = args.max_latent_steps
+    end_think = common.require_tokens(tokenizer, [common.START_THINK, common.END_THINK], "Latent-GRPO")[1]
+    # frozen input embedding and LM head: the latent space stays the vocabulary's span
+    model.get_input_embeddings().requires_grad_(False)
+    if model.get_output_embeddings() is not None:
+        model.get_output_embeddings().requires_grad_(False)
+    ref = None
+    if args.beta > 0:
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if args.distributed == "fsdp":
+            ref = common.wrap_model(ref, d, "fsdp")
+    model = common.wrap_model(model, d, args.distributed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
+    logger = common.Logger(args.output_dir, args, d, args.track)
+    G, eps_high = args.num_generations, args.epsilon if args.epsilon_high < 0 else args.epsilon_high
+    need = args.train_batch_size // d.world  # groups per rank
+    rng = random.Random(args.seed + 1000 * d.rank)
+    completions_file = Path(args.output_dir) / "completions.jsonl"
+
+    def run_eval(step):
+        res = evaluate(model, tokenizer, test, cfg, max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+        logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
+        return res
+
+    def sample_groups():
+        """Roll out `need` prompts x G; returns the rollout and, per row: reward, correct, advantage."""
+        batch = [train[i] for i in rng.sample(range(len(train)), need)]
+        step_fn = common.ThinkStep(model, one_sided_latent(args.top_k, args.tau_g, args.noise_scale, end_think,
+                                                           args.one_sided_noise, args.noise_eps),
+                                   end_think, cfg["max_latent_steps"], args.temperature, 0, args.top_p)
+        prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in batch], cfg)
+        r = common.rollout(model, prompts, step_fn, args.max_completion_length, tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, num_generations=G)
+        r.extras.update(step_fn.extras())
+        texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
+        correct = torch.tensor([common.is_correct(t, batch[i // G]["answer"]) for i, t in enumerate(texts)], device=d.device)
+        valid = r.finished if args.mask_invalid else torch.ones_like(r.finished)
+        adv = valid_group_advantages(correct.float(), valid, G)
+        return r, correct, adv, texts, batch
+
+    start = run_eval(0)
+    for step in tqdm(range(1, args.max_steps + 1), desc="latent-grpo", disable=not d.main):
+        times = {}
+        model.eval()
+        # ---- rollouts until `need` groups carry signal on every rank (dynamic sampling)
+        kept, dropped, seen = [], [], []
+        with common.timer(times, "rollout_s"):
+            for rounds in range(1, args.max_num_gen_batches + 1):
+                r, correct, adv, texts, batch = sample_groups()
+                seen.append((r, correct))
+                signal = adv.view(-1, G).abs().sum(1) > 0
+                for g in range(len(batch)):
+                    rows = list(range(g * G, (g + 1) * G))
+                    (kept if signal[g] else dropped).append((r.select(rows), correct[rows], adv[rows], texts[g * G], batch[g]))
+                if common.all_sum(float(len(kept) >= need), d) == d.world:
+                    break
+        groups = (kept + dropped)[:need]
+        r = common.concat_rollouts([g[0] for g in groups], tokenizer.pad_token_id)
+        correct, adv = torch.cat([g[1] for g in groups]), torch.cat([g[2] for g in groups])
+        valid = r.finished if args.mask_invalid else torch.ones_like(r.finished)
+        scored = (((r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP)) & r.mask.bool()).float()
+        # ---- old log-probs (rollout policy), first-token selection, reference log-probs
+        N, micro = len(r.tokens), args.micro_batch_size
+        with common.timer(times, "update_s"):
+            with torch.no_grad():
+                old_logp = torch.cat([position_logprobs(model, r, slice(i, i + micro), args.temperature)[0] for i in range(0, N, micro)])
+                ref_logp = None if ref is None else torch.cat(
+                    [position_logprobs(ref, r, slice(i, i + micro), args.temperature)[0] for i in range(0, N, micro)])
+            adv_tok = adv[:, None].expand_as(scored).clone()
+            if args.first_token_selection:
+                seq_score = (old_logp * scored).sum(1) / scored.sum(1).clamp(min=1)
+                adv_tok = first_token_selection(adv_tok, seq_score, correct.bool(), valid, G)
+            # ---- the update: mini-batches of whole groups, micro-batches of rows
+            model.train()
+            stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "crossed_frac": 0.0, "grad_norm": 0.0, "n": 0, "m": 0}
+            rows_per_mini = args.mini_batch_size // d.world * G
+            for _ in range(args.num_iterations):
+                for m0 in range(0, N, rows_per_mini):
+                    mini = range(m0, min(N, m0 + rows_per_mini))
+                    n_tok = common.all_mean(scored[mini].sum().item(), d) or 1.0
+                    for i in range(mini.start, mini.stop, micro):
+                        rows = slice(i, min(i + micro, mini.stop))
+                        logp, crossed = position_logprobs(model, r, rows, args.temperature, args.ste, adv_tok[rows])
+                        per_tok, ratio = ppo_dual_clip_loss(logp, old_logp[rows], adv_tok[rows], args.epsilon, eps_high, args.dual_clip)
+                        if ref_logp is not None:
+                            d_ref = ref_logp[rows] - logp
+                            kl = torch.exp(d_ref) - d_ref - 1
+                            per_tok = per_tok + args.beta * kl
+                            stats["kl"] += ((kl * scored[rows]).sum() / n_tok).item()
+                        loss = (per_tok * scored[rows]).sum() / n_tok
+                        loss.backward()
+                        stats["loss"] += loss.item()
+                        stats["clip_frac"] += (((ratio - 1).abs() > args.epsilon).float() * scored[rows]).sum().item() / n_tok
+                        stats["crossed_frac"] += crossed
+                        stats["m"] += 1
+                    stats["grad_norm"] += common.clip_grad_norm(model, args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    stats["n"] += 1
+        # ---- logging
+        all_correct = torch.cat([c for _, c in seen]).float()
+        all_finished = torch.cat([x.finished for x, _ in seen]).float()
+        is_lat = ((r.kinds == common.LATENT_STEP) & r.mask.bool()).float()
+        row = {"reward": all_correct.mean().item(), "valid_frac": all_finished.mean().item(),
+               "frac_groups_kept": len(kept) / (len(seen) * need), "gen_rounds": rounds,
+               "completion_length": r.mask.sum(1).float().mean().item(), "n_latents": is_lat.sum(1).mean().item(),
+               "latent_frac": (is_lat.sum() / scored.sum().clamp(min=1)).item(),
+               "loss": stats["loss"] / stats["n"], "clip_frac": stats["clip_frac"] / stats["n"],
+               "crossed_frac": stats["crossed_frac"] / max(1, stats["m"]), "grad_norm": stats["grad_norm"] / stats["n"], **times}
+        if ref is not None:
+            row["kl"] = stats["kl"] / stats["n"]
+        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)
+        if args.log_completions and d.main:
+            with completions_file.open("a") as f:
+                for g in groups:
+                    f.write(json.dumps({"step": step, "question": g[4]["question"], "completion": g[3],
+                                        "reward": g[1][0].item()}) + "\n")
+            tqdm.write(f"  e.g. {groups[0][3]!r} -> reward {groups[0][1][0].item():.0f}")
+        if step % args.eval_every == 0 and step != args.max_steps:
+            run_eval(step)
+    final = run_eval(args.max_steps)
+    cfg.update(method="latent_grpo", base_model=args.model_name_or_path)
+    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d)
+    if d.main:
+        common.plot_metrics(args.output_dir, ["reward", "eval_acc", "eval_mean_L", "completion_length", "latent_frac", "crossed_frac"])
+        print(f"pass@1 {start['pass@1']:.3f} -> {final['pass@1']:.3f}   #L {start['mean_L']:.1f} -> {final['mean_L']:.1f}"
+              f"   saved {args.output_dir}")
+    return model
+
+
+if __name__ == "__main__":
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])

@@ -1,0 +1,368 @@
+"""Latent-SFT: latent reasoning as a superposition of vocabulary embeddings (the start Latent-GRPO needs).
+
+Paper: Deng et al. 2025, "Latent Reasoning in LLMs as a Vocabulary-Space Superposition"
+(github DJC-GO-SOLO/Latent-SFT), the initialisation used by seed 001 (Latent-GRPO, appendix B).
+Spec: ../shared/ALGORITHMS.md, section 6.
+
+A latent token is a top-k mixture of the embedding table, e = sum_i w_i E[id_i]: a point in the
+span of the vocabulary, so a model can read it the way it reads words. Two stages.
+
+Stage 1 builds, for each training chain of thought, a chain of latent tokens, about one per
+`compression` CoT tokens. A compress marker follows every chunk of `compression` CoT tokens. The
+encoder reads `question <think> c1 c2 M c3 c4 M ...` with a mask in which no query attends to an
+earlier marker (each marker reads the text so far, not the other read-outs); the hidden state at
+marker j, scored against the (detached) embedding table, gives top-k ids and weights
+softmax(top-k scores): latent L_j. The decoder reads `question <think> L1 c3 c4 L2 c5 c6 ... Lm
+</think> answer EOS`, each latent followed by the next chunk's text, and is trained with
+cross-entropy on those chunks, </think> and the answer. The gradient reaches the encoder through
+the mixture weights. Encoder and decoder train jointly.
+
+Stage 2 teaches the model to produce the chain itself. Input: `question <think> [m slots] </think>
+answer EOS`; slot j is fed the stage-1 soft label q_j with Gumbel noise,
+q~ = softmax((log(q + 1e-10) + clamp(g, -1.5, 3)) / tau) on q's top-k support. Loss: cross-entropy
+on </think> + answer + EOS, plus KL(q~ || softmax(z)) over that support at each slot, where z are
+the logits of the position before the slot. At inference the model feeds back the top-k mixture
+of its own log-probabilities until their argmax is </think> (eval.py's "mixture" mode).
+
+Deviations and choices:
+1. Stage 1 trains one schedule (every chunk compressed from the start). The public repository
+   says its three-step stage-1 schedule is only for convenience, and the spec allows this.
+2. Encoder and decoder are two LoRA adapters on one base model (r 64, alpha 128) with
+   `--lora_r 64`, as in the paper; the toy default `--lora_r 0` trains two full copies instead
+   (a rank-64 adapter on a 128-wide model is not low-rank). Stage 2 continues from the decoder
+   (merged into the base at the end, so plain transformers loads the result).
+3. The stage-1 soft labels are recomputed by the frozen encoder for each stage-2 batch instead of
+   being stored on disk (same values; no cache files).
+4. Step counts instead of epochs (`--stage1_steps`, `--stage2_steps`); the paper trains 10 epochs
+   per stage-1 step and 70 epochs in stage 2 on GSM8K-Aug. Defaults and learning rates are sized
+   for the toy task; the real-model command below uses the paper's LoRA setting.
+5. The compress marker is a new special token <|compress|>; it stays in the tokenizer (unused
+   after stage 1). `--max_latent_steps` caps the latent chain at inference (then </think> is forced).
+6. Under torchrun the two copies are wrapped in DDP, not FSDP2 (the mixture reads the embedding
+   table outside the model's forward, where FSDP2 keeps it sharded); LoRA runs on one device.
+   A 7B model fits one GPU with LoRA.
+
+Commands:
+    python latent_sft.py                                          # toy: from checkpoints/toy-cot
+    python eval.py --model runs/latent_sft --num_samples 8        # deterministic pass@1, Gumbel pass@8
+    python latent_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug --chat_template \
+        --lora_r 64 --lora_alpha 128 --learning_rate 2e-4 --stage1_steps 20000 --stage2_steps 40000 \
+        --train_batch_size 64 --micro_batch_size 8 --max_latent_steps 128 --output_dir runs/llama-latent-sft
+    torchrun --nproc_per_node 8 latent_sft.py --model runs/llama-cot --dataset whynlp/gsm8k-aug ...   # DDP
+"""
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+import common
+from eval import evaluate
+
+COMPRESS = "<|compress|>"
+
+
+@dataclass
+class Args:
+    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "start model (ideally one trained on explicit CoT)"})
+    dataset: str = field(default="toy", metadata={"help": "training data with reasoning steps (toy, whynlp/gsm8k-aug, a local .jsonl)"})
+    eval_dataset: str = ""
+    output_dir: str = "runs/latent_sft"
+    seed: int = 0
+    compression: int = field(default=2, metadata={"help": "CoT tokens per latent token"})
+    top_k: int = field(default=10, metadata={"help": "vocabulary entries per latent token"})
+    lora_r: int = field(default=0, metadata={"help": "0 = two full copies (toy); 64 = the paper's two LoRA adapters"})
+    lora_alpha: int = 128
+    stage1_steps: int = 300
+    stage2_steps: int = 500
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    train_batch_size: int = field(default=32, metadata={"help": "examples per optimizer step, all ranks together"})
+    micro_batch_size: int = field(default=32, metadata={"help": "examples per forward pass on one rank"})
+    gumbel_noise: float = field(default=1.0, metadata={"help": "stage 2: scale of the Gumbel noise on the soft labels"})
+    gumbel_tau: float = 1.0
+    kl_weight: float = 1.0
+    max_latent_steps: int = field(default=64, metadata={"help": "inference cap on latent tokens (then </think> is forced)"})
+    max_train_samples: int = 0
+    max_eval_samples: int = 200
+    max_completion_length: int = 96
+    eval_every: int = 250
+    chat_template: bool = False
+    track: bool = False
+    log_every: int = 10
+
+
+# ----------------------------------------------------------------------------------------------
+# examples: the prompt, the CoT cut into chunks, the answer
+
+def split_example(tokenizer, ex, args, think):
+    """(prompt ids ending with <think>, CoT chunks of `compression` ids, answer ids ending with EOS)."""
+    prompt = common.encode_prompt(tokenizer, ex["question"], args.chat_template) + [think[0]]
+    cot = tokenizer.encode("".join(s + "\n" for s in ex["steps"]), add_special_tokens=False) or [tokenizer.eos_token_id]
+    chunks = [cot[i:i + args.compression] for i in range(0, len(cot), args.compression)]
+    answer = tokenizer.encode(f"{common.ANSWER_MARKER} {ex['answer']}", add_special_tokens=False) + [tokenizer.eos_token_id]
+    return prompt, chunks, answer
+
+
+def pad_batch(rows, pad_id, device):
+    """Left-pad lists of (id, flag...) columns: returns ids (B, T), mask (B, T) and each flag (B, T) bool."""
+    width = max(len(r[0]) for r in rows)
+    out = [torch.full((len(rows), width), pad_id, dtype=torch.long)] + [torch.zeros((len(rows), width), dtype=torch.bool) for _ in rows[0][1:]]
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, cols in enumerate(rows):
+        n = len(cols[0])
+        mask[b, width - n:] = 1
+        for t, col in zip(out, cols):
+            t[b, width - n:] = torch.as_tensor(col, dtype=t.dtype)
+    return [t.to(device) for t in [out[0], mask] + out[1:]]
+
+
+def encoder_batch(parts, marker_id, pad_id, device):
+    """`prompt c1 c2 M c3 c4 M ...`: ids, mask, marker flags, and the 4D attention mask in which no
+    query attends to an earlier marker (and nobody attends to padding)."""
+    rows = []
+    for prompt, chunks, _ in parts:
+        ids, is_marker = list(prompt), [False] * len(prompt)
+        for c in chunks:
+            ids += c + [marker_id]
+            is_marker += [False] * len(c) + [True]
+        rows.append((ids, is_marker))
+    ids, mask, is_marker = pad_batch(rows, pad_id, device)
+    T = ids.shape[1]
+    q, k = torch.arange(T, device=device)[:, None], torch.arange(T, device=device)[None, :]
+    allowed = (k <= q)[None] & mask.bool()[:, None, :] & ~(is_marker[:, None, :] & (k < q)[None])
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)[None]  # padded rows see themselves (no NaN)
+    return ids, mask, is_marker, allowed[:, None]
+
+
+def decoder_batch(parts, think, pad_id, device):
+    """`prompt L1 c3 c4 L2 ... Lm </think> answer`: ids, mask, latent-slot flags, CE-target flags."""
+    rows = []
+    for prompt, chunks, answer in parts:
+        ids, slot, target = list(prompt), [False] * len(prompt), [False] * len(prompt)
+        for j in range(len(chunks)):
+            nxt = chunks[j + 1] if j + 1 < len(chunks) else []
+            ids += [pad_id] + nxt
+            slot += [True] + [False] * len(nxt)
+            target += [False] + [True] * len(nxt)
+        tail = [think[1]] + answer
+        ids, slot, target = ids + tail, slot + [False] * len(tail), target + [True] * len(tail)
+        rows.append((ids, slot, target))
+    return pad_batch(rows, pad_id, device)
+
+
+def student_batch(parts, think, pad_id, device):
+    """Stage 2: `prompt [m slots] </think> answer`: ids, mask, slot flags, CE-target flags."""
+    rows = []
+    for prompt, chunks, answer in parts:
+        m, tail = len(chunks), [think[1]] + answer
+        rows.append((prompt + [pad_id] * m + tail, [False] * len(prompt) + [True] * m + [False] * len(tail),
+                     [False] * (len(prompt) + m) + [True] * len(tail)))
+    return pad_batch(rows, pad_id, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# the method: latent tokens from the encoder, the two losses
+
+def encode_latents(encoder, ids, mask, is_marker, attn, E, k):
+    """Top-k ids and weights of every marker (in batch order), from one encoder pass scored
+    against the detached embedding table E."""
+    _, hidden = common.lm_forward(encoder, ids, attn, common.positions(mask))
+    scores = hidden[is_marker].float() @ E.detach().float().T
+    top, top_ids = scores.topk(k, dim=-1)
+    return top_ids, top.softmax(-1)
+
+
+def mixture(ids, weights, E):
+    """sum_i w_i E[id_i] per row: the latent token."""
+    return torch.einsum("nk,nkd->nd", weights.to(E.dtype), E.detach()[ids])
+
+
+def scatter_slots(vectors, slot):
+    """(B, T, d) with the latent vectors (in batch order) at the slot positions, zeros elsewhere."""
+    out = vectors.new_zeros(slot.shape + vectors.shape[-1:])
+    return out.index_put(tuple(slot.nonzero().T), vectors)
+
+
+def noisy_soft_labels(q, noise, tau):
+    """Stage 2's Gumbel-perturbed targets: softmax((log(q + 1e-10) + noise * clamp(g, -1.5, 3)) / tau)."""
+    g = common.gumbel_like(q).clamp(-1.5, 3.0)
+    return ((torch.log(q + 1e-10) + noise * g) / tau).softmax(-1)
+
+
+def support_kl(target, logits, ids):
+    """KL(target || softmax(logits)) summed over the support `ids` (rows: latent slots)."""
+    logp = logits.float().log_softmax(-1).gather(-1, ids)
+    return (target * (torch.log(target + 1e-10) - logp)).sum(-1)
+
+
+def token_ce(logits, ids, target, n_tokens):
+    """Summed cross-entropy of the flagged positions' tokens, / n_tokens (position t predicts t+1)."""
+    pred = target[:, 1:]
+    return F.cross_entropy(logits[:, :-1][pred].float(), ids[:, 1:][pred], reduction="sum") / n_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# two adapters on one model (--lora_r > 0), or two full copies
+
+class TwoRoles:
+    """The encoder and decoder: two full copies, or two LoRA adapters of one peft model (peft
+    freezes the inactive adapter when switching; both must keep training, so we re-enable it)."""
+
+    def __init__(self, model, args):
+        self.lora = args.lora_r > 0
+        if not self.lora:
+            self.decoder, self.encoder = model, copy.deepcopy(model)
+            return
+        from peft import LoraConfig, get_peft_model
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear", lora_dropout=0.0)
+        self.peft = get_peft_model(model, config, adapter_name="decoder")
+        self.peft.add_adapter("encoder", config)
+        self.encoder = self.decoder = self.peft
+
+    def use(self, role):
+        if self.lora:
+            self.peft.base_model.set_adapter(role)
+            for n, p in self.peft.named_parameters():
+                if "lora_" in n:
+                    p.requires_grad_(True)
+        return self.encoder if role == "encoder" else self.decoder
+
+    def parameters(self, stage):
+        if self.lora:
+            return [p for n, p in self.peft.named_parameters() if "lora_" in n and (stage == 1 or ".decoder." in n)]
+        return list(self.decoder.parameters()) + (list(self.encoder.parameters()) if stage == 1 else [])
+
+    def final_model(self):
+        if not self.lora:
+            return self.decoder
+        self.peft.base_model.set_adapter("decoder")
+        self.peft.delete_adapter("encoder")
+        return self.peft.merge_and_unload()
+
+
+def main(args):
+    if args.compression < 1 or args.top_k < 1:
+        common.die(f"--compression and --top_k must be at least 1 (got {args.compression}, {args.top_k})")
+    d = common.setup_distributed()
+    if args.lora_r and d.world > 1:
+        common.die("--lora_r runs on one device (two switching adapters in one DDP model are not supported); drop torchrun or use --lora_r 0")
+    common.seed_everything(args.seed, d.rank)
+    if args.train_batch_size % d.world:
+        common.die(f"--train_batch_size {args.train_batch_size} is not divisible by {d.world} processes")
+    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
+    if not any(ex["steps"] for ex in train[:100]):
+        common.die(f"{args.dataset!r} has no reasoning steps to compress (Latent-SFT needs CoT data such as GSM8K-Aug)")
+    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
+    model, tokenizer, start_cfg = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
+    if start_cfg and start_cfg.get("prompt_format") == "chat":
+        args.chat_template = True
+    think = common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK])
+    marker = common.add_special_tokens(model, tokenizer, [COMPRESS])[0]
+    roles = TwoRoles(model, args)
+    if not roles.lora:
+        roles.encoder, roles.decoder = common.wrap_model(roles.encoder, d, "ddp"), common.wrap_model(roles.decoder, d, "ddp")
+    logger = common.Logger(args.output_dir, args, d, args.track)
+    cfg = {"mode": "mixture", "top_k": args.top_k, "max_latent_steps": args.max_latent_steps,
+           "prompt_format": "chat" if args.chat_template else "plain", "method": "latent_sft",
+           "compression": args.compression, "base_model": args.model_name_or_path}
+    per_rank, pad = args.train_batch_size // d.world, tokenizer.pad_token_id
+    micro = min(args.micro_batch_size, per_rank)
+    rng = random.Random(args.seed)
+    step = 0
+
+    def embeddings():
+        return common.unwrap(roles.decoder).get_input_embeddings().weight
+
+    def run_eval(stage_step):
+        model_now = roles.use("decoder")
+        with torch.no_grad():
+            res = evaluate(model_now, tokenizer, test, cfg, max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+        model_now.train()
+        logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, stage_step)
+        if d.main:
+            tqdm.write(f"  eval: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}")
+        return res
+
+    for stage, total in ((1, args.stage1_steps), (2, args.stage2_steps)):
+        params = roles.parameters(stage)
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_steps))
+                                                      * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(1, total)))))
+        t0 = time.time()
+        for i in tqdm(range(total), desc=f"latent-sft stage {stage}", disable=not d.main):
+            picks = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
+            parts = [split_example(tokenizer, train[j], args, think) for j in picks]
+            n_ce = common.all_sum(sum(sum(len(c) for c in p[1][1:]) + len(p[2]) + 1 if stage == 1 else len(p[2]) + 1
+                                      for p in parts), d)
+            n_slots = common.all_sum(sum(len(p[1]) for p in parts), d)
+            stats = {"ce": 0.0, "kl": 0.0, "top1_weight": 0.0}
+            for m in range(0, len(parts), micro):
+                mb = parts[m:m + micro]
+                E = embeddings()
+                ids, mask, is_marker, attn = encoder_batch(mb, marker, pad, d.device)
+                if stage == 1:
+                    # encoder -> latent tokens -> decoder with CE on the next chunks and the answer
+                    lat_ids, w = encode_latents(roles.use("encoder"), ids, mask, is_marker, attn, E, args.top_k)
+                    dids, dmask, slot, target = decoder_batch(mb, think, pad, d.device)
+                    logits, _ = common.lm_forward(roles.use("decoder"), dids, dmask, common.positions(dmask), latent_mask=slot,
+                                                  latent_vectors=scatter_slots(mixture(lat_ids, w, E), slot))
+                    ce, kl = token_ce(logits, dids, target, n_ce), torch.zeros(())
+                else:
+                    # the frozen encoder's soft labels, noised, fed to the student; CE + KL on the slots
+                    with torch.no_grad():
+                        lat_ids, q = encode_latents(roles.use("encoder"), ids, mask, is_marker, attn, E, args.top_k)
+                    q_noisy = noisy_soft_labels(q, args.gumbel_noise, args.gumbel_tau)
+                    sids, smask, slot, target = student_batch(mb, think, pad, d.device)
+                    logits, _ = common.lm_forward(roles.use("decoder"), sids, smask, common.positions(smask), latent_mask=slot,
+                                                  latent_vectors=scatter_slots(mixture(lat_ids, q_noisy, E), slot))
+                    ce = token_ce(logits, sids, target, n_ce)
+                    before_slot = torch.roll(slot, -1, dims=1)  # the position whose logits predict each slot
+                    kl = support_kl(q_noisy, logits[before_slot], lat_ids).sum() / n_slots
+                    w = q
+                loss = ce + args.kl_weight * kl
+                (loss * d.world).backward()
+                stats["ce"] += ce.item()
+                stats["kl"] += kl.item()
+                stats["top1_weight"] += w[:, 0].sum().item() / n_slots
+            grad_norm = clip_grad(params, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if (i + 1) % args.log_every == 0 or i + 1 == total:
+                row = {k: common.all_sum(v, d) for k, v in stats.items()}
+                row.update(stage=stage, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
+                           s_per_step=(time.time() - t0) / args.log_every)
+                logger.log(row, step)
+                t0 = time.time()
+            if stage == 2 and (i + 1) % args.eval_every == 0 and i + 1 != total:
+                run_eval(step)
+        if stage == 1:
+            roles.use("encoder").eval()  # frozen teacher from here on
+    final = run_eval(step)
+    out_model = roles.final_model()
+    common.save_checkpoint(out_model, tokenizer, args.output_dir, cfg, d=d)
+    if d.main:
+        common.plot_metrics(args.output_dir, ["ce", "kl", "top1_weight", "eval_acc", "eval_mean_L"])
+        print(f"Latent-SFT: pass@1 {final['pass@1']:.3f}  #L {final['mean_L']:.1f}   saved {args.output_dir}")
+    return out_model
+
+
+def clip_grad(params, max_norm):
+    """Gradient clipping over the trained parameters of both roles."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+
+
+if __name__ == "__main__":
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])

@@ -1,0 +1,222 @@
+"""Soft-GRPO: GRPO on soft-thinking (vocabulary-superposition) rollouts with Gumbel noise.
+
+Paper: Zheng and Lee 2025, "SofT-GRPO" (github zz1358m/SofT-GRPO-master), the latent baseline of
+seed 001 (Latent-GRPO, section 2.2). Spec: ../shared/ALGORITHMS.md, section 4.
+
+Inside the think span, each step turns the logits z into a soft token: p = softmax(z / T), kept
+to its top-k (5) and top-p (0.95) entries and renormalised (p~); two-sided Gumbel noise
+g = clamp(Gumbel, -1.5, 3) gives scores s_i = log p~_i + g_i; the fed vector is
+sum_i softmax(s / tau_g)_i E[id_i] with tau_g = 0.1 (nearly one-hot: close to Gumbel-max
+sampling), and the recorded token is argmax s. The think span ends when that token is </think>;
+the answer is sampled as usual. Rollouts store the ids, the scores s and which entries were kept.
+
+The density of a latent token under the current policy recovers the noise each component must
+have had, r_i = s_i - log p~_i(theta), and averages the Gumbel log-density over the kept
+components: log pi = mean_i f(r_i), f(r) = -r - exp(-r). Answer tokens use ordinary log-probs.
+Then plain GRPO: group advantages, PPO clip 0.2, k3 KL 0.001 to the start model, token-mean.
+Rollouts and training use the same T, k, p and tau_g.
+
+Deviations and choices:
+1. The </think> token that ends a think span is scored as an ordinary token (log-prob at T).
+2. Old log-probs are recomputed by a forward pass before the update (as verl does).
+3. Defaults are sized for the toy task (learning rate 1e-4, 16 prompts x 8 rollouts, 2 mini-batches
+   per step) and start from the toy Latent-SFT checkpoint, like Latent-GRPO, so the two compare;
+   the SofT-GRPO authors start from models that soft-think without latent SFT.
+4. `--max_latent_steps` caps the think span (then </think> is forced, not scored).
+
+Commands:
+    python soft_grpo.py                                           # toy: from checkpoints/toy-latent-sft
+    python soft_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --learning_rate 1e-6 \
+        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 128
+    torchrun --nproc_per_node 8 soft_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug ...
+"""
+import copy
+import random
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+import common
+from eval import evaluate
+
+
+@dataclass
+class Args:
+    model_name_or_path: str = field(default=common.TOY_LATENT_SFT, metadata={"aliases": ["--model"], "help": "a latent (mixture) checkpoint, or any causal LM"})
+    dataset: str = "toy"
+    eval_dataset: str = ""
+    output_dir: str = "runs/soft_grpo"
+    seed: int = 0
+    num_generations: int = 8
+    train_batch_size: int = 16
+    mini_batch_size: int = 8
+    micro_batch_size: int = 64
+    epsilon: float = 0.2
+    beta: float = field(default=0.001, metadata={"help": "k3 KL coefficient to the frozen start model"})
+    temperature: float = field(default=0.6, metadata={"help": "T of p = softmax(z / T), in the think span and after it"})
+    top_k: int = 5
+    top_p: float = 0.95
+    tau_g: float = 0.1
+    max_completion_length: int = 64
+    max_latent_steps: int = field(default=-1, metadata={"help": "cap on latent tokens; -1 = the checkpoint's, or 48"})
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_steps: int = 60
+    max_train_samples: int = 0
+    max_eval_samples: int = 200
+    eval_every: int = 20
+    distributed: str = "fsdp"
+    track: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# the algorithm: the truncated soft token with two-sided Gumbel noise, and its density
+
+def truncated_logprobs(logits, T, ids, keep):
+    """log p~ at `ids`: log softmax(z / T) renormalised over the kept entries (keep: 0/1)."""
+    lp = (logits.float() / T).log_softmax(-1).gather(-1, ids)
+    norm = torch.logsumexp(lp.masked_fill(keep == 0, float("-inf")), -1, keepdim=True)
+    return lp - norm
+
+
+def soft_gumbel_latent(T, k, top_p, tau_g):
+    """The rollout's latent_fn: top-k / top-p truncated p~, s = log p~ + clamp(Gumbel, -1.5, 3),
+    weights softmax(s / tau_g) over the kept entries; records ids, s and the kept mask."""
+    def latent(logits, E):
+        p, ids = (logits.float() / T).softmax(-1).topk(k, dim=-1)
+        keep = ((p.cumsum(-1) - p) < top_p).float()              # smallest prefix reaching top_p
+        log_pt = truncated_logprobs(logits, T, ids, keep)
+        s = (log_pt + common.gumbel_like(log_pt).clamp(-1.5, 3.0)).masked_fill(keep == 0, float("-inf"))
+        w = (s / tau_g).softmax(-1)
+        vec = torch.einsum("nk,nkd->nd", w.to(E.dtype), E[ids])
+        return vec, ids.gather(-1, s.argmax(-1, keepdim=True)).squeeze(-1), {"ids": ids, "scores": s.masked_fill(keep == 0, 0.0), "keep": keep}
+    return latent
+
+
+def soft_latent_logprob(log_pt, scores, keep):
+    """mean over kept components of f(r_i), r_i = s_i - log p~_i(theta), f(r) = -r - exp(-r)."""
+    r = scores - log_pt
+    f = (-r - torch.exp(-r)) * keep
+    return f.sum(-1) / keep.sum(-1).clamp(min=1)
+
+
+def position_logprobs(model, r, rows, T):
+    """(n, T) log-probs: the Gumbel density at latent tokens, log pi(token) elsewhere."""
+    logits = common.completion_logits(model, r, rows)
+    tok_lp = common.gather_logprobs(logits / T, r.tokens[rows])
+    ids, keep = r.extras["ids"][rows], r.extras["keep"][rows]
+    keep = torch.where(keep.sum(-1, keepdim=True) > 0, keep, torch.ones_like(keep))  # rows outside the span: any finite value
+    lat_lp = soft_latent_logprob(truncated_logprobs(logits, T, ids, keep), r.extras["scores"][rows], keep)
+    return torch.where(r.kinds[rows] == common.LATENT_STEP, lat_lp, tok_lp)
+
+
+def main(args):
+    if args.num_generations < 2:
+        common.die(f"--num_generations must be at least 2: GRPO compares rollouts within a group (got {args.num_generations})")
+    if args.temperature <= 0:
+        common.die(f"--temperature must be positive (got {args.temperature})")
+    d = common.setup_distributed()
+    common.seed_everything(args.seed, d.rank)
+    if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
+        common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of --mini_batch_size "
+                   f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
+    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
+    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
+    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
+    if not cfg or cfg.get("mode") != "mixture":
+        common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK])
+        cfg = {"mode": "mixture", "top_k": 10, "max_latent_steps": 48, "prompt_format": (cfg or {}).get("prompt_format", "plain")}
+    cfg = dict(cfg)
+    if args.max_latent_steps >= 0:
+        cfg["max_latent_steps"] = args.max_latent_steps
+    end_think = common.require_tokens(tokenizer, [common.START_THINK, common.END_THINK], "Soft-GRPO")[1]
+    ref = None
+    if args.beta > 0:
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if args.distributed == "fsdp":
+            ref = common.wrap_model(ref, d, "fsdp")
+    model = common.wrap_model(model, d, args.distributed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    logger = common.Logger(args.output_dir, args, d, args.track)
+    G, per_rank = args.num_generations, args.train_batch_size // d.world
+    rng = random.Random(args.seed + 1000 * d.rank)
+
+    def run_eval(step):
+        res = evaluate(model, tokenizer, test, cfg, max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+        logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
+        return res
+
+    start = run_eval(0)
+    for step in tqdm(range(1, args.max_steps + 1), desc="soft-grpo", disable=not d.main):
+        times = {}
+        batch = [train[i] for i in rng.sample(range(len(train)), per_rank)]
+        model.eval()
+        with common.timer(times, "rollout_s"):
+            step_fn = common.ThinkStep(model, soft_gumbel_latent(args.temperature, args.top_k, args.top_p, args.tau_g),
+                                       end_think, cfg["max_latent_steps"], args.temperature, 0, args.top_p)
+            prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in batch], cfg)
+            r = common.rollout(model, prompts, step_fn, args.max_completion_length, tokenizer.eos_token_id,
+                               tokenizer.pad_token_id, num_generations=G)
+            r.extras.update(step_fn.extras())
+        texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
+        rewards = torch.tensor([float(common.is_correct(t, batch[i // G]["answer"])) for i, t in enumerate(texts)], device=d.device)
+        groups = rewards.view(-1, G)
+        adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-6)).flatten()
+        scored = (((r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP)) & r.mask.bool()).float()
+        N, micro = len(r.tokens), args.micro_batch_size
+        with common.timer(times, "update_s"):
+            with torch.no_grad():
+                old_logp = torch.cat([position_logprobs(model, r, slice(i, i + micro), args.temperature) for i in range(0, N, micro)])
+                ref_logp = None if ref is None else torch.cat(
+                    [position_logprobs(ref, r, slice(i, i + micro), args.temperature) for i in range(0, N, micro)])
+            model.train()
+            stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "n": 0}
+            rows_per_mini = args.mini_batch_size // d.world * G
+            for m0 in range(0, N, rows_per_mini):
+                mini = range(m0, min(N, m0 + rows_per_mini))
+                n_tok = common.all_mean(scored[mini].sum().item(), d) or 1.0
+                for i in range(mini.start, mini.stop, micro):
+                    rows = slice(i, min(i + micro, mini.stop))
+                    logp = position_logprobs(model, r, rows, args.temperature)
+                    ratio = torch.exp(logp - old_logp[rows])
+                    a = adv[rows, None]
+                    per_tok = torch.max(-a * ratio, -a * ratio.clamp(1 - args.epsilon, 1 + args.epsilon))
+                    if ref_logp is not None:
+                        d_ref = ref_logp[rows] - logp
+                        kl = torch.exp(d_ref) - d_ref - 1
+                        per_tok = per_tok + args.beta * kl
+                        stats["kl"] += ((kl * scored[rows]).sum() / n_tok).item()
+                    loss = (per_tok * scored[rows]).sum() / n_tok
+                    loss.backward()
+                    stats["loss"] += loss.item()
+                    stats["clip_frac"] += (((ratio - 1).abs() > args.epsilon).float() * scored[rows]).sum().item() / n_tok
+                stats["grad_norm"] += common.clip_grad_norm(model, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                stats["n"] += 1
+        is_lat = ((r.kinds == common.LATENT_STEP) & r.mask.bool()).float()
+        row = {"reward": rewards.mean().item(), "frac_zero_std": (groups.std(1) == 0).float().mean().item(),
+               "valid_frac": r.finished.float().mean().item(), "completion_length": r.mask.sum(1).float().mean().item(),
+               "n_latents": is_lat.sum(1).mean().item(), "latent_frac": (is_lat.sum() / scored.sum().clamp(min=1)).item(),
+               "loss": stats["loss"] / stats["n"], "clip_frac": stats["clip_frac"] / stats["n"],
+               "grad_norm": stats["grad_norm"] / stats["n"], **times}
+        if ref is not None:
+            row["kl"] = stats["kl"] / stats["n"]
+        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)
+        if step % args.eval_every == 0 and step != args.max_steps:
+            run_eval(step)
+    final = run_eval(args.max_steps)
+    cfg.update(method="soft_grpo", base_model=args.model_name_or_path)
+    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d)
+    if d.main:
+        common.plot_metrics(args.output_dir, ["reward", "eval_acc", "eval_mean_L", "completion_length", "kl"])
+        print(f"pass@1 {start['pass@1']:.3f} -> {final['pass@1']:.3f}   #L {start['mean_L']:.1f} -> {final['mean_L']:.1f}"
+              f"   saved {args.output_dir}")
+    return model
+
+
+if __name__ == "__main__":
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
