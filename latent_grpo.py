@@ -61,7 +61,7 @@ Commands:
 import copy
 import json
 import random
-import warnings
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,8 +216,8 @@ def main(args):
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
     if not cfg or cfg.get("mode") != "mixture":
         if d.main:
-            warnings.warn(f"{args.model_name_or_path} never saw latent SFT: Latent-GRPO's paper initialises from a "
-                          "Latent-SFT model (latent_sft.py); expect the latent span to start as noise", stacklevel=1)
+            print(f"warning: {args.model_name_or_path} never saw latent SFT: Latent-GRPO's paper initialises from a "
+                  "Latent-SFT model (latent_sft.py); expect the latent span to start as noise", file=sys.stderr)
         common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK])
         cfg = {"mode": "mixture", "top_k": args.top_k, "max_latent_steps": 48,
                "prompt_format": (cfg or {}).get("prompt_format", "plain")}
