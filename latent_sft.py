@@ -25,8 +25,12 @@ the logits of the position before the slot. At inference the model feeds back th
 of its own log-probabilities until their argmax is </think> (eval.py's "mixture" mode).
 
 Deviations and choices:
-1. Stage 1 trains one schedule (every chunk compressed from the start). The public repository
-   says its three-step stage-1 schedule is only for convenience, and the spec allows this.
+1. Stage 1 trains one schedule instead of the public repository's three steps (encoder, decoder,
+   union), which it calls a convenience: every step trains the interleaved layout above and, with
+   `--latent_only_pass` (default), also the all-latent layout stage 2 uses,
+   `question <think> L1 ... Lm </think> answer`, with cross-entropy on </think> + answer. In the
+   interleaved layout only L1 hides text the decoder cannot see, so without the second pass the
+   later latents need not carry the reasoning (on the toy both variants end at 11% pass@1).
 2. Encoder and decoder are two LoRA adapters on one base model (r 64, alpha 128) with
    `--lora_r 64`, as in the paper; the toy default `--lora_r 0` trains two full copies instead
    (a rank-64 adapter on a 128-wide model is not low-rank). Stage 2 continues from the decoder
@@ -89,6 +93,7 @@ class Args:
     gumbel_noise: float = field(default=1.0, metadata={"help": "stage 2: scale of the Gumbel noise on the soft labels"})
     gumbel_tau: float = 1.0
     kl_weight: float = 1.0
+    latent_only_pass: bool = field(default=True, metadata={"help": "stage 1: also train the all-latent layout (CE on the answer)"})
     max_latent_steps: int = field(default=64, metadata={"help": "inference cap on latent tokens (then </think> is forced)"})
     max_train_samples: int = 0
     max_eval_samples: int = 200
@@ -303,6 +308,7 @@ def main(args):
             n_ce = common.all_sum(sum(sum(len(c) for c in p[1][1:]) + len(p[2]) + 1 if stage == 1 else len(p[2]) + 1
                                       for p in parts), d)
             n_slots = common.all_sum(sum(len(p[1]) for p in parts), d)
+            n_answer = common.all_sum(sum(len(p[2]) + 1 for p in parts), d)
             stats = {"ce": 0.0, "kl": 0.0, "top1_weight": 0.0}
             for m in range(0, len(parts), micro):
                 mb = parts[m:m + micro]
@@ -312,9 +318,15 @@ def main(args):
                     # encoder -> latent tokens -> decoder with CE on the next chunks and the answer
                     lat_ids, w = encode_latents(roles.use("encoder"), ids, mask, is_marker, attn, E, args.top_k)
                     dids, dmask, slot, target = decoder_batch(mb, think, pad, d.device)
+                    latents = mixture(lat_ids, w, E)
                     logits, _ = common.lm_forward(roles.use("decoder"), dids, dmask, common.positions(dmask), latent_mask=slot,
-                                                  latent_vectors=scatter_slots(mixture(lat_ids, w, E), slot))
+                                                  latent_vectors=scatter_slots(latents, slot))
                     ce, kl = token_ce(logits, dids, target, n_ce), torch.zeros(())
+                    if args.latent_only_pass:  # the same latents, no text between them: the answer must come from them
+                        sids, smask, sslot, starget = student_batch(mb, think, pad, d.device)
+                        logits, _ = common.lm_forward(roles.decoder, sids, smask, common.positions(smask), latent_mask=sslot,
+                                                      latent_vectors=scatter_slots(latents, sslot))
+                        ce = ce + token_ce(logits, sids, starget, n_answer)
                 else:
                     # the frozen encoder's soft labels, noised, fed to the student; CE + KL on the slots
                     with torch.no_grad():

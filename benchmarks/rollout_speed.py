@@ -7,7 +7,11 @@ early stop (EOS can't end a row), it measures
    of `model.generate` (same model, prompts, batch and number of new tokens, both under
    `torch.inference_mode`);
 2. latent steps/s of `common.rollout(..., common.coconut_step(n_latents=new_tokens, ...), ...)`, where
-   every step feeds the last hidden state back, divided by the explicit rollout's tokens/s.
+   every step feeds the last hidden state back, divided by the explicit rollout's tokens/s;
+3. latent steps/s of the Latent-GRPO rollout (`common.ThinkStep` with latent_grpo's one-sided
+   Gumbel top-10 mixture of the embedding table at every step, the think span never ending),
+   divided by the explicit rollout's tokens/s. Seed 001 reports latent rollouts about 20x slower
+   than explicit ones in its stack; here a latent step is one forward pass plus a top-k.
 
 Rate = batch * new tokens / wall time, prefill included. One warmup, then `--repeats` rounds that
 run the three methods back to back (so background load hits them alike). Rates are medians over
@@ -35,6 +39,7 @@ from transformers import GenerationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import latent_grpo  # noqa: E402
 
 SETTINGS = {"toy": dict(batch=32, new_tokens=64), "smollm2": dict(batch=8, new_tokens=32)}
 
@@ -103,7 +108,11 @@ def bench(name, repeats):
     def latent_steps():
         return common.rollout(model, latent_prompts, common.coconut_step(T, latent, end), T, -1, pad).tokens
 
-    methods = {"generate": generate, "rollout": explicit, "latent": latent_steps}
+    def mixture_steps():  # end id -1: the think span never ends, every step is a latent mixture
+        step = common.ThinkStep(model, latent_grpo.one_sided_latent(10, 1.0, 1.0, -1), -1, T, 1.0)
+        return common.rollout(model, latent_prompts, step, T, -1, pad).tokens
+
+    methods = {"generate": generate, "rollout": explicit, "latent": latent_steps, "mixture": mixture_steps}
     times = {k: [] for k in methods}
     torch.manual_seed(0)
     for i in range(repeats + 1):  # round 0 is the warmup
@@ -118,16 +127,18 @@ def bench(name, repeats):
         return statistics.median(s / f for f, s in zip(times[fast], times[slow]))
     return dict(model=name, batch=B, new_tokens=T, prompt_tokens=ids.shape[1],
                 generate_tok_s=rate["generate"], rollout_tok_s=rate["rollout"], ratio=paired("rollout", "generate"),
-                latent_steps_s=rate["latent"], latent_explicit_ratio=paired("latent", "rollout"), seconds=times)
+                latent_steps_s=rate["latent"], latent_explicit_ratio=paired("latent", "rollout"),
+                mixture_steps_s=rate["mixture"], mixture_explicit_ratio=paired("mixture", "rollout"), seconds=times)
 
 
 def table(rows):
-    lines = ["| model | batch | new tokens | generate tok/s | rollout tok/s | ratio | latent steps/s | latent/explicit ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | new tokens | generate tok/s | rollout tok/s | ratio | Coconut latent steps/s | "
+             "Coconut/explicit | mixture latent steps/s | mixture/explicit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {r['generate_tok_s']:,.0f} | "
                      f"{r['rollout_tok_s']:,.0f} | {r['ratio']:.2f} | {r['latent_steps_s']:,.0f} | "
-                     f"{r['latent_explicit_ratio']:.2f} |")
+                     f"{r['latent_explicit_ratio']:.2f} | {r['mixture_steps_s']:,.0f} | {r['mixture_explicit_ratio']:.2f} |")
     lines.append("\n(rates: medians over rounds; ratios: medians of per-round ratios, so they need not divide exactly)")
     return "\n".join(lines)
 
