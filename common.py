@@ -845,6 +845,16 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
     return output_dir
 
 
+def load_extra_module(checkpoint, name, module):
+    """Load `<checkpoint>/<name>.safetensors` (written by save_checkpoint's extra_modules) into `module`."""
+    from safetensors.torch import load_file
+    path = Path(checkpoint) / f"{name}.safetensors"
+    if not path.is_file():
+        die(f"checkpoint {str(checkpoint)!r} has no {name}.safetensors")
+    module.load_state_dict(load_file(str(path)))
+    return module
+
+
 def require_latent_config(path, what="this script"):
     """A checkpoint made by this project (one with latent_config.json), or a one-line error."""
     cfg = Path(path) / LATENT_CONFIG
@@ -873,8 +883,11 @@ def reasoning_prompts(tokenizer, questions, cfg):
     return prompts
 
 
-def reasoning_step(cfg, tokenizer, temperature=0.0, top_k=0, top_p=1.0):
-    """The rollout step_fn for a checkpoint's mode ("cot" or "coconut")."""
+def reasoning_step(cfg, tokenizer, temperature=0.0, top_k=0, top_p=1.0, model=None):
+    """The rollout step_fn for a checkpoint's mode ("cot", "coconut", or "hybrid", which needs `model`)."""
+    if cfg["mode"] == "hybrid":  # HRPO: the gate and h~ live in hrpo.py; the step needs the model's embeddings
+        import hrpo
+        return hrpo.hybrid_step(model, tokenizer, cfg, temperature, top_k, top_p)
     if cfg["mode"] == "cot":
         return sampling_step(temperature, top_k, top_p)
     if cfg["mode"] == "coconut":

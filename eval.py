@@ -51,7 +51,7 @@ def pass_at_k(n, c, k):
 def generate(model, tokenizer, data, cfg, num_generations=1, temperature=0.0, top_p=1.0, batch_size=64,
              max_new_tokens=128, desc="eval", disable=False):
     """Roll out every question; returns per question a list of (completion, correct, #L, length)."""
-    step = common.reasoning_step(cfg, tokenizer, temperature, top_p=top_p)
+    step = common.reasoning_step(cfg, tokenizer, temperature, top_p=top_p, model=model)
     per_batch = max(1, batch_size // num_generations)
     out = []
     model.eval()
