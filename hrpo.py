@@ -156,7 +156,8 @@ class Gate(nn.Module):
 
 class HybridInput:
     """A forward hook on the input embedding. `arm(ids, h, span)` prepares the next forward: if its
-    input ids are exactly `ids`, the embedding e becomes gate(e, h) wherever `span` is True. Armed
+    input ids are `ids` (where `span` is True; the rollout loop pads finished rows), the embedding e
+    becomes gate(e, h) wherever `span` is True. Armed
     for one forward only (the next one disarms it, whatever it is), so a rollout that ends after
     arming leaves nothing behind for the next model call. Also accumulates the hidden ratio
     mean(1 - a) over the positions it mixed (reset with `reset_stats`)."""
@@ -183,7 +184,7 @@ class HybridInput:
         if armed is None:
             return out
         ids, h, span = armed
-        if args[0].shape != ids.shape or not torch.equal(args[0], ids) or not span.any():
+        if args[0].shape != ids.shape or not torch.equal(args[0][span], ids[span]) or not span.any():
             return out
         mixed, a = self.gate(out, h)
         ratio = (1 - a.detach()).mean(-1)
