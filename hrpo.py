@@ -51,8 +51,10 @@ Deviations and choices:
    is (1 - w) e + w h~ with a fixed w (--interp_weight 0.5), no W_r, W_i or Lambda.
 7. Distributed: LoRA runs under DDP (the default); full fine-tuning (--lora_r 0) also runs
    under FSDP2 (--distributed fsdp). The gate is replicated and its gradient averaged by hand.
-8. Defaults are sized for the toy task (LoRA learning rate 1e-3, gate 1e-3, Lambda 1e-2 on a
-   1M-parameter model, 60 steps of 16 prompts x 8); the real-model command uses the paper's.
+8. Defaults are sized for the toy task (60 steps of 16 prompts x 8; LoRA learning rate 1e-4, and
+   gate 1e-2 and Lambda 5e-2, large enough for the hidden ratio to be free to move in 60 steps;
+   LoRA at 1e-3 lost half the reward within 20 steps); the real-model command uses the paper's
+   5e-6 / 1e-4 / 1e-3.
 9. Saved checkpoints hold merged weights (LoRA folded into the base), so plain transformers loads
    them; the gate is gate.safetensors and latent_config.json says {"mode": "hybrid", ...}.
 
@@ -68,7 +70,6 @@ Commands:
 """
 import copy
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,9 +99,9 @@ class Args:
     max_completion_length: int = 48
     lora_r: int = field(default=32, metadata={"help": "LoRA rank on all linear layers; 0 = full fine-tuning"})
     lora_alpha: int = 64
-    learning_rate: float = field(default=1e-3, metadata={"help": "language model (LoRA or full)"})
-    gate_learning_rate: float = field(default=1e-3, metadata={"help": "W_r, W_i and their biases"})
-    lambda_learning_rate: float = field(default=1e-2, metadata={"help": "Lambda"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "language model (LoRA or full)"})
+    gate_learning_rate: float = field(default=1e-2, metadata={"help": "W_r, W_i and their biases"})
+    lambda_learning_rate: float = field(default=5e-2, metadata={"help": "Lambda"})
     weight_decay: float = 0.1
     max_grad_norm: float = 0.1
     c: float = field(default=8.0, metadata={"help": "the gate's scale c in a = exp(-c softplus(-Lambda) r)"})
@@ -156,11 +157,11 @@ class Gate(nn.Module):
 
 class HybridInput:
     """A forward hook on the input embedding. `arm(ids, h, span)` prepares the next forward: if its
-    input ids are `ids` (where `span` is True; the rollout loop pads finished rows), the embedding e
-    becomes gate(e, h) wherever `span` is True. Armed
-    for one forward only (the next one disarms it, whatever it is), so a rollout that ends after
-    arming leaves nothing behind for the next model call. Also accumulates the hidden ratio
-    mean(1 - a) over the positions it mixed (reset with `reset_stats`)."""
+    input ids are `ids` (compared where `span` is True: the rollout loop pads finished rows), the
+    embedding e becomes gate(e, h) wherever `span` is True. Armed for one forward only (the next
+    one disarms it, whatever it is), so a rollout that ends after arming leaves nothing behind for
+    the next model call. Also accumulates the hidden ratio mean(1 - a) over the positions it mixed
+    (reset with `reset_stats`)."""
 
     def __init__(self, model, gate):
         self.gate, self.armed = gate, None
@@ -184,7 +185,7 @@ class HybridInput:
         if armed is None:
             return out
         ids, h, span = armed
-        if args[0].shape != ids.shape or not torch.equal(args[0][span], ids[span]) or not span.any():
+        if args[0].shape != ids.shape or not span.any() or not torch.equal(args[0][span], ids[span]):
             return out
         mixed, a = self.gate(out, h)
         ratio = (1 - a.detach()).mean(-1)
@@ -209,7 +210,8 @@ def hybrid_input(model, cfg=None):
 def hybrid_step(model, tokenizer, cfg, temperature=0.0, top_k=0, top_p=1.0, store=False):
     """The rollout step_fn of mode "hybrid": sample a token (greedy at temperature 0), compute h~ at
     the checkpoint's tau, and arm the hook so the next forward feeds the gated mix for rows still in
-    their reasoning span. With `store`, step.h (N, T, d) and step.span (N, T) keep what training needs."""
+    their reasoning span. With `store`, the lists step.hs (N, d) and step.spans (N,) keep, per step,
+    what training needs."""
     hyb = hybrid_input(model, cfg)
     emb = common.unwrap(model).get_input_embeddings()
     marker, tau = cfg.get("answer_marker", common.ANSWER_MARKER), cfg["tau"]
@@ -343,7 +345,6 @@ def main(args):
                gate={"c": args.c, "interp_weight": args.interp_weight if args.no_gate else None})
     logger = common.Logger(args.output_dir, args, d, args.track)
     G = args.num_generations
-    prompts_per_rank = args.train_batch_size // d.world
     rng = random.Random(args.seed)
     completions_file = Path(args.output_dir) / "completions.jsonl"
 
