@@ -937,6 +937,16 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
     return output_dir
 
 
+def load_extra_module(checkpoint, name, module):
+    """Load `<checkpoint>/<name>.safetensors` (written by save_checkpoint's extra_modules) into `module`."""
+    from safetensors.torch import load_file
+    path = Path(checkpoint) / f"{name}.safetensors"
+    if not path.is_file():
+        die(f"checkpoint {str(checkpoint)!r} has no {name}.safetensors")
+    module.load_state_dict(load_file(str(path)))
+    return module
+
+
 def require_latent_config(path, what="this script"):
     """A checkpoint made by this project (one with latent_config.json), or a one-line error."""
     cfg = Path(path) / LATENT_CONFIG
@@ -969,13 +979,16 @@ def reasoning_prompts(tokenizer, questions, cfg):
 
 
 def reasoning_step(cfg, tokenizer, temperature=0.0, top_k=0, top_p=1.0, model=None, noise_scale=0.0):
-    """The rollout step_fn for a checkpoint's mode: "cot", "coconut", or "mixture" (top-k
-    vocabulary superposition until </think>; needs `model` for its embedding table; `noise_scale`
-    > 0 samples the latents with Gumbel noise)."""
+    """The rollout step_fn for a checkpoint's mode: "cot", "coconut", "mixture" (top-k vocabulary
+    superposition until </think>; `noise_scale` > 0 samples the latents with Gumbel noise) or
+    "hybrid" (HRPO's gated input). The last two need `model` for its embedding table."""
     if cfg["mode"] == "mixture":
         end = require_tokens(tokenizer, [START_THINK, END_THINK], "a latent (mixture) model")[1]
         return ThinkStep(model, mixture_latent(cfg.get("top_k", 10), noise_scale), end,
                          cfg.get("max_latent_steps", 10 ** 9), temperature, top_k, top_p)
+    if cfg["mode"] == "hybrid":  # HRPO: the gate and h~ live in hrpo.py; the step needs the model's embeddings
+        import hrpo
+        return hrpo.hybrid_step(model, tokenizer, cfg, temperature, top_k, top_p)
     if cfg["mode"] == "cot":
         return sampling_step(temperature, top_k, top_p)
     if cfg["mode"] == "coconut":

@@ -1,0 +1,438 @@
+"""HRPO: hybrid latent reasoning policy optimisation.
+
+Paper: seed 002, Yue et al. 2025, "Hybrid Latent Reasoning via Reinforcement Learning" (NeurIPS 2025,
+arXiv 2505.18454); code github Yueeeeeeee/HRPO. Spec: ../shared/ALGORITHMS.md, "Shared pieces" and
+section 7.
+
+Inside the reasoning span (until the answer marker appears), the input at each step is not the
+sampled token's embedding alone but a gated mix of it and a projection of the previous step's
+output distribution. With logits z and p = softmax(z / tau):
+
+    x ~ p                                           the sampled token (tau = 0.5)
+    h~ = (sum_v p_v E_v) / ||p||_2                  probability-weighted embedding, normalised
+    e = E[x]
+    r = sigmoid(W_r e + b_r),  i = sigmoid(W_i e + b_i)
+    a = exp(-c * softplus(-Lambda) * r)             c = 8, per dimension
+    next input = a * e + sqrt(1 - a^2 + 1e-8) * (i * h~)
+
+Lambda starts at -log(u^(-1/c) - 1) with u ~ U(r_min, r_max), so a = u^r starts near 1: the
+model starts out reading almost plain token embeddings and RL decides how much of h~ to let in.
+The hidden ratio, mean(1 - a), is what the paper tracks. After the marker, decoding is plain.
+
+Training is REINFORCE: reward 1 only for exactly one answer marker with the right number after
+it; group advantage A = (R - mean) / (std + 1e-4); loss -A * log pi(token) (no ratio, no clipping:
+strictly on-policy, one update per batch, because the hybrid inputs depend on the current weights)
+plus beta * k3 KL to the frozen base model (adapters off, no gate, plain token inputs), averaged
+over each completion's tokens, then over completions. The rollout stores h~ and the span; the
+training forward recomputes the gates from the stored h~ (and the token embeddings), so the
+gradient reaches W_r, W_i and Lambda through every later token's log-prob. The language model
+trains through LoRA (peft, r 32, alpha 64, all linear layers) or fully (--lora_r 0); the gate and
+Lambda always train fully, each at its own learning rate.
+
+Where the code lives: the gate, h~, the span and the hybrid rollout step are all here.
+`common.reasoning_step` dispatches mode "hybrid" to `hrpo.hybrid_step` with a lazy `import hrpo`,
+so eval.py runs a saved HRPO checkpoint without common.py knowing any of the gate's math. The
+hybrid input is applied by a forward hook on the input embedding (HybridInput), armed once per
+forward: the same code mixes the inputs in the KV-cached rollout (one position per step) and in
+the training forward (the whole completion), and the hook sees the embedding output itself, so
+gradients and FSDP behave as in an ordinary forward.
+
+Deviations and choices:
+1. The answer marker is this project's "###" (GSM8K's "####" contains it); the reward counts
+   exactly one "###". A token's input is hybrid while the text up to and including that token
+   has no marker yet.
+2. The KL and the log-probs use T = 1 (as the code); sampling and h~ use tau (--temperature).
+3. Lambda gets no weight decay (the others get --weight_decay 0.1): with decay, AdamW would pull
+   Lambda toward 0 and raise the hidden ratio by itself, and a rising hidden ratio is the finding.
+4. Gradient clipping (--max_grad_norm 0.1) is done separately for the language model and for the
+   gate (a sharded model and a replicated gate do not share one norm under FSDP2).
+5. LoRA dropout is 0 so that the training forward reproduces the rollout's log-probs exactly.
+6. --no_gate is the paper's "interpolation, no gating" ablation as this file reads it: the input
+   is (1 - w) e + w h~ with a fixed w (--interp_weight 0.5), no W_r, W_i or Lambda.
+7. Distributed: LoRA runs under DDP (the default); full fine-tuning (--lora_r 0) also runs
+   under FSDP2 (--distributed fsdp). The gate is replicated and its gradient averaged by hand.
+8. Defaults are sized for the toy task (60 steps of 16 prompts x 8; LoRA learning rate 1e-4, and
+   gate 1e-2 and Lambda 5e-2, large enough for the hidden ratio to be free to move in 60 steps;
+   LoRA at 1e-3 lost half the reward within 20 steps); the real-model command uses the paper's
+   5e-6 / 1e-4 / 1e-3.
+9. Saved checkpoints hold merged weights (LoRA folded into the base), so plain transformers loads
+   them; the gate is gate.safetensors and latent_config.json says {"mode": "hybrid", ...}.
+
+Commands:
+    python hrpo.py                                                   # toy CoT checkpoint, LoRA
+    python hrpo.py --lora_r 0 --learning_rate 1e-4 --output_dir runs/hrpo_full
+    python hrpo.py --no_gate --output_dir runs/hrpo_no_gate         # the ablation
+    python hrpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --learning_rate 5e-6 \\
+        --gate_learning_rate 1e-4 --lambda_learning_rate 1e-3 --train_batch_size 32 --num_generations 8 \\
+        --micro_batch_size 8 --max_completion_length 1024 --max_steps 1000
+    torchrun --nproc_per_node 8 hrpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k ...
+    python eval.py --model runs/hrpo
+"""
+import copy
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+import common
+from eval import evaluate
+
+
+@dataclass
+class Args:
+    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "a CoT checkpoint or any causal LM"})
+    dataset: str = "toy"
+    eval_dataset: str = ""
+    output_dir: str = "runs/hrpo"
+    seed: int = 0
+    num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
+    train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
+    micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
+    beta: float = field(default=0.005, metadata={"help": "k3 KL coefficient to the frozen base model"})
+    temperature: float = field(default=0.5, metadata={"help": "tau: sampling temperature and the sharpness of h~"})
+    max_completion_length: int = 48
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank on all linear layers; 0 = full fine-tuning"})
+    lora_alpha: int = 64
+    learning_rate: float = field(default=1e-4, metadata={"help": "language model (LoRA or full)"})
+    gate_learning_rate: float = field(default=1e-2, metadata={"help": "W_r, W_i and their biases"})
+    lambda_learning_rate: float = field(default=5e-2, metadata={"help": "Lambda"})
+    weight_decay: float = 0.1
+    max_grad_norm: float = 0.1
+    c: float = field(default=8.0, metadata={"help": "the gate's scale c in a = exp(-c softplus(-Lambda) r)"})
+    r_min: float = field(default=0.99, metadata={"help": "a starts as u^r with u ~ U(r_min, r_max)"})
+    r_max: float = 0.999
+    no_gate: bool = field(default=False, metadata={"help": "ablation: plain interpolation (1-w) e + w h~, no gate"})
+    interp_weight: float = field(default=0.5, metadata={"help": "w of --no_gate"})
+    max_steps: int = 60
+    max_train_samples: int = 0
+    max_eval_samples: int = 200
+    eval_every: int = 20
+    log_completions: bool = False
+    distributed: str = field(default="ddp", metadata={"help": "ddp | fsdp (fsdp only with --lora_r 0)"})
+    track: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# the hybrid input: h~, the gate, and the hook that feeds their mix in place of token embeddings
+
+def hidden_representation(logits, embedding_weight, tau):
+    """h~ = (sum_v p_v E_v) / ||p||_2 with p = softmax(z / tau) over the whole vocabulary. (N, d)"""
+    p = (logits.float() / tau).softmax(-1)
+    return (p.to(embedding_weight.dtype) @ embedding_weight).float() / p.norm(dim=-1, keepdim=True)
+
+
+def lambda_init(u, c):
+    """Lambda such that softplus(-Lambda) = -log(u) / c, i.e. a = u^r."""
+    return -torch.log(u ** (-1.0 / c) - 1.0)
+
+
+class Gate(nn.Module):
+    """e, h~ -> a * e + sqrt(1 - a^2 + 1e-8) * (i * h~), with r, i from e and a = exp(-c softplus(-Lambda) r).
+    With `interp_weight` set (the --no_gate ablation): (1 - w) e + w h~, and a = 1 - w."""
+
+    def __init__(self, d, c=8.0, r_min=0.99, r_max=0.999, interp_weight=None):
+        super().__init__()
+        self.c, self.interp_weight = c, interp_weight
+        self.W_r = nn.Linear(d, d)
+        self.W_i = nn.Linear(d, d)
+        self.Lambda = nn.Parameter(lambda_init(torch.empty(d).uniform_(r_min, r_max), c))
+
+    def forward(self, e, h):
+        """(mixed input, a), both float32 and shaped like e."""
+        e, h = e.float(), h.float()
+        if self.interp_weight is not None:
+            w = self.interp_weight
+            return (1 - w) * e + w * h, torch.full_like(e, 1 - w)
+        r = torch.sigmoid(self.W_r(e))
+        i = torch.sigmoid(self.W_i(e))
+        a = torch.exp(-self.c * F.softplus(-self.Lambda) * r)
+        return a * e + torch.sqrt(1 - a * a + 1e-8) * (i * h), a
+
+
+class HybridInput:
+    """A forward hook on the input embedding. `arm(ids, h, span)` prepares the next forward: if its
+    input ids are `ids` (compared where `span` is True: the rollout loop pads finished rows), the
+    embedding e becomes gate(e, h) wherever `span` is True. Armed for one forward only (the next
+    one disarms it, whatever it is), so a rollout that ends after arming leaves nothing behind for
+    the next model call. Also accumulates the hidden ratio mean(1 - a) over the positions it mixed
+    (reset with `reset_stats`)."""
+
+    def __init__(self, model, gate):
+        self.gate, self.armed = gate, None
+        self.reset_stats()
+        emb = common.unwrap(model).get_input_embeddings()
+        emb.register_forward_hook(self._hook)
+        emb._hybrid_input = self
+
+    def arm(self, ids, h, span):
+        self.armed = (ids, h, span)
+
+    def reset_stats(self):
+        self.ratio_sum, self.ratio_n = 0.0, 0.0
+
+    @property
+    def hidden_ratio(self):
+        return float(self.ratio_sum / self.ratio_n) if self.ratio_n else float("nan")
+
+    def _hook(self, module, args, out):
+        armed, self.armed = self.armed, None
+        if armed is None:
+            return out
+        ids, h, span = armed
+        if args[0].shape != ids.shape or not span.any() or not torch.equal(args[0][span], ids[span]):
+            return out
+        mixed, a = self.gate(out, h)
+        ratio = (1 - a.detach()).mean(-1)
+        self.ratio_sum = self.ratio_sum + (ratio * span).sum()
+        self.ratio_n = self.ratio_n + span.sum()
+        return torch.where(span.unsqueeze(-1), mixed.to(out.dtype), out)
+
+
+def hybrid_input(model, cfg=None):
+    """The model's HybridInput; on first use (eval.py) its gate is loaded from the checkpoint."""
+    if model is None:
+        common.die("the hybrid mode (HRPO) needs the model for its rollout step; run it with eval.py or hrpo.py")
+    emb = common.unwrap(model).get_input_embeddings()
+    if not hasattr(emb, "_hybrid_input"):
+        g = cfg["gate"]
+        gate = Gate(emb.weight.shape[1], g["c"], interp_weight=g.get("interp_weight"))
+        common.load_extra_module(common.unwrap(model).name_or_path, "gate", gate)
+        HybridInput(model, gate.to(emb.weight.device).eval().requires_grad_(False))
+    return emb._hybrid_input
+
+
+def hybrid_step(model, tokenizer, cfg, temperature=0.0, top_k=0, top_p=1.0, store=False):
+    """The rollout step_fn of mode "hybrid": sample a token (greedy at temperature 0), compute h~ at
+    the checkpoint's tau, and arm the hook so the next forward feeds the gated mix for rows still in
+    their reasoning span. With `store`, the lists step.hs (N, d) and step.spans (N,) keep, per step,
+    what training needs."""
+    hyb = hybrid_input(model, cfg)
+    emb = common.unwrap(model).get_input_embeddings()
+    marker, tau = cfg.get("answer_marker", common.ANSWER_MARKER), cfg["tau"]
+    pieces = {}  # token id -> its text
+
+    def step(t, logits, hidden, done):
+        if t == 0:
+            step.tails, step.answered, step.hs, step.spans = [""] * len(done), [False] * len(done), [], []
+        tok = common.sample_token(logits, temperature, top_k, top_p)
+        h = hidden_representation(logits, emb.weight, tau)
+        for b, i in enumerate(tok.tolist()):  # has the answer marker appeared, this token included?
+            if not step.answered[b] and not done[b]:
+                if i not in pieces:
+                    pieces[i] = tokenizer.decode([i])
+                step.tails[b] = (step.tails[b] + pieces[i])[-4 * len(marker):]
+                step.answered[b] = marker in step.tails[b]
+        span = ~torch.tensor(step.answered, device=done.device) & ~done
+        hyb.arm(tok[:, None], h[:, None], span[:, None])
+        if store:
+            step.hs.append(h)
+            step.spans.append(span)
+        return tok, None, torch.full_like(done, common.TOKEN, dtype=torch.int8)
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# the algorithm: reward, group advantages, REINFORCE with a k3 KL
+
+def reward(text, gold):
+    """1 only with exactly one answer marker and the right number after it."""
+    if text.count(common.ANSWER_MARKER) != 1:
+        return 0.0
+    return float(common.is_correct(common.ANSWER_MARKER + text.split(common.ANSWER_MARKER, 1)[1], gold))
+
+
+def group_advantages(rewards, G, eps=1e-4):
+    """A_i = (R_i - mean_group) / (std_group + eps); all-equal groups give 0."""
+    r = rewards.view(-1, G)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).flatten()
+
+
+def k3_kl(logp, ref_logp):
+    """exp(ref - new) - (ref - new) - 1: non-negative, 0 where the policies agree."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def reinforce_loss(logp, ref_logp, adv, mask, beta, n_seqs):
+    """Per token -A log pi + beta k3; mean over each completion's tokens, summed / n_seqs (this
+    micro-batch's share of the mean over completions). Returns (loss, summed per-sequence KL)."""
+    per_tok = -adv[:, None] * logp
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    per_tok = per_tok + beta * kl
+    n_tok = mask.sum(1).clamp(min=1)
+    return ((per_tok * mask).sum(1) / n_tok).sum() / n_seqs, ((kl * mask).sum(1) / n_tok).sum().detach()
+
+
+def completion_logprobs(model, r, rows, hyb=None):
+    """log pi(token) at T = 1 of rollout rows `rows`, from one forward over prompt + completion. With
+    `hyb`, the stored h~ and span are fed back through the gate (recomputed, with gradients);
+    without, plain token inputs (the reference model)."""
+    ids, mask, _, _ = r.inputs(rows)
+    P = r.prompt_ids.shape[1]
+    if hyb is not None:
+        h, span = r.extras["h"][rows], r.extras["span"][rows]
+        n = h.shape[0]
+        hyb.arm(ids, torch.cat([h.new_zeros(n, P, h.shape[2]), h], 1),
+                torch.cat([span.new_zeros(n, P), span], 1))
+    logits, _ = common.lm_forward(model, ids, mask, common.positions(mask))
+    return common.gather_logprobs(logits[:, P - 1:-1].float(), r.tokens[rows])
+
+
+def average_gradients(module, d):
+    """The gate is replicated on every rank, outside the DDP/FSDP wrapper: average its gradient by hand."""
+    if d.world > 1:
+        import torch.distributed as dist
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= d.world
+
+
+def main(args):
+    if args.num_generations < 2:
+        common.die(f"--num_generations must be at least 2: the advantage compares rollouts within a group (got {args.num_generations})")
+    if args.lora_r < 0:
+        common.die(f"--lora_r must be >= 0 (0 = full fine-tuning; got {args.lora_r})")
+    if not 0 < args.r_min <= args.r_max < 1:
+        common.die(f"need 0 < --r_min <= --r_max < 1 (got {args.r_min}, {args.r_max})")
+    if args.temperature <= 0:
+        common.die(f"--temperature (tau) must be > 0: rollouts sample and h~ divides by it (got {args.temperature})")
+    if args.distributed not in ("ddp", "fsdp"):
+        common.die(f"unknown --distributed {args.distributed!r} (ddp | fsdp)")
+    d = common.setup_distributed()
+    if args.lora_r > 0 and args.distributed == "fsdp" and d.world > 1:
+        common.die("LoRA runs under DDP (--distributed ddp); FSDP2 is for full fine-tuning (--lora_r 0)")
+    if args.train_batch_size % d.world:
+        common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of the {d.world} processes")
+    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
+    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
+    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
+    cfg = dict(cfg or {"mode": "cot", "prompt_format": "plain"})
+    if cfg["mode"] not in ("cot", "hybrid"):
+        common.die(f"HRPO starts from a language (CoT) model; {args.model_name_or_path!r} reasons in mode {cfg['mode']!r}")
+    d_model = model.get_input_embeddings().weight.shape[1]
+    # ---- the reference (base model, no gate), the gate, the adapters: the same on every rank
+    torch.manual_seed(args.seed)
+    ref = None
+    if args.beta > 0 and args.lora_r == 0:  # with LoRA the reference is the policy with its adapters off
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if args.distributed == "fsdp":
+            ref = common.wrap_model(ref, d, "fsdp")
+    gate = Gate(d_model, args.c, args.r_min, args.r_max, args.interp_weight if args.no_gate else None).to(d.device)
+    if cfg["mode"] == "hybrid":  # continue training an HRPO checkpoint: its own gate
+        common.load_extra_module(args.model_name_or_path, "gate", gate)
+    hyb = HybridInput(model, gate)
+    if args.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    common.seed_everything(args.seed, d.rank)
+    model = common.wrap_model(model, d, args.distributed)
+    gate_params = [p for n, p in gate.named_parameters() if n != "Lambda"]
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in model.parameters() if p.requires_grad], "lr": args.learning_rate},
+        {"params": gate_params, "lr": args.gate_learning_rate},
+        {"params": [gate.Lambda], "lr": args.lambda_learning_rate, "weight_decay": 0.0},
+    ], lr=args.learning_rate, weight_decay=args.weight_decay)
+    cfg.update(mode="hybrid", tau=args.temperature, answer_marker=common.ANSWER_MARKER,
+               gate={"c": args.c, "interp_weight": args.interp_weight if args.no_gate else None})
+    logger = common.Logger(args.output_dir, args, d, args.track)
+    G = args.num_generations
+    rng = random.Random(args.seed)
+    completions_file = Path(args.output_dir) / "completions.jsonl"
+
+    def run_eval(step):
+        hyb.reset_stats()
+        res = evaluate(model, tokenizer, test, cfg, max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+        logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"],
+                    "eval_hidden_ratio": common.all_mean(hyb.hidden_ratio, d)}, step)
+        return res
+
+    start = run_eval(0)
+    for step in tqdm(range(1, args.max_steps + 1), desc="hrpo", disable=not d.main):
+        times = {}
+        # ---- rollout: G hybrid completions per prompt, sampled at tau, h~ and the span stored
+        picks = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
+        batch = [train[i] for i in picks]
+        model.eval()
+        hyb.reset_stats()
+        with common.timer(times, "rollout_s"):
+            step_fn = hybrid_step(model, tokenizer, cfg, args.temperature, store=True)
+            prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in batch], cfg)
+            r = common.rollout(model, prompts, step_fn, args.max_completion_length, tokenizer.eos_token_id,
+                               tokenizer.pad_token_id, num_generations=G)
+            T = r.tokens.shape[1]
+            r.extras.update(h=torch.stack(step_fn.hs[:T], 1).clone(), span=torch.stack(step_fn.spans[:T], 1).clone() & r.mask.bool())
+        hidden_ratio = hyb.hidden_ratio
+        texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
+        rewards = torch.tensor([reward(t, batch[i // G]["answer"]) for i, t in enumerate(texts)], device=d.device)
+        adv = group_advantages(rewards, G)
+        loss_mask = r.mask.float()  # every generated position is a sampled token
+        # ---- the reference log-probs: the base model, no gate, plain token inputs
+        with common.timer(times, "update_s"):
+            N, micro = len(r.tokens), args.micro_batch_size
+            ref_logp = None
+            if args.beta > 0:
+                with torch.no_grad():
+                    if ref is not None:
+                        ref_logp = torch.cat([completion_logprobs(ref, r, slice(i, i + micro)) for i in range(0, N, micro)])
+                    else:
+                        with common.unwrap(model).disable_adapter():
+                            ref_logp = torch.cat([completion_logprobs(common.unwrap(model), r, slice(i, i + micro))
+                                                  for i in range(0, N, micro)])
+            # ---- one REINFORCE update on the whole batch, gates recomputed from the stored h~
+            model.train()
+            loss_sum = kl_sum = 0.0
+            for i in range(0, N, micro):
+                rows = slice(i, min(i + micro, N))
+                logp = completion_logprobs(model, r, rows, hyb)
+                loss, kl = reinforce_loss(logp, ref_logp[rows] if ref_logp is not None else None, adv[rows],
+                                          loss_mask[rows], args.beta, N)
+                loss.backward()
+                loss_sum += loss.item()
+                kl_sum += kl.item()
+            average_gradients(gate, d)
+            grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
+            gate_grad_norm = float(torch.nn.utils.clip_grad_norm_(gate.parameters(), args.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        # ---- logging
+        groups = rewards.view(-1, G)
+        row = {"reward": rewards.mean().item(), "reward_std": groups.std(1).mean().item(),
+               "frac_zero_std": (groups.std(1) == 0).float().mean().item(),
+               "completion_length": loss_mask.sum(1).mean().item(), "hybrid_length": r.extras["span"].sum(1).float().mean().item(),
+               "hidden_ratio": hidden_ratio, "truncated": 1 - r.finished.float().mean().item(), "loss": loss_sum,
+               "grad_norm": grad_norm, "gate_grad_norm": gate_grad_norm, **times}
+        if args.beta > 0:
+            row["kl"] = kl_sum / N
+        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)
+        if args.log_completions and d.main:
+            with completions_file.open("a") as f:
+                for i in range(0, len(texts), G):
+                    f.write(json.dumps({"step": step, "question": batch[i // G]["question"], "completion": texts[i],
+                                        "reward": rewards[i].item()}) + "\n")
+            tqdm.write(f"  e.g. {texts[0]!r} -> reward {rewards[0].item():.0f}")
+        if step % args.eval_every == 0 and step != args.max_steps:
+            run_eval(step)
+    final = run_eval(args.max_steps)
+    # ---- save: merged weights (plain transformers loads them), gate.safetensors, latent_config.json
+    if args.lora_r > 0:
+        model = common.unwrap(model).merge_and_unload()
+    cfg.update(method="hrpo", base_model=args.model_name_or_path, lora_r=args.lora_r)
+    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, extra_modules={"gate": gate}, d=d)
+    if d.main:
+        common.plot_metrics(args.output_dir, ["reward", "eval_acc", "completion_length", "hidden_ratio", "kl"])
+        print(f"pass@1 {start['pass@1']:.3f} -> {final['pass@1']:.3f}   #L {start['mean_L']:.1f} -> {final['mean_L']:.1f}"
+              f"   hidden ratio {hidden_ratio:.4f}   saved {args.output_dir}")
+    return model
+
+
+if __name__ == "__main__":
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])

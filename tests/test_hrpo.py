@@ -1,0 +1,276 @@
+"""hrpo.py: the gate and h~ against their closed forms, the hybrid rollout against the training
+forward, the KL, which parameters a step moves, and end-to-end runs (LoRA, full, --no_gate,
+torchrun) with eval.py on the saved checkpoint."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import common
+import hrpo
+from conftest import ROOT, run_script
+from test_scripts import one_line_error
+
+FAST = ["--max_steps", "2", "--train_batch_size", "4", "--num_generations", "4", "--max_eval_samples", "8",
+        "--max_completion_length", "40", "--eval_every", "100"]
+CFG = {"mode": "hybrid", "prompt_format": "plain", "tau": 0.5, "gate": {"c": 8.0}}
+
+
+@pytest.fixture(scope="module")
+def cot():
+    model, tok, _ = common.load_model(common.TOY_COT, torch.device("cpu"), torch.float32)
+    return model.eval(), tok
+
+
+def test_a_is_u_to_the_r():
+    torch.manual_seed(0)
+    gate = hrpo.Gate(16, c=8.0, r_min=0.98, r_max=0.999)
+    a0 = gate(torch.randn(64, 16), torch.randn(64, 16))[1]
+    assert (a0 >= 0.98 - 1e-6).all() and (a0 <= 1).all()               # any r in (0, 1): a in (u, 1)
+    u = torch.empty(16).uniform_(0.98, 0.999)
+    gate.Lambda.data = hrpo.lambda_init(u, 8.0)
+    e = torch.randn(64, 16)
+    r = torch.sigmoid(gate.W_r(e))
+    _, a = gate(e, torch.randn(64, 16))
+    assert torch.allclose(a, u ** r, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(torch.nn.functional.softplus(-gate.Lambda) * 8.0, -torch.log(u), rtol=1e-3)
+
+
+def test_gate_formula_by_hand():
+    torch.manual_seed(1)
+    gate = hrpo.Gate(8)
+    e, h = torch.randn(5, 8), torch.randn(5, 8)
+    r, i = torch.sigmoid(gate.W_r(e)), torch.sigmoid(gate.W_i(e))
+    a = torch.exp(-8.0 * torch.log1p(torch.exp(-gate.Lambda)) * r)
+    x, _ = gate(e, h)
+    assert torch.allclose(x, a * e + torch.sqrt(1 - a ** 2 + 1e-8) * i * h, atol=1e-6)
+    interp = hrpo.Gate(8, interp_weight=0.3)
+    x, a = interp(e, h)
+    assert torch.allclose(x, 0.7 * e + 0.3 * h) and torch.allclose(a, torch.full_like(e, 0.7))
+
+
+def test_h_tilde_closed_form(cot):
+    model, _ = cot
+    E = model.get_input_embeddings().weight.detach()
+    logits = torch.randn(3, E.shape[0]) * 4
+    h = hrpo.hidden_representation(logits, E, 0.5)
+    for n in range(3):
+        p = torch.softmax(logits[n] / 0.5, -1)
+        want = sum(p[v] * E[v] for v in range(E.shape[0])) / torch.sqrt((p ** 2).sum())
+        assert torch.allclose(h[n], want, atol=1e-5)
+    one_hot = torch.full((1, E.shape[0]), -1e4)
+    one_hot[0, 7] = 0
+    assert torch.allclose(hrpo.hidden_representation(one_hot, E, 0.5)[0], E[7], atol=1e-6)  # a sure token: its embedding
+
+
+def test_hybrid_input_at_init_is_the_token_embedding(cot):
+    model, _ = cot
+    E = model.get_input_embeddings().weight.detach()
+    torch.manual_seed(0)
+    gate = hrpo.Gate(E.shape[1])
+    ids = torch.randint(2, E.shape[0], (256,))
+    h = hrpo.hidden_representation(torch.randn(256, E.shape[0]) * 3, E, 0.5)   # arbitrary distributions
+    x, a = gate(E[ids], h)
+    rel = (x - E[ids]).norm(dim=-1) / E[ids].norm(dim=-1)
+    assert rel.max() < 0.15 and rel.mean() < 0.06
+    assert torch.nn.functional.cosine_similarity(x, E[ids]).min() > 0.99
+    assert (1 - a).mean() < 0.006                                                 # hidden ratio starts near 0
+
+
+def test_kl_is_zero_against_an_identical_reference(cot):
+    x = torch.randn(4, 6)
+    assert torch.equal(hrpo.k3_kl(x, x), torch.zeros(4, 6))
+    v = hrpo.k3_kl(torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.25])))
+    assert torch.allclose(v, torch.tensor([0.5 - torch.log(torch.tensor(0.5)).item() - 1]))
+    # a fresh LoRA policy (B = 0) against itself with the adapters off: KL exactly 0
+    from peft import LoraConfig, get_peft_model
+    model, tok = cot
+    policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    prompts = [common.encode_prompt(tok, ex["question"]) for ex in common.toy_dataset("test")[:2]]
+    torch.manual_seed(0)
+    r = common.rollout(policy, prompts, common.sampling_step(1.0), 16, tok.eos_token_id, tok.pad_token_id, num_generations=2)
+    logp = hrpo.completion_logprobs(policy, r, slice(None))
+    with torch.no_grad(), policy.disable_adapter():
+        ref = hrpo.completion_logprobs(policy, r, slice(None))
+    _, kl = hrpo.reinforce_loss(logp, ref, torch.ones(4), r.mask.float(), 0.005, 4)
+    assert kl.item() == 0.0
+
+
+def test_reward_needs_exactly_one_marker():
+    assert hrpo.reward("<<2*3=6>>\n### 6", "6") == 1.0
+    assert hrpo.reward("<<2*3=6>>\n#### 6", "6") == 1.0          # GSM8K's marker contains ours once
+    assert hrpo.reward("<<2*3=6>>\n### 6 ### 6", "6") == 0.0
+    assert hrpo.reward("<<2*3=6>>\nso 6", "6") == 0.0              # no marker: no reward, even if right
+    assert hrpo.reward("### 7", "6") == 0.0
+    assert hrpo.reward("### 6 apples, not 7", "6") == 1.0
+
+
+def test_group_advantages_and_reinforce_loss_by_hand():
+    a = hrpo.group_advantages(torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1]), 4)
+    assert torch.allclose(a[:4], torch.tensor([1.5, -0.5, -0.5, -0.5]) * 0.5 / (0.5 + 1e-4)) and torch.equal(a[4:], torch.zeros(4))
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    loss, kl = hrpo.reinforce_loss(logp, logp, torch.tensor([1.0, -2.0]), mask, 0.005, 2)
+    assert loss.item() == pytest.approx(((1 + 2 + 3) / 3 + (-2 * 4)) / 2) and kl.item() == 0   # no ratio, no clip
+
+
+def hybrid_rollout(model, tok, gate, n_prompts=3, G=2, T=40, temperature=0.5):
+    hyb = hrpo.HybridInput(model, gate)
+    prompts = [common.encode_prompt(tok, ex["question"]) for ex in common.toy_dataset("test")[:n_prompts]]
+    step = hrpo.hybrid_step(model, tok, CFG, temperature, store=True)
+    r = common.rollout(model, prompts, step, T, tok.eos_token_id, tok.pad_token_id, num_generations=G)
+    n = r.tokens.shape[1]
+    r.extras.update(h=torch.stack(step.hs[:n], 1).clone(), span=torch.stack(step.spans[:n], 1).clone() & r.mask.bool())
+    return r, hyb
+
+
+@pytest.fixture
+def fresh_cot():
+    """The CoT model, without the hooks of other tests."""
+    model, tok, _ = common.load_model(common.TOY_COT, torch.device("cpu"), torch.float32)
+    return model.eval(), tok
+
+
+def test_training_forward_reproduces_the_hybrid_rollout(fresh_cot):
+    """Recomputing the gates from the stored h~ gives the rollout's own log-probs; the span ends
+    with the answer marker; a strong gate really changes the inputs."""
+    model, tok = fresh_cot
+    torch.manual_seed(0)
+    gate = hrpo.Gate(128)
+    with torch.no_grad():
+        gate.Lambda.fill_(-2.0)                        # far from init: a well below 1
+    torch.manual_seed(1)
+    r, hyb = hybrid_rollout(model, tok, gate)
+    assert hyb.hidden_ratio > 0.3
+    with torch.no_grad():
+        logp = hrpo.completion_logprobs(model, r, slice(None), hyb)
+        plain = hrpo.completion_logprobs(model, r, slice(None))
+    m = r.mask.bool()
+    assert (logp - r.logprobs)[m].abs().max() < 1e-4
+    assert (plain - r.logprobs)[m].abs().max() > 1e-2  # the hybrid inputs mattered
+    for b in range(len(r.tokens)):
+        ids = r.tokens[b, m[b]].tolist()
+        for t in range(len(ids)):
+            before = tok.decode(ids[:t + 1])
+            assert bool(r.extras["span"][b, t]) == (common.ANSWER_MARKER not in before), (b, t, before)
+    assert r.extras["span"].any() and (~r.extras["span"] & m).any()
+
+
+def test_hook_is_armed_for_one_matching_forward_only(fresh_cot):
+    model, tok = fresh_cot
+    gate = hrpo.Gate(128)
+    with torch.no_grad():
+        gate.Lambda.fill_(-2.0)
+    hyb = hrpo.HybridInput(model, gate)
+    ids = torch.tensor([[5, 6, 7]])
+    plain = model(input_ids=ids).logits
+    hyb.arm(torch.tensor([[9]]), torch.randn(1, 1, 128), torch.ones(1, 1, dtype=torch.bool))
+    assert torch.equal(model(input_ids=ids).logits, plain)   # other ids: not applied
+    hyb.arm(ids, torch.randn(1, 3, 128), torch.ones(1, 3, dtype=torch.bool))
+    assert not torch.allclose(model(input_ids=ids).logits, plain)
+    assert torch.equal(model(input_ids=ids).logits, plain)   # disarmed after one forward
+
+
+def test_gate_gets_gradient_and_lora_base_does_not(fresh_cot):
+    from peft import LoraConfig, get_peft_model
+    model, tok = fresh_cot
+    torch.manual_seed(0)
+    gate = hrpo.Gate(128)
+    torch.manual_seed(2)
+    r, hyb = hybrid_rollout(model, tok, gate, temperature=1.0)
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    logp = hrpo.completion_logprobs(policy, r, slice(None), hyb)
+    loss, _ = hrpo.reinforce_loss(logp, None, torch.tensor([1.0, -1.0] * 3), r.mask.float(), 0.0, 6)
+    loss.backward()
+    for name, p in gate.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for name, p in policy.named_parameters():
+        assert (p.grad is not None) == ("lora_" in name), name
+    assert any(p.grad.abs().sum() > 0 for n, p in policy.named_parameters() if "lora_B" in n)
+
+
+def changed(before, after):
+    return {n for n, w in before.items() if not torch.allclose(after[n], w)}
+
+
+def initial_gate():
+    torch.manual_seed(0)
+    return {k: v.detach() for k, v in hrpo.Gate(128).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hrpo") / "lora"
+    run_script("hrpo.py", *FAST, "--learning_rate", "1e-2", "--gate_learning_rate", "1e-2", "--log_completions",
+               "--output_dir", out)
+    return out
+
+
+def test_lora_run_moves_adapters_and_gate_only(lora_run):
+    out = lora_run
+    rows = common.read_metrics(out / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r]
+    assert len(train) == 2 and all(r["kl"] >= 0 and 0 < r["hidden_ratio"] < 0.01 and r["completion_length"] > 0 for r in train)
+    assert [r["step"] for r in rows if "eval_acc" in r] == [0, 2] and all("eval_hidden_ratio" in r for r in rows if "eval_acc" in r)
+    cfg = json.loads((out / "latent_config.json").read_text())
+    assert cfg["mode"] == "hybrid" and cfg["method"] == "hrpo" and cfg["tau"] == 0.5 and cfg["gate"]["c"] == 8.0
+    assert (out / "curves.png").is_file() and (out / "completions.jsonl").read_text().count("\n") == 2 * 4
+    AutoModelForCausalLM.from_pretrained(out)                          # merged weights, plain transformers
+    before, after = load_file(f"{common.TOY_COT}/model.safetensors"), load_file(out / "model.safetensors")
+    assert set(after) == set(before)                                   # no adapter or gate keys in the model
+    linear = {n for n in before if n.endswith("proj.weight")}
+    assert changed(before, after) == linear                           # LoRA on all linear layers, nothing else
+    assert changed(initial_gate(), load_file(out / "gate.safetensors")) == {"W_r.weight", "W_r.bias", "W_i.weight", "W_i.bias", "Lambda"}
+
+
+def test_eval_runs_the_hybrid_checkpoint(lora_run, tmp_path):
+    p = run_script("eval.py", "--model", lora_run, "--max_samples", "6", "--num_samples", "2", "--max_completion_length", "40",
+                   "--output_file", tmp_path / "r.json")
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["mode"] == "hybrid" and res["n"] == 6 and 0 <= res["pass@1"] <= 1 and "pass@2" in res
+    assert "| hybrid |" in p.stdout
+
+
+def test_no_gate_ablation_leaves_the_gate_alone(tmp_path):
+    out = tmp_path / "nogate"
+    run_script("hrpo.py", *FAST, "--max_steps", "1", "--no_gate", "--interp_weight", "0.3", "--output_dir", out)
+    rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert rows[0]["hidden_ratio"] == pytest.approx(0.3)
+    assert not changed(initial_gate(), load_file(out / "gate.safetensors"))
+    assert json.loads((out / "latent_config.json").read_text())["gate"]["interp_weight"] == 0.3
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--num_generations", "1"], "--num_generations must be at least 2"),
+    (["--lora_r", "-1"], "--lora_r must be >= 0"),
+    (["--r_min", "0.9995"], "need 0 < --r_min <= --r_max < 1"),
+    (["--temperature", "0"], "--temperature (tau) must be > 0"),
+    (["--distributed", "deepspeed"], "unknown --distributed"),
+    (["--model", common.TOY_COCONUT], "HRPO starts from a language (CoT) model"),
+])
+def test_bad_input(argv, words, tmp_path):
+    one_line_error(run_script("hrpo.py", *FAST, *argv, "--output_dir", tmp_path / "x", ok=False), words)
+
+
+@pytest.mark.parametrize("strategy,extra", [("ddp", []), ("fsdp", ["--lora_r", "0"])])
+def test_two_process_runs(strategy, extra, tmp_path):
+    """torchrun, 2 CPU processes: LoRA under DDP (the default), full fine-tuning under FSDP2. Ranks end
+    with the same weights; the full run moves every parameter; plain transformers loads the result."""
+    out = tmp_path / strategy
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521" if strategy == "ddp" else "29522",
+               ROOT / "tests" / "dist_worker.py", "hrpo", *FAST, "--learning_rate", "1e-2", "--gate_learning_rate", "1e-2",
+               "--distributed", strategy, *extra, "--output_dir", out, env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    fingerprints = json.loads((out / "fingerprints.json").read_text())
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+    rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 2 and all(r["kl"] >= 0 for r in rows)
+    AutoModelForCausalLM.from_pretrained(out)
+    before, after = load_file(f"{common.TOY_COT}/model.safetensors"), load_file(out / "model.safetensors")
+    moved = changed(before, after)
+    assert moved == (set(before) if strategy == "fsdp" else {n for n in before if n.endswith("proj.weight")})
+    assert changed(initial_gate(), load_file(out / "gate.safetensors"))
+    cfg = json.loads((out / "latent_config.json").read_text())
+    assert cfg["mode"] == "hybrid" and cfg["lora_r"] == (0 if strategy == "fsdp" else 32)
