@@ -42,7 +42,7 @@ Deviations and choices:
 3. If a batch is still short after `--max_num_gen_batches` rounds, it is filled with dropped
    groups whose advantages are 0 (they add nothing to the loss), so every rank has equal work.
 4. `--noise_eps` (the paper's small offset, 1e-6 here; the code uses 0).
-5. Defaults are sized for the toy task (learning rate 1e-4 on the 1M-parameter Latent-SFT toy
+5. Defaults are sized for the toy task (learning rate 3e-5 on the 1M-parameter Latent-SFT toy
    model, 16 prompts x 8 rollouts, 2 mini-batches per step); the real commands use the paper's.
 6. Started from a model that never saw Latent-SFT, the file still runs: <think>/</think> are
    added if missing, the latent span is capped at `--max_latent_steps` (then </think> is forced)
@@ -102,7 +102,7 @@ class Args:
     top_p: float = 0.95
     max_completion_length: int = 64
     max_latent_steps: int = field(default=-1, metadata={"help": "cap on latent tokens (then </think> is forced); -1 = the checkpoint's, or 48"})
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-5
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     max_steps: int = 60

@@ -19,7 +19,7 @@ Rollouts and training use the same T, k, p and tau_g.
 Deviations and choices:
 1. The </think> token that ends a think span is scored as an ordinary token (log-prob at T).
 2. Old log-probs are recomputed by a forward pass before the update (as verl does).
-3. Defaults are sized for the toy task (learning rate 1e-4, 16 prompts x 8 rollouts, 2 mini-batches
+3. Defaults are sized for the toy task (learning rate 3e-5, 16 prompts x 8 rollouts, 2 mini-batches
    per step) and start from the toy Latent-SFT checkpoint, like Latent-GRPO, so the two compare;
    the SofT-GRPO authors start from models that soft-think without latent SFT.
 4. `--max_latent_steps` caps the think span (then </think> is forced, not scored).
@@ -61,7 +61,7 @@ class Args:
     tau_g: float = 0.1
     max_completion_length: int = 64
     max_latent_steps: int = field(default=-1, metadata={"help": "cap on latent tokens; -1 = the checkpoint's, or 48"})
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_steps: int = 60
