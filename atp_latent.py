@@ -636,7 +636,7 @@ def run_rl(args, d, model, tokenizer, heads, decoder, cfg, train, test, logger, 
         if args.log_completions and d.main:
             with completions_file.open("a") as f:
                 for i in range(0, N, G):
-                    f.write(json.dumps({"step": step, "question": answers and batch[i // G]["question"], "completion": texts[i],
+                    f.write(json.dumps({"step": step, "question": batch[i // G]["question"], "completion": texts[i],
                                         "decoded_latents": decoded[i], "reward": rewards[i].item()}) + "\n")
             tqdm.write(f"  e.g. latents {decoded[0]} -> {texts[0]!r} reward {rewards[0].item():.2f}")
         if (step - step0) % args.eval_every == 0 and step != step0 + args.max_steps:
