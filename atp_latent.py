@@ -42,9 +42,10 @@ Deviations and choices (numbered, so the README can refer to them):
    forced and not scored).
 4. Step counts instead of epochs (`--steps_per_stage`); the optimizer is reset at each stage as in
    Coconut. Greedy evaluation (pass@1, #L) after each stage and at the start and end of RL.
-5. Defaults are sized for the toy task: SFT lr 1e-3 (as coconut_sft.py), 4 stages x 100 steps;
-   RL lr 5e-5 for 30 steps of 16 prompts x 8 rollouts. The paper uses lr 1e-6 and group 8 in RL
-   on LLaMA-3.2-1B (the real-model commands below).
+5. Defaults are sized for the toy task: SFT lr 1e-3 (as coconut_sft.py), 4 stages x 100 steps of
+   64 examples; RL lr 5e-5 for 30 steps of 16 prompts x 8 rollouts (about 24 minutes for both at
+   one thread on a shared 2-core CPU). The paper uses lr 1e-6 and group 8 in RL on LLaMA-3.2-1B
+   (the real-model commands below).
 6. Old log-probs are recomputed with a no-grad forward before the update (as verl does).
 7. Under torchrun the LM is wrapped by FSDP2/DDP; the heads and the decoder are small or frozen,
    kept whole on every rank, and their gradients are averaged by an all-reduce.
