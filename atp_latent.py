@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache, HfArgumentParser
 
+import coconut_sft
 import common
 from eval import evaluate
 
@@ -343,7 +344,7 @@ def decode_latents(model, tokenizer, cfg, questions, decoder=None, max_tokens=24
         common.die("--show_latents needs the checkpoint's decoder/ folder (an ATP-Latent checkpoint)")
     step = ATPStep(model, cfg, tokenizer)
     prompts = common.reasoning_prompts(tokenizer, questions, cfg)
-    r = common.rollout(model, prompts, step, 64, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    r = common.rollout(model, prompts, step, cfg["max_latents"] + 64, tokenizer.eos_token_id, tokenizer.pad_token_id)
     steps = decode_latent_pairs(decoder, tokenizer, rollout_latents(r), cfg["c_thought"], max_tokens)
     return [(common.decode_completion(tokenizer, r, i), steps[i]) for i in range(len(questions))]
 
@@ -361,10 +362,9 @@ def load_decoder(folder, device, dtype):
 def build_example(tokenizer, ex, stage, args, special):
     """Coconut's step-wise example (prompt + <start>, n latents, tail, labels) plus the token ids
     of the steps the latents replace (the decoder's targets)."""
-    from coconut_sft import build_example as coconut_example
     ns = SimpleNamespace(removal="step", c_thought=args.c_thought, max_latent_stage=args.max_latent_stage,
                          chat_template=args.chat_template)
-    prompt, n_latent, tail, labels = coconut_example(tokenizer, ex, stage, ns, special, 1)
+    prompt, n_latent, tail, labels = coconut_sft.build_example(tokenizer, ex, stage, ns, special, 1)
     targets = [tokenizer.encode(s, add_special_tokens=False) + [tokenizer.eos_token_id]
                for s in ex["steps"][:n_latent // args.c_thought]]
     return (prompt, n_latent, tail, labels), targets
@@ -460,7 +460,7 @@ def run_sft(args, d, model, tokenizer, heads, decoder, train, test, logger, spec
             for m0 in range(0, len(exs), micro):
                 part = exs[m0:m0 + micro]
                 w = len(part) / per_rank
-                ids, mask, labels, n_latent, c0 = common_collate([e[0] for e in part], tokenizer.pad_token_id, d.device)
+                ids, mask, labels, n_latent, c0 = coconut_sft.collate([e[0] for e in part], tokenizer.pad_token_id, d.device)
                 logits, mu, logvar, zs, after = atp_forward(model, heads, ids, mask, n_latent, c0)
                 ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
                 is_lat = torch.arange(mu.shape[1], device=d.device)[None] < n_latent[:, None]
@@ -498,11 +498,6 @@ def run_sft(args, d, model, tokenizer, heads, decoder, train, test, logger, spec
         if d.main:
             print(f"stage {stage}: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}  ({len(test)} test questions)")
     return cfg, step
-
-
-def common_collate(examples, pad_id, device):
-    from coconut_sft import collate
-    return collate(examples, pad_id, device)
 
 
 def atp_config(args, stage, phase):
