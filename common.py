@@ -179,6 +179,11 @@ def load_model(name_or_path, device=None, dtype=None):
                 f"or has no such model): {first[:200]}")
         if (local / LATENT_CONFIG).is_file():
             latent_config = json.loads((local / LATENT_CONFIG).read_text())
+        # --- ATP-Latent (atp_latent.py): its VAE and stop heads live beside the weights -------------
+        if latent_config and latent_config.get("mode") == "atp":
+            import atp_latent
+            atp_latent.attach_heads(model, atp_latent.load_heads(local, model.config.hidden_size, device, dtype))
+        # --- end ATP-Latent ------------------------------------------------------------------------
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -908,11 +913,14 @@ def plot_metrics(run_dir, keys, out=None, title=None):
 # ----------------------------------------------------------------------------------------------
 # checkpoints: save_pretrained folders + latent_config.json + extra modules, written atomically
 
-def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=None, d: Dist = Dist()):
+def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=None, d: Dist = Dist(),
+                    subfolders=None):
     """Write to `<output_dir>.tmp`, then rename, so a crash never leaves half a checkpoint.
-    Every rank must call this (FSDP gathers the weights); only rank 0 writes."""
+    Every rank must call this (FSDP gathers the weights); only rank 0 writes. `subfolders`
+    ({name: model}) are written as save_pretrained folders inside the same temporary folder."""
     from safetensors.torch import save_file
     state = full_state_dict(model)
+    sub_states = {name: full_state_dict(m) for name, m in (subfolders or {}).items()}
     extra = {name: {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
              for name, m in (extra_modules or {}).items()}
     if d.main:
@@ -923,6 +931,8 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
         tokenizer.save_pretrained(tmp)
         for name, sd in extra.items():
             save_file(sd, tmp / f"{name}.safetensors")
+        for name, sd in sub_states.items():
+            unwrap(subfolders[name]).save_pretrained(tmp / name, state_dict=sd, safe_serialization=True)
         (tmp / LATENT_CONFIG).write_text(json.dumps(latent_config, indent=2))
         old = out.with_name(out.name + ".old")
         if out.exists():  # keep the run's logs (metrics.jsonl, plots, args.json) beside the weights
@@ -975,6 +985,9 @@ def reasoning_prompts(tokenizer, questions, cfg):
     if cfg["mode"] == "mixture":
         start = require_tokens(tokenizer, [START_THINK, END_THINK], "a latent (mixture) model")[0]
         prompts = [p + [start] for p in prompts]
+    if cfg["mode"] == "atp":  # --- ATP-Latent (atp_latent.py): Coconut's markers ---
+        start = require_tokens(tokenizer, [START_LATENT], "an ATP-Latent model")[0]
+        prompts = [p + [start] for p in prompts]
     return prompts
 
 
@@ -989,6 +1002,9 @@ def reasoning_step(cfg, tokenizer, temperature=0.0, top_k=0, top_p=1.0, model=No
     if cfg["mode"] == "hybrid":  # HRPO: the gate and h~ live in hrpo.py; the step needs the model's embeddings
         import hrpo
         return hrpo.hybrid_step(model, tokenizer, cfg, temperature, top_k, top_p)
+    if cfg["mode"] == "atp":  # --- ATP-Latent (atp_latent.py): mean latent and stop head at temperature 0 ---
+        import atp_latent
+        return atp_latent.ATPStep(model, cfg, tokenizer, temperature, top_k, top_p)
     if cfg["mode"] == "cot":
         return sampling_step(temperature, top_k, top_p)
     if cfg["mode"] == "coconut":

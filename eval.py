@@ -39,6 +39,7 @@ class Args:
     chat_template: bool = field(default=False, metadata={"help": "format questions with the chat template (plain models only)"})
     output_file: str = field(default="", metadata={"help": "JSON results; default <model>/eval_<dataset>_<split>.json"})
     show: int = field(default=3, metadata={"help": "completions to print"})
+    show_latents: bool = field(default=False, metadata={"help": "print the decoded latent steps of the first --show questions (ATP-Latent)"})
     seed: int = 0
 
 
@@ -107,6 +108,15 @@ def main(args):
     model, tokenizer, cfg = common.load_model(args.model_name_or_path)
     cfg = cfg or {"mode": "cot", "prompt_format": "chat" if args.chat_template else "plain"}
     data = common.load_data(args.dataset, args.split, args.max_samples or None, seed=args.seed)
+    # --- ATP-Latent (atp_latent.py): its decoder's reading of each latent pair --------------------
+    if args.show_latents:
+        if cfg["mode"] != "atp":
+            common.die(f"--show_latents needs a checkpoint with a latent decoder (mode atp); this one is {cfg['mode']!r}")
+        import atp_latent
+        decoder = atp_latent.load_decoder(args.model_name_or_path, model.device, model.dtype)
+        for ex, (text, steps) in zip(data, atp_latent.decode_latents(model, tokenizer, cfg, [ex["question"] for ex in data[:args.show]], decoder)):
+            print(f"--- {ex['question']} (gold {ex['answer']})\n    latents read as: {' | '.join(steps)}\n    then: {text!r}")
+    # --- end ATP-Latent ----------------------------------------------------------------------------
     t0 = time.time()
     res = evaluate(model, tokenizer, data, cfg, args.num_samples, args.temperature, args.top_p, args.batch_size,
                    args.max_completion_length, noise_scale=args.noise_scale)
