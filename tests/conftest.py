@@ -42,3 +42,18 @@ def toy():
     special = common.add_special_tokens(model, tok, [common.START_LATENT, common.END_LATENT, common.LATENT])
     model.eval()
     return model, tok, special
+
+
+def main_error(module_name, *argv):
+    """Run a script's main() in this process (no interpreter start-up: bad-input checks stay
+    cheap) and return the message it exits with; it must be one `error: ...` line. A few tests
+    per script still go through a real subprocess (`one_line_error` in test_scripts.py)."""
+    import importlib
+    from transformers import HfArgumentParser
+    module = importlib.import_module(module_name)
+    args = HfArgumentParser(module.Args).parse_args_into_dataclasses(args=[str(a) for a in argv])[0]
+    with pytest.raises(SystemExit) as e:
+        module.main(args)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg

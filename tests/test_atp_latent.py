@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import atp_latent
 import common
-from conftest import run_script
+from conftest import main_error, run_script
 from test_scripts import one_line_error
 
 FAST = ["--steps_per_stage", "2", "--sft_batch_size", "8", "--micro_batch_size", "8", "--max_train_samples", "64",
@@ -205,7 +205,12 @@ def test_sft_high_lr_step_trains_lm_heads_and_decoder(tmp_path):
     (["--c_thought", "0"], "--c_thought must be at least 1"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path):
-    one_line_error(run_script("atp_latent.py", *argv, "--output_dir", tmp_path / "x", ok=False, timeout=120), words)
+    assert words in main_error("atp_latent", *argv, "--output_dir", tmp_path / "x")
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    one_line_error(run_script("atp_latent.py", "--c_thought", "0", "--output_dir", tmp_path / "x", ok=False, timeout=120),
+                   "--c_thought must be at least 1")
 
 
 def test_show_latents_needs_an_atp_checkpoint(tmp_path):

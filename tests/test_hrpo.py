@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import common
 import hrpo
-from conftest import ROOT, run_script
+from conftest import ROOT, main_error, run_script
 from test_scripts import one_line_error
 
 FAST = ["--max_steps", "2", "--train_batch_size", "4", "--num_generations", "4", "--max_eval_samples", "8",
@@ -252,7 +252,12 @@ def test_no_gate_ablation_leaves_the_gate_alone(tmp_path):
     (["--model", common.TOY_COCONUT], "HRPO starts from a language (CoT) model"),
 ])
 def test_bad_input(argv, words, tmp_path):
-    one_line_error(run_script("hrpo.py", *FAST, *argv, "--output_dir", tmp_path / "x", ok=False), words)
+    assert words in main_error("hrpo", *FAST, *argv, "--output_dir", tmp_path / "x")
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    one_line_error(run_script("hrpo.py", *FAST, "--num_generations", "1", "--output_dir", tmp_path / "x", ok=False),
+                   "--num_generations must be at least 2")
 
 
 @pytest.mark.parametrize("strategy,extra", [("ddp", []), ("fsdp", ["--lora_r", "0"])])

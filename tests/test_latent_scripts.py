@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
-from conftest import ROOT, run_script
+from conftest import ROOT, main_error, run_script
 from test_scripts import one_line_error
 
 RL_FAST = ["--max_steps", "2", "--train_batch_size", "4", "--mini_batch_size", "2", "--num_generations", "4",
@@ -116,14 +116,18 @@ def test_latent_grpo_from_a_model_without_latent_sft(tmp_path):
     ("latent_sft.py", ["--compression", "0"], "--compression and --top_k must be at least 1"),
 ])
 def test_bad_input_is_one_line(script, argv, words, tmp_path):
-    one_line_error(run_script(script, *argv, "--output_dir", tmp_path / "x", ok=False), words)
+    assert words in main_error(script[:-3], *argv, "--output_dir", tmp_path / "x")
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    one_line_error(run_script("latent_grpo.py", "--ste", "sometimes", "--output_dir", tmp_path / "x", ok=False),
+                   "--ste must be paper, code or none")
 
 
 def test_latent_sft_needs_reasoning_steps(tmp_path):
     data = tmp_path / "nosteps.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(10)))
-    one_line_error(run_script("latent_sft.py", "--dataset", data, "--output_dir", tmp_path / "x", ok=False),
-                   "has no reasoning steps")
+    assert "has no reasoning steps" in main_error("latent_sft", "--dataset", data, "--output_dir", tmp_path / "x")
 
 
 def test_two_process_latent_grpo(tmp_path):
