@@ -375,7 +375,7 @@ def atp_forward(model, heads, ids, mask, n_latent, c0):
     the hidden state. Returns logits (B, L, V), mu, logvar, z (B, n_max, d) and the hidden state
     after each latent slot (B, n_max, d) for the stop head."""
     pos = common.positions(mask)
-    n_max = int(n_latent.max())
+    n_max = common.global_max(n_latent.max())  # the same number of passes on every rank
     cache = DynamicCache(config=common.unwrap(model).config)
     logits, hidden = common.lm_forward(model, ids[:, :c0], mask[:, :c0], pos[:, :c0], cache)
     chunks, mus, logvars, zs, after = [logits], [], [], [], []

@@ -134,7 +134,7 @@ def coconut_forward(model, ids, mask, n_latent, c0, pause_as_thought=False):
     gradients through the chain. Returns logits (B, L, V) and the continuous thoughts fed, as a
     list of (vectors (B, d), rows that take them (B,))."""
     pos = common.positions(mask)
-    n_max = int(n_latent.max())
+    n_max = common.global_max(n_latent.max())  # the same number of passes on every rank
     if n_max == 0 or pause_as_thought:  # pause as thought: the <|latent|> embedding itself is the input
         return common.lm_forward(model, ids, mask, pos)[0], []
     cache = DynamicCache(config=common.unwrap(model).config)

@@ -820,6 +820,18 @@ def clip_grad_norm(model, max_norm):
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+def global_max(n):
+    """max of the integer n over all processes (n itself without torchrun): loops whose length
+    depends on the batch, like Coconut's one pass per latent, must run as often on every rank,
+    or FSDP's collectives pair up wrongly."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return int(n)
+    t = torch.tensor([int(n)], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_sum(x, d: Dist):
     """Sum of a number over ranks."""
     if d.world == 1:

@@ -217,3 +217,16 @@ def test_show_latents_needs_an_atp_checkpoint(tmp_path):
     p = run_script("eval.py", "--model", common.TOY_COCONUT, "--max_samples", "2", "--show_latents",
                    "--output_file", tmp_path / "e.json", ok=False)
     one_line_error(p, "--show_latents needs a checkpoint with a latent decoder")
+
+
+def test_two_process_atp_latent(tmp_path):
+    """torchrun, 2 CPU processes, both phases (SFT then RL) under FSDP2: the ranks end with identical weights."""
+    from conftest import ROOT
+    out = tmp_path / "atp"
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29525",
+               ROOT / "tests" / "dist_worker.py", "atp_latent", *FAST, "--output_dir", out,
+               env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    fingerprints = json.loads((out / "fingerprints.json").read_text())
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+    rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "reward" in r]
+    assert rows and all(r["reward"] == r["reward"] for r in rows)
