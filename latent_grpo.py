@@ -48,6 +48,10 @@ Deviations and choices:
    added if missing, the latent span is capped at `--max_latent_steps` (then </think> is forced)
    and a warning says that the paper initialises from Latent-SFT.
 
+On the toy task the full method (all three designs) drifted into non-terminating latent chains
+late in both runs we made, while `--first_token_selection false` and `--one_sided_noise false`
+stayed stable; see README.md ("Toy results (seed 001)") before drawing conclusions from one seed.
+
 Commands:
     python latent_grpo.py                                         # toy: from checkpoints/toy-latent-sft
     python latent_grpo.py --one_sided_noise false --ste none --output_dir runs/lgrpo_no_onesided   # ablation
