@@ -145,6 +145,9 @@ def test_soft_grpo_top_p_keeps_the_smallest_prefix():
 def think_model():
     model, tok, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
     think = common.add_special_tokens(model, tok, [common.START_THINK, common.END_THINK])
+    with torch.no_grad():  # rows of their own: copies of "<<" tie its logit exactly, and greedy picks by rounding
+        emb = model.get_input_embeddings().weight
+        emb[think] = torch.randn(2, emb.shape[1], generator=torch.Generator().manual_seed(0)) * emb.std()
     return model.eval(), tok, think
 
 
