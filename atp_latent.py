@@ -195,13 +195,9 @@ def attach_heads(model, heads):
 
 
 def load_heads(folder, d, device=None, dtype=torch.float32):
-    from safetensors.torch import load_file
     heads = ATPHeads(d)
     for name, module in (("vae_head", heads.vae), ("stop_head", heads.stop)):
-        path = Path(folder) / f"{name}.safetensors"
-        if not path.is_file():
-            common.die(f"{folder} says mode atp but has no {path.name} (not a complete ATP-Latent checkpoint)")
-        module.load_state_dict(load_file(str(path)))
+        common.load_extra_module(folder, name, module)
     return heads.to(device=device, dtype=torch.float32 if dtype is None else dtype)
 
 
@@ -428,18 +424,6 @@ def stop_targets(n_latent, n_max, c):
     return checked, (m == n_latent[:, None]).long()
 
 
-def all_reduce_grads(modules, d):
-    """Average the gradients of modules kept whole on every rank (the heads, the decoder)."""
-    if d.world == 1:
-        return
-    import torch.distributed as dist
-    for m in modules:
-        for p in m.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= d.world
-
-
 def run_sft(args, d, model, tokenizer, heads, decoder, train, test, logger, special):
     end = args.max_latent_stage + 1 if args.end_stage < 0 else args.end_stage
     stages = list(range(args.start_stage, end + 1))
@@ -479,7 +463,7 @@ def run_sft(args, d, model, tokenizer, heads, decoder, train, test, logger, spec
                 if checked.any():
                     stats["stop_acc"] += w * (stop_logits.argmax(-1) == target[checked]).float().mean().item()
                 stats["sigma"] += w * ((0.5 * logvar).exp().mean(-1) * is_lat).sum().item() / is_lat.sum().clamp(min=1).item()
-            all_reduce_grads([heads, decoder], d)
+            common.average_gradients([heads, decoder], d)
             grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
             torch.nn.utils.clip_grad_norm_(list(heads.parameters()) + list(decoder.parameters()), args.max_grad_norm)
             optimizer.step()
@@ -614,7 +598,7 @@ def run_rl(args, d, model, tokenizer, heads, decoder, cfg, train, test, logger, 
                         stats["clip_frac"] += ((((ratio - 1).abs() > args.epsilon).float() * scored[rows]).sum() / n_pos).item()
                         stats["sigma"] += sigma
                         stats["m"] += 1
-                    all_reduce_grads([heads], d)
+                    common.average_gradients([heads], d)
                     stats["grad_norm"] += common.clip_grad_norm(model, args.max_grad_norm)
                     torch.nn.utils.clip_grad_norm_(heads.parameters(), args.max_grad_norm)
                     optimizer.step()

@@ -815,9 +815,26 @@ def all_mean(x, d: Dist):
 
 
 def clip_grad_norm(model, max_norm):
-    """Clip the gradients' global norm (across FSDP shards too) and return it as a float."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    """Clip the gradients' global norm (across FSDP shards too) of a model or a list of
+    parameters, and return it as a float."""
+    params = [p for p in (model.parameters() if hasattr(model, "parameters") else model) if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def average_gradients(modules, d: Dist):
+    """Average the gradients of modules kept whole on every rank, outside the DDP/FSDP wrapper
+    (small heads, gates, a frozen-at-RL decoder)."""
+    if d.world == 1:
+        return
+    import torch.distributed as dist
+    for m in modules:
+        for p in m.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= d.world
 
 
 def global_max(n):

@@ -285,16 +285,6 @@ def completion_logprobs(model, r, rows, hyb=None):
     return common.gather_logprobs(logits[:, P - 1:-1].float(), r.tokens[rows])
 
 
-def average_gradients(module, d):
-    """The gate is replicated on every rank, outside the DDP/FSDP wrapper: average its gradient by hand."""
-    if d.world > 1:
-        import torch.distributed as dist
-        for p in module.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= d.world
-
-
 def main(args):
     if args.num_generations < 2:
         common.die(f"--num_generations must be at least 2: the advantage compares rollouts within a group (got {args.num_generations})")
@@ -398,7 +388,7 @@ def main(args):
                 loss.backward()
                 loss_sum += loss.item()
                 kl_sum += kl.item()
-            average_gradients(gate, d)
+            common.average_gradients([gate], d)
             grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
             gate_grad_norm = float(torch.nn.utils.clip_grad_norm_(gate.parameters(), args.max_grad_norm))
             optimizer.step()

@@ -344,7 +344,7 @@ def main(args):
                 stats["ce"] += ce.item()
                 stats["kl"] += kl.item()
                 stats["top1_weight"] += w[:, 0].sum().item() / n_slots
-            grad_norm = clip_grad(params, args.max_grad_norm)
+            grad_norm = common.clip_grad_norm(params, args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -366,14 +366,6 @@ def main(args):
         common.plot_metrics(args.output_dir, ["ce", "kl", "top1_weight", "eval_acc", "eval_mean_L"])
         print(f"Latent-SFT: pass@1 {final['pass@1']:.3f}  #L {final['mean_L']:.1f}   saved {args.output_dir}")
     return out_model
-
-
-def clip_grad(params, max_norm):
-    """Gradient clipping over the trained parameters of both roles."""
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
 
 
 if __name__ == "__main__":
