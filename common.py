@@ -43,6 +43,15 @@ def die(msg):
     raise SystemExit(f"error: {msg}")
 
 
+def parse_args(cls, argv=None):
+    """HfArgumentParser on a file's Args dataclass; an unknown flag is one line, not a traceback."""
+    from transformers import HfArgumentParser
+    args, rest = HfArgumentParser(cls).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        die(f"unknown argument {' '.join(rest)} (see --help)")
+    return args
+
+
 # ----------------------------------------------------------------------------------------------
 # the toy task: GSM8K-Aug-format arithmetic, generated from a seed
 
@@ -151,11 +160,13 @@ def _load_gguf(path, dtype):
 
 def load_model(name_or_path, device=None, dtype=None):
     """(model, tokenizer, latent_config or None) from "toy", a local folder, a .gguf file or a hub id.
-    The tokenizer pads on the left (rollouts) and has a pad token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    Training scripts load fp32 (master weights; bf16 is a compute dtype, see `wrap_model`). The
+    dtype the weights were published in is kept as `model.published_dtype` (checkpoints are saved in
+    it). The tokenizer pads on the left (rollouts) and has a pad token."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     device = device or default_device()
     dtype = dtype or default_dtype(device)
-    latent_config = None
+    latent_config, published = None, torch.float32
     if name_or_path == "toy":
         tokenizer = toy_tokenizer()
         torch.manual_seed(0)
@@ -172,6 +183,7 @@ def load_model(name_or_path, device=None, dtype=None):
             die(f"model {name_or_path!r} is neither a local folder nor a hub id (org/name)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            published = getattr(AutoConfig.from_pretrained(name_or_path), "dtype", None) or torch.float32
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -189,26 +201,82 @@ def load_model(name_or_path, device=None, dtype=None):
     tokenizer.padding_side = "left"
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    model.published_dtype = published if isinstance(published, torch.dtype) else getattr(torch, str(published))
     return model.to(device), tokenizer, latent_config
 
 
+def stop_ids(model, tokenizer):
+    """Every id that ends a completion: the tokenizer's eos and the generation config's eos ids (an
+    instruct model ends its turn with <|im_end|> or <|eot_id|>, which may differ from the former)."""
+    ids = unwrap(model).generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted({tokenizer.eos_token_id, *ids})
+
+
+def use_bf16(flag, device):
+    """--bf16: None (the default) means on for a bf16-capable GPU and off elsewhere."""
+    if flag is None:
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(flag)
+
+
+def check_start(cfg, accepts, script):
+    """One line naming the script that fits when a checkpoint of another method is given to
+    `script` (None = a plain model, without latent_config.json)."""
+    mode = (cfg or {}).get("mode")
+    if mode not in accepts:
+        fits = {"coconut": "grpo_latent.py or latent_value_rl.py", "mixture": "latent_grpo.py or soft_grpo.py",
+                "hybrid": "hrpo.py", "atp": "atp_latent.py", "cot": "any RL script"}.get(mode, "eval.py")
+        die(f"{script} does not train {mode!r} checkpoints (made by {(cfg or {}).get('method', '?')}); "
+            f"use {fits}")
+
+
 def add_special_tokens(model, tokenizer, tokens, init_from="<<"):
-    """Add tokens the tokenizer lacks; their input (and untied output) rows start as copies of the
-    first token of `init_from`, as Coconut's code does. Returns the ids of `tokens`."""
+    """Add tokens the tokenizer lacks. Their input (and untied output) rows start as copies of the
+    first token of `init_from`, as Coconut's code does, or with `init_from=None` as the table's
+    mean plus small noise (0.1 x the table's std; seeded), so that they tie no existing token: a
+    copied </think> would tie its source's logit for as long as the table is frozen. Returns the
+    ids of `tokens`."""
     new = [t for t in tokens if t not in tokenizer.get_vocab()]
     if new:
-        src = tokenizer.encode(init_from, add_special_tokens=False)[0]
         tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
         old = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > old:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        ids = tokenizer.convert_tokens_to_ids(new)
+        tables = [model.get_input_embeddings().weight]
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != tables[0].data_ptr():
+            tables.append(out.weight)
+        gen = torch.Generator().manual_seed(len(tokenizer))
         with torch.no_grad():
-            ids = tokenizer.convert_tokens_to_ids(new)
-            model.get_input_embeddings().weight[ids] = model.get_input_embeddings().weight[src].clone()
-            out = model.get_output_embeddings()
-            if out is not None and out.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-                out.weight[ids] = out.weight[src].clone()
+            for w in tables:
+                if init_from is not None:
+                    w[ids] = w[tokenizer.encode(init_from, add_special_tokens=False)[0]].clone()
+                else:
+                    base = w[:min(old, tokenizer.convert_tokens_to_ids(new[0]))].float()
+                    noise = torch.randn((len(ids), w.shape[1]), generator=gen) * 0.1 * base.std()
+                    w[ids] = (base.mean(0) + noise.to(w.device)).to(w.dtype)
     return tokenizer.convert_tokens_to_ids(list(tokens))
+
+
+def mask_row_grads(model, rows):
+    """Keep the gradient of the input embedding and LM head only at `rows` (tokens a script added),
+    for methods that freeze the rest of both tables. Call it after backward, before the optimizer
+    step, with the tables in a parameter group without weight decay (Adam then leaves the other
+    rows exactly unchanged). Works on FSDP2's sharded (DTensor) gradients too."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    m, seen = unwrap(model), set()
+    for module in (m.get_input_embeddings(), m.get_output_embeddings()):
+        w = getattr(module, "weight", None)
+        if w is None or w.grad is None or id(w) in seen:
+            continue
+        seen.add(id(w))
+        keep = torch.zeros((w.shape[0], 1), dtype=w.dtype, device=w.device)
+        keep[list(rows)] = 1
+        if isinstance(w.grad, DTensor):
+            keep = distribute_tensor(keep, w.grad.device_mesh, w.grad.placements)
+        w.grad.mul_(keep)
 
 
 def require_tokens(tokenizer, tokens, what):
@@ -303,6 +371,37 @@ def load_data(name, split, limit=None, seed=0):
     return out
 
 
+def load_train_eval(args, cfg=None):
+    """The training and evaluation rows of a training script (`args.dataset`, `args.eval_dataset`,
+    `args.max_train_samples`, `args.max_eval_samples`, `args.seed`, `args.model_name_or_path`).
+    The toy task is the default only for the toy model and checkpoints trained on it; a single
+    local file without --eval_dataset gives up a tenth of its rows (by a hash of the question) for
+    evaluation, never its own training rows. Records the dataset in `cfg` (latent_config.json)."""
+    name, start = args.dataset, (cfg or {}).get("dataset", "")
+    if not name:
+        if args.model_name_or_path != "toy" and not start.startswith("toy"):
+            die(f"--dataset is required with {args.model_name_or_path!r} (the toy task is the default only for "
+                "the toy model): e.g. --dataset openai/gsm8k or a local .jsonl")
+        name = start or "toy"
+    train = load_data(name, "train", seed=args.seed)
+    if args.eval_dataset:
+        test = load_data(args.eval_dataset, "test", seed=args.seed)
+    elif Path(name).is_file():
+        import zlib
+        held = [zlib.crc32(ex["question"].encode()) % 10 == 0 for ex in train]
+        train, test = [ex for ex, h in zip(train, held) if not h], [ex for ex, h in zip(train, held) if h]
+        if not train or not test:
+            die(f"{name!r} is too small to hold out evaluation rows: pass --eval_dataset")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: {name} is one file: {len(test)} of its rows (a tenth, by question hash) are held out for "
+                  "evaluation and not trained on; pass --eval_dataset to choose", flush=True)
+    else:
+        test = load_data(name, "test", seed=args.seed)
+    if cfg is not None:
+        cfg["dataset"] = name
+    return train[:args.max_train_samples or None], test[:args.max_eval_samples or None]
+
+
 # ----------------------------------------------------------------------------------------------
 # answer checking: GSM8K-style numbers and \boxed{} answers; never raises, never hangs
 
@@ -381,6 +480,7 @@ class _LatentIO:
         self.vectors = None  # (B, T, d) or None; used where self.mask is True
         self.mask = None
         self.hidden = None
+        self.bf16 = False    # compute under bf16 autocast (set by wrap_model)
         model.get_input_embeddings().register_forward_hook(self._embed_hook)
         model.get_decoder().register_forward_hook(self._decoder_hook)
 
@@ -409,9 +509,10 @@ def lm_forward(model, input_ids, attention_mask=None, position_ids=None, past_ke
         latent_mask = None
     io.mask, io.vectors = latent_mask, latent_vectors
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=past_key_values, use_cache=past_key_values is not None,
-                    logits_to_keep=logits_to_keep)
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=io.bf16):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past_key_values, use_cache=past_key_values is not None,
+                        logits_to_keep=logits_to_keep)
     finally:
         io.mask = io.vectors = None
     hidden, io.hidden = io.hidden, None
@@ -556,7 +657,8 @@ def rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generat
     `step_fn(t, logits, hidden, done)` receives the last position's logits (N, V) and final hidden
     state (N, d) and returns (token ids (N,), vectors (N, d) or None, kinds (N,)): rows whose kind is
     LATENT_STEP are fed their vector, the others their token's embedding. A row stops after it
-    feeds EOS as a TOKEN or FORCED id. The step function keeps any per-step state it needs itself.
+    feeds an id of `eos_id` (an int or a list: see `stop_ids`) as a TOKEN or FORCED id. The step
+    function keeps any per-step state it needs itself.
     Runs under inference_mode; the returned tensors are ordinary ones a loss can use.
     """
     with _full_weights(model), torch.inference_mode():  # gather outside inference mode
@@ -593,6 +695,7 @@ def _rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_genera
         ids, pmask = ids.repeat_interleave(G, 0), pmask.repeat_interleave(G, 0)
         logits, hidden = logits.repeat_interleave(G, 0), hidden.repeat_interleave(G, 0)
     N, P = ids.shape
+    eos = torch.as_tensor(eos_id, device=device).view(-1)
     attn = torch.cat([pmask, pmask.new_ones(N, max_new_tokens)], 1)   # preallocated, sliced per step
     if unwrap(model).config._attn_implementation == "sdpa":  # one query per step: sdpa takes the key mask as is
         attn = attn.bool()[:, None, None, :]                       # (transformers won't rebuild it each step)
@@ -617,7 +720,7 @@ def _rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_genera
             if latents is None:
                 latents = torch.zeros((N, max_new_tokens, vec.shape[-1]), dtype=vec.dtype, device=device)
             latents[:, t] = torch.where(is_latent[:, None], vec, 0)
-        ended = ~done & (kind != LATENT_STEP) & (tok == eos_id)
+        ended = ~done & (kind != LATENT_STEP) & torch.isin(tok, eos)
         finished |= ended
         done = done | ended
         T = t + 1
@@ -723,14 +826,37 @@ def decode_completion(tokenizer, r: Rollout, i):
 # ----------------------------------------------------------------------------------------------
 # prompts and how a checkpoint reasons (latent_config.json)
 
-def format_prompt(tokenizer, question, chat=False):
-    """Plain "question\\n" (GSM8K-Aug / Coconut) or the tokenizer's chat template."""
+SYSTEM_PROMPTS = {  # the answer format each reward checks (--system_prompt auto, with --chat_template)
+    "number": "Solve the math problem step by step. End with the final answer, a number, on its own line "
+              "after '####', like: #### 42",
+    "latex": "Solve the math problem step by step. Put the final answer in \\boxed{}.",
+}
+
+
+def format_prompt(tokenizer, question, chat=False, system_prompt=""):
+    """Plain "question\n" (GSM8K-Aug / Coconut) or the tokenizer's chat template, with
+    `system_prompt` as the system turn when given."""
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             die("--chat_template was given but the tokenizer has no chat template")
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)
+        turns = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     return question + "\n"
+
+
+def prompt_settings(args, cfg, data):
+    """How a run prompts: {"prompt_format": "chat"|"plain", "system_prompt": str}. A checkpoint
+    keeps prompting as it was trained (its latent_config.json), --chat_template turns the chat
+    template on, and --system_prompt auto picks the answer format the reward checks (a number
+    after ####, or \\boxed{} when the gold answers are not all numbers)."""
+    chat = bool(args.chat_template) or (cfg or {}).get("prompt_format") == "chat"
+    system = args.system_prompt
+    if system == "auto":
+        numeric = all(re.fullmatch(r"-?[\d,]*\.?\d+", str(ex["answer"]).strip()) for ex in data[:200])
+        system = (cfg or {}).get("system_prompt", SYSTEM_PROMPTS["number" if numeric else "latex"]) if chat else ""
+    if system and not chat:
+        die("--system_prompt needs --chat_template (plain prompts have no system turn)")
+    return {"prompt_format": "chat" if chat else "plain", "system_prompt": system}
 
 
 def cot_target(example):
@@ -738,8 +864,8 @@ def cot_target(example):
     return "".join(s + "\n" for s in example["steps"]) + f"{ANSWER_MARKER} {example['answer']}"
 
 
-def encode_prompt(tokenizer, question, chat=False):
-    return tokenizer.encode(format_prompt(tokenizer, question, chat), add_special_tokens=False)
+def encode_prompt(tokenizer, question, chat=False, system_prompt=""):
+    return tokenizer.encode(format_prompt(tokenizer, question, chat, system_prompt), add_special_tokens=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -776,18 +902,23 @@ def seed_everything(seed, rank=0):
     torch.manual_seed(seed + rank)
 
 
-def wrap_model(model, d: Dist, strategy="fsdp"):
+def wrap_model(model, d: Dist, strategy="fsdp", bf16=False):
     """FSDP2 (`fully_shard` on each decoder layer, then the whole model) or DDP; nothing on one
-    process. The wrapped model is called exactly like the plain one."""
+    process. The wrapped model is called exactly like the plain one. With `bf16` the parameters
+    stay fp32 (the master weights the optimizer updates: a bf16 weight would not move at lr 1e-6)
+    and every forward computes in bf16: under autocast (`lm_forward`), and under FSDP2 also with
+    MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)."""
+    _io(model).bf16 = bool(bf16)
     if d.world == 1:
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in model.get_decoder().layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     return model
 
 
@@ -943,13 +1074,20 @@ def plot_metrics(run_dir, keys, out=None, title=None):
 # checkpoints: save_pretrained folders + latent_config.json + extra modules, written atomically
 
 def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=None, d: Dist = Dist(),
-                    subfolders=None):
+                    subfolders=None, save_dtype="auto"):
     """Write to `<output_dir>.tmp`, then rename, so a crash never leaves half a checkpoint.
     Every rank must call this (FSDP gathers the weights); only rank 0 writes. `subfolders`
-    ({name: model}) are written as save_pretrained folders inside the same temporary folder."""
+    ({name: model}) are written as save_pretrained folders inside the same temporary folder.
+    The weights are saved in `save_dtype`: "auto" is the dtype the start model was published in
+    (bf16 for Qwen and Llama, whatever the training's master weights were), else float32,
+    bfloat16 or float16."""
     from safetensors.torch import save_file
-    state = full_state_dict(model)
-    sub_states = {name: full_state_dict(m) for name, m in (subfolders or {}).items()}
+    if save_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        die(f"--save_dtype must be auto, float32, bfloat16 or float16 (got {save_dtype!r})")
+    dtype = getattr(unwrap(model), "published_dtype", torch.float32) if save_dtype == "auto" else getattr(torch, save_dtype)
+    cast = lambda sd: {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
+    state = cast(full_state_dict(model))
+    sub_states = {name: cast(full_state_dict(m)) for name, m in (subfolders or {}).items()}
     extra = {name: {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
              for name, m in (extra_modules or {}).items()}
     if d.main:
@@ -962,6 +1100,8 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
             save_file(sd, tmp / f"{name}.safetensors")
         for name, sd in sub_states.items():
             unwrap(subfolders[name]).save_pretrained(tmp / name, state_dict=sd, safe_serialization=True)
+        for config in [tmp / "config.json", *(tmp / name / "config.json" for name in sub_states)]:
+            config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": str(dtype).split(".")[1]}, indent=2))
         (tmp / LATENT_CONFIG).write_text(json.dumps(latent_config, indent=2))
         old = out.with_name(out.name + ".old")
         if out.exists():  # keep the run's logs (metrics.jsonl, plots, args.json) beside the weights
@@ -1007,7 +1147,7 @@ def timer(store, key):
 def reasoning_prompts(tokenizer, questions, cfg):
     """Token ids of each prompt: the formatted question, plus <|start-latent|> for Coconut models."""
     chat = cfg.get("prompt_format") == "chat"
-    prompts = [encode_prompt(tokenizer, q, chat) for q in questions]
+    prompts = [encode_prompt(tokenizer, q, chat, cfg.get("system_prompt", "")) for q in questions]
     if cfg["mode"] == "coconut":
         start = require_tokens(tokenizer, [START_LATENT], "a Coconut model")[0]
         prompts = [p + [start] for p in prompts]

