@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
@@ -16,7 +15,7 @@ import common  # noqa: E402
 if __name__ == "__main__":
     torch.set_num_threads(1)
     script = importlib.import_module(sys.argv[1])
-    args = HfArgumentParser(script.Args).parse_args_into_dataclasses(args=sys.argv[2:])[0]
+    args = common.parse_args(script.Args, sys.argv[2:])
     model = script.main(args)
     d = common.setup_distributed()
     from torch.distributed.tensor import DTensor

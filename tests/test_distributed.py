@@ -36,13 +36,15 @@ def test_two_process_run_matches_one_process(strategy, single, tmp_path):
     assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)
 
 
-def test_two_process_grpo_latent(tmp_path):
+def test_two_process_grpo_latent_fsdp2_bf16(tmp_path):
+    """FSDP2 with bf16 compute (MixedPrecisionPolicy) on fp32 shards, and a bf16 reference model."""
     out = tmp_path / "grpo"
     run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
                ROOT / "tests" / "dist_worker.py", "grpo_latent", "--max_steps", "2", "--train_batch_size", "4",
                "--mini_batch_size", "2", "--num_generations", "4", "--max_eval_samples", "8", "--max_completion_length", "40",
-               "--beta", "0.04", "--output_dir", out, env={"OMP_NUM_THREADS": "1"}, timeout=600)
+               "--beta", "0.04", "--bf16", "true", "--output_dir", out, env={"OMP_NUM_THREADS": "1"}, timeout=600)
     fingerprints = json.loads((out / "fingerprints.json").read_text())
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+    assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.float32}  # toy: published fp32
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if "loss" in r]) == 2 and all(r["kl"] == r["kl"] for r in rows if "kl" in r)
