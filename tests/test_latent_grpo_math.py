@@ -82,9 +82,20 @@ def test_invalid_samples_get_zero_advantage_and_leave_the_group_statistics():
     std = math.sqrt(1 / 3)  # valid rewards of group 0: 1, 0, 0 -> mean 1/3, unbiased std sqrt(1/3)
     assert adv[:4].tolist() == pytest.approx([(2 / 3) / std, -(1 / 3) / std, 0.0, -(1 / 3) / std], abs=1e-4)
     assert adv[4:8].tolist() == pytest.approx([0.866025, 0.866025, -0.866025, -0.866025], abs=1e-4)  # all valid: plain GRPO
-    assert adv[8:].tolist() == [0.0] * 4     # a single valid rollout: no signal
     all_valid = lg.valid_group_advantages(rewards, torch.ones(12, dtype=torch.bool), 4)
     assert all_valid[2] != 0                 # without masking the truncated rollout counts
+
+
+@pytest.mark.parametrize("rule,lone_correct", [("reward", 1 / (1 + 1e-6)), ("zero", 0.0)])
+def test_a_lone_valid_rollout_gets_its_reward_or_nothing(rule, lone_correct):
+    # group 0: only row 0 finished, and it is correct; group 1: only row 4 finished, and it is wrong;
+    # group 2: two valid rollouts, both wrong (std 0)
+    rewards = torch.tensor([1.0, 1, 0, 1, 0, 1, 1, 0, 0, 0, 1, 1])
+    valid = torch.tensor([True, False, False, False, True, False, False, False, True, True, False, False])
+    adv = lg.valid_group_advantages(rewards, valid, 4, single_valid=rule)
+    assert adv.tolist() == pytest.approx([lone_correct, 0, 0, 0] + [0.0] * 8, abs=1e-7)
+    # the authors' code: mean 0, std 1 for a lone valid rollout; the paper: no signal
+    assert (lg.valid_group_advantages(rewards, valid, 4)[0] > 0.99).item()   # default: the authors'
 
 
 def test_first_token_selection_keeps_only_the_best_correct_rollout():
