@@ -112,6 +112,7 @@ def test_latent_grpo_from_a_model_without_latent_sft(tmp_path):
     ("latent_grpo.py", ["--num_generations", "1"], "--num_generations must be at least 2"),
     ("latent_grpo.py", ["--ste", "sometimes"], "--ste must be paper, code or none"),
     ("latent_grpo.py", ["--single_valid_advantage", "one"], "--single_valid_advantage must be reward or zero"),
+    ("soft_grpo.py", ["--latent_density", "mine"], "--latent_density must be code or paper"),
     ("soft_grpo.py", ["--num_generations", "1"], "--num_generations must be at least 2"),
     ("soft_grpo.py", ["--model", "no/such-model-here"], "no/such-model-here"),
     ("latent_sft.py", ["--compression", "0"], "--compression and --top_k must be at least 1"),
