@@ -22,11 +22,15 @@ RL (from the SFT model). A rollout feeds z ~ N(mu, sigma^2) at each latent slot;
 latents the stop head's decision is sampled; after the stop (or max_latents) <|end-latent|>, then
 the answer is sampled. The log-probability of a latent position is sum_d log N(z_d; mu_d, sigma_d)
 (+ log p(continue) at the latent that follows a stop check); a stop position carries log p(stop).
-These and the answer tokens' log-probs go into one PPO-clipped loss (token-mean), log-ratio
-clamped to [-log_ratio_clamp, log_ratio_clamp], no KL. Reward = correct + format_weight * format
-+ coherence_weight * coherence * correct, where coherence: the frozen decoder decodes each latent
-pair into a step; a step counts if its result is an operand of a later step or equals the final
-answer; coherence = counted steps / decoded steps. Group-normalised advantages (GRPO).
+These and the answer tokens' log-probs go into a PPO-clipped loss, log-ratio clamped to
+[-log_ratio_clamp, log_ratio_clamp], no KL, aggregated as the authors' code does: per rollout, the
+mean over its latent positions plus the mean over its answer positions (with the stop decision),
+then the mean over rollouts. Reward = correct + format_weight * format + coherence_weight *
+coherence * correct, where coherence: the frozen decoder decodes each latent pair into a step; a
+step before the last counts if its result is an operand of a later step, the last step if its
+result is the final answer (only the last one is compared with the answer, as in the authors'
+code); coherence = counted steps / decoded steps, and 1.0 when no step is decoded (their code).
+Group-normalised advantages (GRPO).
 
 eval.py runs the result (mode "atp": mean latent z = mu, the stop head's argmax) and, with
 `--show_latents`, prints the decoder's reading of each latent pair.
@@ -51,6 +55,10 @@ Deviations and choices (numbered, so the README can refer to them):
    kept whole on every rank, and their gradients are averaged by an all-reduce.
 8. --phase: "" (default) runs SFT then RL when --model is not an ATP checkpoint (the SFT checkpoint
    is saved to <output_dir>-sft), and RL alone when it is; "sft" or "rl" runs one phase.
+9. Coherence compares numbers (a result with a later step's operands, the last result with the
+   extracted final answer); the authors' code tests substrings of the decoded text, under which
+   an unparsable step's empty result, or "1" inside "12", counts as used.
+10. The answer's EOS token is scored; the authors' answer mask drops it (their pad id is the EOS).
 
 Commands:
     python atp_latent.py                                    # toy: CoT checkpoint -> SFT -> RL (runs/atp_latent)
@@ -291,31 +299,28 @@ STEP = re.compile(r"<<([^=<>]*)=([^<>]*)>>")
 
 
 def parse_step(text):
-    """ "<<3*4=12>>" -> ([3.0, 4.0], 12.0); None if the text is not a step with a numeric result."""
+    """ "<<3*4=12>>" -> ([3, 4], 12) (exact Decimals); None if the text is not a step with a numeric result."""
     m = STEP.search(text)
     if not m:
         return None
     result = common.NUMBER.search(m.group(2))
     if not result:
         return None
-    operands = [common._as_float(x) for x in common.NUMBER.findall(m.group(1))]
-    return [x for x in operands if x is not None], common._as_float(result.group(0))
+    return [common._as_number(x) for x in common.NUMBER.findall(m.group(1))], common._as_number(result.group(0))
 
 
 def coherence_score(steps, answer):
-    """The fraction of decoded steps whose result is used: an operand of a later step, or the
-    final answer. Steps that do not parse count as unused; no steps give 0."""
+    """The fraction of decoded steps whose result is used, as the authors' code counts it: a step
+    before the last counts if its result is an operand of a later step, the last step if its result
+    is the final answer. Steps that do not parse count as unused; no decoded step gives 1.0."""
     if not steps:
-        return 0.0
+        return 1.0
     parsed = [parse_step(s) for s in steps]
-    final = common._as_float(answer) if answer is not None else None
+    final = common._as_number(answer) if answer is not None else None
     used = 0
-    for i, p in enumerate(parsed):
-        if p is None or p[1] is None:
-            continue
-        later = [x for q in parsed[i + 1:] if q for x in q[0]]
-        if any(abs(p[1] - x) < 1e-6 for x in later) or (final is not None and abs(p[1] - final) < 1e-6):
-            used += 1
+    for i, p in enumerate(parsed[:-1]):
+        used += p is not None and any(p[1] == x for q in parsed[i + 1:] if q for x in q[0])
+    used += parsed[-1] is not None and final is not None and parsed[-1][1] == final
     return used / len(steps)
 
 
@@ -530,6 +535,14 @@ def clamped_ppo_loss(logp, old_logp, adv, eps, clamp):
     return torch.max(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps)), ratio
 
 
+def sequence_loss(per_pos, is_latent, is_answer):
+    """The authors' aggregation, per row: the mean over its latent positions plus the mean over its
+    answer positions (the stop decision counts with the answer, as in their code)."""
+    def mean(m):
+        return (per_pos * m).sum(1) / m.sum(1).clamp(min=1)
+    return mean(is_latent) + mean(is_answer)
+
+
 def group_advantages(rewards, G, eps=1e-4):
     r = rewards.view(-1, G)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).flatten()
@@ -576,6 +589,7 @@ def run_rl(args, d, model, tokenizer, heads, decoder, cfg, train, test, logger, 
         adv = group_advantages(rewards, G).to(d.device)
         check = r.extras["check"]
         scored = (((r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP) | (check == 2)) & r.mask.bool()).float()
+        is_lat = ((r.kinds == common.LATENT_STEP) & r.mask.bool()).float()
         N, micro = len(r.tokens), args.micro_batch_size
         with common.timer(times, "update_s"):
             with torch.no_grad():
@@ -592,7 +606,7 @@ def run_rl(args, d, model, tokenizer, heads, decoder, cfg, train, test, logger, 
                         rows = slice(i, min(i + micro, mini.stop))
                         logp, sigma = position_logprobs(model, heads, r, rows, args.temperature)
                         per_pos, ratio = clamped_ppo_loss(logp, old_logp[rows], adv[rows, None], args.epsilon, args.log_ratio_clamp)
-                        loss = (per_pos * scored[rows]).sum() / n_pos
+                        loss = sequence_loss(per_pos, is_lat[rows], scored[rows] - is_lat[rows]).sum() / len(mini)
                         loss.backward()
                         stats["loss"] += loss.item()
                         stats["clip_frac"] += ((((ratio - 1).abs() > args.epsilon).float() * scored[rows]).sum() / n_pos).item()
@@ -604,7 +618,7 @@ def run_rl(args, d, model, tokenizer, heads, decoder, cfg, train, test, logger, 
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     stats["n"] += 1
-        n_lat = ((r.kinds == common.LATENT_STEP) & r.mask.bool()).sum(1).float()
+        n_lat = is_lat.sum(1)
         groups = rewards.view(-1, G)
         row = {"phase": "rl", "reward": rewards.mean().item(), "correct": correct.mean().item(), "format": fmt.mean().item(),
                "coherence": coh.mean().item(), "frac_zero_std": (groups.std(1) == 0).float().mean().item(),

@@ -13,10 +13,14 @@ import json
 import os
 import random
 import re
+import select
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Context, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -300,12 +304,14 @@ ANSWER_FIELDS = ("answer", "target", "Answer", "final_answer", "label")
 
 
 def _strip_number(s):
-    """ "1,000" -> "1000", "145.0" -> "145"; anything that is not a number stays as it is."""
-    try:
-        f = float(str(s).strip().replace(",", "").replace("$", ""))
-    except ValueError:
+    """ "1,000" -> "1000", "145.0" -> "145", "2.50" stays (its precision is part of the answer);
+    anything that is not a plain number stays as it is. Exact: no float in between."""
+    x = _as_number(s)
+    if x is None:
         return str(s).strip()
-    return str(int(f)) if f == int(f) and abs(f) < 1e15 else str(f)
+    if abs(x.adjusted()) >= 100:
+        return str(x)
+    return str(int(x)) if x == x.to_integral_value() else format(x, "f")  # 5.158e-07 -> "0.0000005158"
 
 
 def normalize_example(row, where="dataset"):
@@ -403,9 +409,10 @@ def load_train_eval(args, cfg=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# answer checking: GSM8K-style numbers and \boxed{} answers; never raises, never hangs
+# answer checking: plain numbers exactly, anything else by math-verify; never raises, never hangs
 
-NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")  # 1,000 / 2.5 / 1e5
+VERIFY_TIMEOUT = 5.0  # seconds per symbolic check
 
 
 def extract_boxed(text):
@@ -433,39 +440,94 @@ def extract_answer(text):
     if ANSWER_MARKER in text:
         tail = text.rsplit(ANSWER_MARKER, 1)[1].lstrip("#").strip()
         m = NUMBER.search(tail)
-        return m.group(0).rstrip(".").replace(",", "") if m else (tail.splitlines()[0].strip() if tail else None)
+        return m.group(0).replace(",", "") if m else (tail.splitlines()[0].strip() if tail else None)
     nums = NUMBER.findall(text)
-    return nums[-1].rstrip(".").replace(",", "") if nums else None
+    return nums[-1].replace(",", "") if nums else None
 
 
-def _as_float(s):
+def _as_number(s):
+    """A plain number ("-1,234.50", "$18", "\\$18.", "1e5") as an exact Decimal, else None."""
+    s = str(s).replace("\\$", "").replace("$", "").strip().rstrip(".")
+    return Decimal(s.replace(",", "")) if NUMBER.fullmatch(s) else None
+
+
+def _same_number(gold, pred):
+    """Integer golds exactly; a decimal gold at its own number of places (pred rounded half-up)."""
+    places = gold.as_tuple().exponent
+    if places >= 0:
+        return pred == gold
+    return pred.quantize(Decimal(1).scaleb(places), ROUND_HALF_UP, Context(prec=200)) == gold
+
+
+# math-verify runs in a child process with its own timeouts off (they use signal.alarm, which only
+# works in a main thread and cannot stop a long C-level power): every call has a hard deadline in
+# any thread or process, and a child that runs past it is killed and started again at the next call.
+_VERIFIER = """
+import functools, json, sys
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+read = functools.lru_cache(4096)(lambda s: parse(s, [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None))
+out, sys.stdout = sys.stdout, sys.stderr
+print("ready", file=out, flush=True)
+for line in sys.stdin:
+    gold, pred = json.loads(line)
     try:
-        return float(str(s).replace(",", "").replace("$", "").strip().rstrip("."))
-    except (TypeError, ValueError):
-        return None
+        ok = bool(verify(read(gold), read(pred), timeout_seconds=None))
+    except Exception:
+        ok = False
+    print(int(ok), file=out, flush=True)
+"""
+_verifier = {"proc": None, "lock": threading.Lock()}
+os.register_at_fork(after_in_child=lambda: _verifier.update(proc=None, lock=threading.Lock()))
+
+
+def _read_line(proc, timeout):
+    out, deadline = b"", time.monotonic() + timeout
+    while not out.endswith(b"\n"):
+        if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            return None
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            return None
+        out += chunk
+    return out.decode().strip()
 
 
 def _math_verify(gold, pred):
-    from math_verify import parse, verify
-    main = threading.current_thread() is threading.main_thread()
-    if main:  # math-verify's own timeouts use signal.alarm, which only works in the main thread
-        return bool(verify(parse(gold), parse(pred)))
-    return bool(verify(parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None), timeout_seconds=None))
+    """verify(parse(gold), parse(pred)) with math-verify's LaTeX and expression extraction (as TRL's
+    accuracy_reward); False after VERIFY_TIMEOUT seconds."""
+    with _verifier["lock"]:
+        proc, answer = _verifier["proc"], None
+        try:
+            if proc is None or proc.poll() is not None:
+                proc = _verifier["proc"] = subprocess.Popen([sys.executable, "-c", _VERIFIER], stdin=subprocess.PIPE,
+                                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                if _read_line(proc, 120) != "ready":
+                    return False
+            proc.stdin.write((json.dumps([gold, pred]) + "\n").encode())
+            proc.stdin.flush()
+            answer = _read_line(proc, VERIFY_TIMEOUT)
+        finally:
+            if answer is None and proc is not None:  # past the deadline, dead, or never ready
+                proc.kill()
+                proc.wait()
+                _verifier["proc"] = None
+        return answer == "1"
 
 
 def is_correct(completion, gold):
-    """True if the completion's final answer equals the gold answer: numerically for numbers,
-    otherwise by math-verify (MATH-style equivalence). Garbage in gives False, never an exception."""
+    """True if the completion's final answer (extract_answer) equals the gold answer: plain numbers
+    exactly (a decimal gold at its own precision), anything else by math-verify, with both wrapped
+    in \\boxed{}. Garbage in gives False, never an exception."""
     try:
         pred = extract_answer(completion)
-        if pred is None:
+        if pred is None or gold is None:
             return False
-        g, p = _as_float(gold), _as_float(pred)
-        if g is not None and p is not None:
-            return abs(g - p) <= 1e-6 * max(1.0, abs(g))
+        g, p = _as_number(gold), _as_number(pred)
+        if g is not None and (p is not None or not re.search(r"\d", pred)):  # no digit: never a number
+            return p is not None and _same_number(g, p)
         if len(pred) > 500:  # long garbage is not worth a symbolic parse
             return False
-        return _math_verify(f"${gold}$", f"${pred}$") or _math_verify(str(gold), str(pred))
+        return _math_verify(f"\\boxed{{{gold}}}", f"\\boxed{{{pred}}}")
     except Exception:
         return False
 

@@ -10,7 +10,10 @@ its own flag so the seed's ablation runs:
 
 1. Invalid-sample advantage masking (`--mask_invalid`). A rollout that reaches
    `max_completion_length` without EOS is invalid: advantage 0, and left out of its group's mean
-   and std. Fewer than 2 valid rollouts, or std 0: the whole group gets 0.
+   and std. No valid rollout, or std 0: the whole group gets 0. Exactly one valid rollout:
+   `--single_valid_advantage reward` (default, the authors' code: mean 0 and std 1, so A = R; a
+   lone rollout that finished and is correct is rewarded, which pushes against non-terminating
+   chains) or `zero` (the paper, eq. 11: fewer than two valid rollouts give no signal).
 2. One-sided noise (`--one_sided_noise`, `--ste`). Noise g = clamp(Gumbel, -1.5, 3) + 1.5 + eps >= 0,
    times `--noise_scale`; scores s = l + g with l = log_softmax(z); the latent is the top-k of s
    with weights softmax(s_S / tau_g). At a step where the noise-free top-1 is </think> no noise is
@@ -101,6 +104,7 @@ class Args:
     one_sided_noise: bool = True
     ste: str = field(default="paper", metadata={"help": "straight-through rule for crossed targets: paper | code | none"})
     mask_invalid: bool = True
+    single_valid_advantage: str = field(default="reward", metadata={"help": "a group's lone valid rollout: reward (A = R, the authors' code) | zero (the paper)"})
     first_token_selection: bool = True
     temperature: float = field(default=0.6, metadata={"help": "answer sampling temperature (after </think>)"})
     top_p: float = 0.95
@@ -155,15 +159,19 @@ def latent_logprob(logp_S, scores, ste="paper", adv=None):
     return f.mean(-1)
 
 
-def valid_group_advantages(rewards, valid, G, eps=1e-6):
+def valid_group_advantages(rewards, valid, G, eps=1e-6, single_valid="reward"):
     """Invalid-sample advantage masking: mean and std over the valid rollouts of each group only;
-    invalid rollouts get 0; groups with fewer than 2 valid rollouts or std 0 get 0 everywhere."""
+    invalid rollouts get 0; groups with no valid rollout or std 0 get 0 everywhere. A group with
+    exactly one valid rollout: "reward" gives it A = R (mean 0, std 1, the authors' code), "zero"
+    gives it 0 (the paper: no signal from fewer than two valid rollouts)."""
     r, v = rewards.view(-1, G), valid.view(-1, G).float()
     n = v.sum(1, keepdim=True)
     mean = (r * v).sum(1, keepdim=True) / n.clamp(min=1)
     std = (((r - mean) ** 2 * v).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()  # unbiased, as torch.std
+    if single_valid == "reward":
+        mean, std = mean.masked_fill(n == 1, 0.0), std.masked_fill(n == 1, 1.0)
     adv = (r - mean) / (std + eps) * v
-    return (adv * ((n >= 2) & (std > 0))).flatten()
+    return (adv * ((n >= 1) & (std > 0))).flatten()
 
 
 def first_token_selection(adv_tokens, seq_score, correct, valid, G):
@@ -210,6 +218,8 @@ def main(args):
         common.die(f"--num_generations must be at least 2: GRPO compares rollouts within a group (got {args.num_generations})")
     if args.ste not in ("paper", "code", "none"):
         common.die(f"--ste must be paper, code or none (got {args.ste!r})")
+    if args.single_valid_advantage not in ("reward", "zero"):
+        common.die(f"--single_valid_advantage must be reward or zero (got {args.single_valid_advantage!r})")
     d = common.setup_distributed()
     common.seed_everything(args.seed, d.rank)
     if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
@@ -265,7 +275,7 @@ def main(args):
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         correct = torch.tensor([common.is_correct(t, batch[i // G]["answer"]) for i, t in enumerate(texts)], device=d.device)
         valid = r.finished if args.mask_invalid else torch.ones_like(r.finished)
-        adv = valid_group_advantages(correct.float(), valid, G)
+        adv = valid_group_advantages(correct.float(), valid, G, single_valid=args.single_valid_advantage)
         return r, correct, adv, texts, batch
 
     start = run_eval(0)

@@ -5,16 +5,26 @@ seed 001 (Latent-GRPO, section 2.2). Spec: ../shared/ALGORITHMS.md, section 4.
 
 Inside the think span, each step turns the logits z into a soft token: p = softmax(z / T), kept
 to its top-k (5) and top-p (0.95) entries and renormalised (p~); two-sided Gumbel noise
-g = clamp(Gumbel, -1.5, 3) gives scores s_i = log p~_i + g_i; the fed vector is
+g = clamp(Gumbel, -1.5, 3) gives scores s_i = log(p~_i + 1e-6) + g_i (an entry top-p dropped
+scores log(1e-6) + g_i, as in the authors' sampler); the fed vector is
 sum_i softmax(s / tau_g)_i E[id_i] with tau_g = 0.1 (nearly one-hot: close to Gumbel-max
 sampling), and the recorded token is argmax s. The think span ends when that token is </think>;
 the answer is sampled as usual. Rollouts store the ids, the scores s and which entries were kept.
 
 The density of a latent token under the current policy recovers the noise each component must
-have had, r_i = s_i - log p~_i(theta), and averages the Gumbel log-density over the kept
-components: log pi = mean_i f(r_i), f(r) = -r - exp(-r). Answer tokens use ordinary log-probs.
-Then plain GRPO: group advantages, PPO clip 0.2, k3 KL 0.001 to the start model, token-mean.
-Rollouts and training use the same T, k, p and tau_g.
+have had and takes the Gumbel log-density f(r) = -r - exp(-r) of it. `--latent_density code`
+(default) is the authors' verl code (`logprobs_from_logits_topk_gumbel`), which fixes three details
+the paper leaves open: p~(theta) is softmax(z / T) at all k stored ids renormalised over them;
+r_i = clamp(s_i - log(p~_i + 1e-6), -1.5, 3), so the gradient is zero beyond the bounds where the
+rollout clamped the noise; log pi = the mean of f(r_i) over the components whose current
+log(p~_i + 1e-6) > -3. `--latent_density paper` reads the paper's formula literally: p~ renormalised
+over the components the rollout kept (its top-p set), r_i unclamped, the mean over those same
+components. At the rollout policy the paper reading returns the drawn noise's density (up to the
+1e-6), while the code's gives a different value for a token whose top-p set dropped entries or
+that has a kept component below e^-3; after an update the paper reading's gradient grows like
+exp(-r) where r < -1.5. Answer tokens use ordinary log-probs. Then plain GRPO: group advantages,
+PPO clip 0.2, k3 KL 0.001 to the start model, token-mean. Rollouts and training use the same T,
+k, p and tau_g.
 
 Deviations and choices:
 1. The </think> token that ends a think span is scored as an ordinary token (log-prob at T).
@@ -23,6 +33,8 @@ Deviations and choices:
    per step) and start from the toy Latent-SFT checkpoint, like Latent-GRPO, so the two compare;
    the SofT-GRPO authors start from models that soft-think without latent SFT.
 4. `--max_latent_steps` caps the think span (then </think> is forced, not scored).
+5. If no component's log(p~ + 1e-6) exceeds -3 (possible only for k > 20), the code density uses
+   the most likely one; the authors' code would divide by zero.
 
 Commands:
     python soft_grpo.py                                           # toy: from checkpoints/toy-latent-sft
@@ -59,6 +71,7 @@ class Args:
     top_k: int = 5
     top_p: float = 0.95
     tau_g: float = 0.1
+    latent_density: str = field(default="code", metadata={"help": "a latent token's log-density: code (the authors' verl code) | paper (the formula read literally)"})
     max_completion_length: int = 64
     max_latent_steps: int = field(default=-1, metadata={"help": "cap on latent tokens; -1 = the checkpoint's, or 48"})
     learning_rate: float = 3e-5
@@ -76,40 +89,62 @@ class Args:
 # the algorithm: the truncated soft token with two-sided Gumbel noise, and its density
 
 def truncated_logprobs(logits, T, ids, keep):
-    """log p~ at `ids`: log softmax(z / T) renormalised over the kept entries (keep: 0/1)."""
+    """log p~ at `ids`: log softmax(z / T) renormalised over the entries where keep is 1."""
     lp = (logits.float() / T).log_softmax(-1).gather(-1, ids)
     norm = torch.logsumexp(lp.masked_fill(keep == 0, float("-inf")), -1, keepdim=True)
     return lp - norm
 
 
 def soft_gumbel_latent(T, k, top_p, tau_g):
-    """The rollout's latent_fn: top-k / top-p truncated p~, s = log p~ + clamp(Gumbel, -1.5, 3),
-    weights softmax(s / tau_g) over the kept entries; records ids, s and the kept mask."""
+    """The rollout's latent_fn: p~ = softmax(z / T) kept to its top-k / top-p entries and
+    renormalised, s = log(p~ + 1e-6) + clamp(Gumbel, -1.5, 3) (a dropped entry scores log(1e-6) + g,
+    as in the authors' sampler), weights softmax(s / tau_g); records ids, s and the kept mask."""
     def latent(logits, E):
         p, ids = (logits.float() / T).softmax(-1).topk(k, dim=-1)
         keep = ((p.cumsum(-1) - p) < top_p).float()              # smallest prefix reaching top_p
-        log_pt = truncated_logprobs(logits, T, ids, keep)
-        s = (log_pt + common.gumbel_like(log_pt).clamp(-1.5, 3.0)).masked_fill(keep == 0, float("-inf"))
+        p_t = p * keep / (p * keep).sum(-1, keepdim=True)
+        s = torch.log(p_t + 1e-6) + common.gumbel_like(p_t).clamp(-1.5, 3.0)
         w = (s / tau_g).softmax(-1)
         vec = torch.einsum("nk,nkd->nd", w.to(E.dtype), E[ids])
-        return vec, ids.gather(-1, s.argmax(-1, keepdim=True)).squeeze(-1), {"ids": ids, "scores": s.masked_fill(keep == 0, 0.0), "keep": keep}
+        return vec, ids.gather(-1, s.argmax(-1, keepdim=True)).squeeze(-1), {"ids": ids, "scores": s, "keep": keep}
     return latent
 
 
-def soft_latent_logprob(log_pt, scores, keep):
-    """mean over kept components of f(r_i), r_i = s_i - log p~_i(theta), f(r) = -r - exp(-r)."""
-    r = scores - log_pt
-    f = (-r - torch.exp(-r)) * keep
+def gumbel_logdensity(r):
+    """f(r) = -r - exp(-r): the log-density of a standard Gumbel variable at r."""
+    return -r - torch.exp(-r)
+
+
+def soft_latent_logprob(log_pt, scores):
+    """The authors' density (verl's logprobs_from_logits_topk_gumbel). log_pt: log p~ under the
+    current policy, renormalised over all k stored components. The recovered noise
+    r_i = clamp(s_i - log(p~_i + 1e-6), -1.5, 3) has zero gradient outside the bounds, where the
+    rollout clamped the noise; the mean of f(r_i) runs over the components whose current
+    log(p~_i + 1e-6) > -3 (the most likely one at least)."""
+    lp = torch.log(log_pt.exp() + 1e-6)
+    r = (scores - lp).clamp(-1.5, 3.0)
+    use = ((lp > -3) | (lp == lp.max(-1, keepdim=True).values)).float()
+    return (gumbel_logdensity(r) * use).sum(-1) / use.sum(-1)
+
+
+def paper_latent_logprob(log_pt, scores, keep):
+    """The paper's formula read literally (`--latent_density paper`): log_pt renormalised over the
+    components the rollout kept (its top-p set), r_i = s_i - log p~_i unclamped, the mean of f(r_i)
+    over those same components."""
+    f = gumbel_logdensity(scores - log_pt) * keep
     return f.sum(-1) / keep.sum(-1).clamp(min=1)
 
 
-def position_logprobs(model, r, rows, T):
+def position_logprobs(model, r, rows, T, density="code"):
     """(n, T) log-probs: the Gumbel density at latent tokens, log pi(token) elsewhere."""
     logits = common.completion_logits(model, r, rows)
     tok_lp = common.gather_logprobs(logits / T, r.tokens[rows])
-    ids, keep = r.extras["ids"][rows], r.extras["keep"][rows]
-    keep = torch.where(keep.sum(-1, keepdim=True) > 0, keep, torch.ones_like(keep))  # rows outside the span: any finite value
-    lat_lp = soft_latent_logprob(truncated_logprobs(logits, T, ids, keep), r.extras["scores"][rows], keep)
+    ids, scores, keep = r.extras["ids"][rows], r.extras["scores"][rows], r.extras["keep"][rows]
+    if density == "code":
+        lat_lp = soft_latent_logprob(truncated_logprobs(logits, T, ids, torch.ones_like(keep)), scores)
+    else:
+        keep = torch.where(keep.sum(-1, keepdim=True) > 0, keep, torch.ones_like(keep))  # rows outside the span: any finite value
+        lat_lp = paper_latent_logprob(truncated_logprobs(logits, T, ids, keep), scores, keep)
     return torch.where(r.kinds[rows] == common.LATENT_STEP, lat_lp, tok_lp)
 
 
@@ -118,6 +153,8 @@ def main(args):
         common.die(f"--num_generations must be at least 2: GRPO compares rollouts within a group (got {args.num_generations})")
     if args.temperature <= 0:
         common.die(f"--temperature must be positive (got {args.temperature})")
+    if args.latent_density not in ("code", "paper"):
+        common.die(f"--latent_density must be code or paper (got {args.latent_density!r})")
     d = common.setup_distributed()
     common.seed_everything(args.seed, d.rank)
     if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
@@ -169,9 +206,9 @@ def main(args):
         N, micro = len(r.tokens), args.micro_batch_size
         with common.timer(times, "update_s"):
             with torch.no_grad():
-                old_logp = torch.cat([position_logprobs(model, r, slice(i, i + micro), args.temperature) for i in range(0, N, micro)])
+                old_logp = torch.cat([position_logprobs(model, r, slice(i, i + micro), args.temperature, args.latent_density) for i in range(0, N, micro)])
                 ref_logp = None if ref is None else torch.cat(
-                    [position_logprobs(ref, r, slice(i, i + micro), args.temperature) for i in range(0, N, micro)])
+                    [position_logprobs(ref, r, slice(i, i + micro), args.temperature, args.latent_density) for i in range(0, N, micro)])
             model.train()
             stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "n": 0}
             rows_per_mini = args.mini_batch_size // d.world * G
@@ -180,7 +217,7 @@ def main(args):
                 n_tok = common.all_mean(scored[mini].sum().item(), d) or 1.0
                 for i in range(mini.start, mini.stop, micro):
                     rows = slice(i, min(i + micro, mini.stop))
-                    logp = position_logprobs(model, r, rows, args.temperature)
+                    logp = position_logprobs(model, r, rows, args.temperature, args.latent_density)
                     ratio = torch.exp(logp - old_logp[rows])
                     a = adv[rows, None]
                     per_tok = torch.max(-a * ratio, -a * ratio.clamp(1 - args.epsilon, 1 + args.epsilon))

@@ -60,11 +60,24 @@ def test_coherence_score_on_hand_built_steps():
     assert score(["<<3*4=12>>", "<<12*2=24>>", "<<24-1=23>>"], "23") == 1.0
     assert score(["<<3*4=12>>", "<<12*2=24>>", "<<20-1=19>>"], "19") == pytest.approx(2 / 3)
     assert score(["garbage", "<<12+2=14>>"], "14") == 0.5               # an unparsable step counts as unused
-    assert score(["<<3*4=12>>", "<<5+2=7>>", "<<7+1=8>>"], "12") == pytest.approx(2 / 3)  # a result may be the answer
-    assert score([], "3") == 0.0 and score(["<<2+2=4>>"], None) == 0.0
+    # only the last step is compared with the answer (the authors' code): step 1 equals it but is unused
+    assert score(["<<3*4=12>>", "<<5+2=7>>", "<<7+1=8>>"], "12") == pytest.approx(1 / 3)
+    assert score(["<<3*4=12>>", "<<5+2=7>>"], "12") == 0.0
+    assert score(["<<1+1=2>>", "<<3*4=12>>"], "12") == 0.5              # "1" inside "12" is not a use of 2
+    assert score([], "3") == 1.0 and score(["<<2+2=4>>"], None) == 0.0   # no decoded step: 1.0, as theirs
     assert atp_latent.parse_step("<<600*30/100=180>>") == ([600.0, 30.0, 100.0], 180.0)
     assert atp_latent.has_format("<<1+1=2>>\n### 2", True) and not atp_latent.has_format("### 2", False)
     assert not atp_latent.has_format("the answer is 2", True)
+
+
+def test_loss_is_a_per_rollout_mean_of_latents_plus_one_of_the_answer():
+    per_pos = torch.tensor([[1.0, 2.0, 3.0, 4.0, 0.0], [2.0, 4.0, 6.0, 8.0, 10.0]])
+    is_lat = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    is_ans = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0, 1.0]])
+    # row 0: (1 + 2) / 2 + (3 + 4) / 2 = 5; row 1: 2 / 1 + (4 + 6 + 8 + 10) / 4 = 9 (a token-mean would give 3.75)
+    assert atp_latent.sequence_loss(per_pos, is_lat, is_ans).tolist() == [5.0, 9.0]
+    no_latents = atp_latent.sequence_loss(per_pos, torch.zeros_like(is_lat), is_ans)
+    assert no_latents.tolist() == [3.5, 7.0]                             # an empty part adds 0
 
 
 def test_stop_targets_every_c_thought_latents():

@@ -82,9 +82,20 @@ def test_invalid_samples_get_zero_advantage_and_leave_the_group_statistics():
     std = math.sqrt(1 / 3)  # valid rewards of group 0: 1, 0, 0 -> mean 1/3, unbiased std sqrt(1/3)
     assert adv[:4].tolist() == pytest.approx([(2 / 3) / std, -(1 / 3) / std, 0.0, -(1 / 3) / std], abs=1e-4)
     assert adv[4:8].tolist() == pytest.approx([0.866025, 0.866025, -0.866025, -0.866025], abs=1e-4)  # all valid: plain GRPO
-    assert adv[8:].tolist() == [0.0] * 4     # a single valid rollout: no signal
     all_valid = lg.valid_group_advantages(rewards, torch.ones(12, dtype=torch.bool), 4)
     assert all_valid[2] != 0                 # without masking the truncated rollout counts
+
+
+@pytest.mark.parametrize("rule,lone_correct", [("reward", 1 / (1 + 1e-6)), ("zero", 0.0)])
+def test_a_lone_valid_rollout_gets_its_reward_or_nothing(rule, lone_correct):
+    # group 0: only row 0 finished, and it is correct; group 1: only row 4 finished, and it is wrong;
+    # group 2: two valid rollouts, both wrong (std 0)
+    rewards = torch.tensor([1.0, 1, 0, 1, 0, 1, 1, 0, 0, 0, 1, 1])
+    valid = torch.tensor([True, False, False, False, True, False, False, False, True, True, False, False])
+    adv = lg.valid_group_advantages(rewards, valid, 4, single_valid=rule)
+    assert adv.tolist() == pytest.approx([lone_correct, 0, 0, 0] + [0.0] * 8, abs=1e-7)
+    # the authors' code: mean 0, std 1 for a lone valid rollout; the paper: no signal
+    assert (lg.valid_group_advantages(rewards, valid, 4)[0] > 0.99).item()   # default: the authors'
 
 
 def test_first_token_selection_keeps_only_the_best_correct_rollout():
@@ -112,25 +123,55 @@ def test_dual_clip_caps_negative_advantages():
 
 # ---- Soft-GRPO -----------------------------------------------------------------------------------
 
-def test_soft_grpo_density_matches_a_direct_computation():
+def test_soft_grpo_scores_and_both_densities_match_a_direct_computation():
     torch.manual_seed(0)
     T, k, top_p = 0.6, 5, 0.95
     logits, E = torch.randn(6, 30) * 2, torch.randn(30, 4)
     vec, tok, rec = sg.soft_gumbel_latent(T, k, top_p, 0.1)(logits, E)
     ids, s, keep = rec["ids"], rec["scores"], rec["keep"]
-    got = sg.soft_latent_logprob(sg.truncated_logprobs(logits, T, ids, keep), s, keep)
+    code = sg.soft_latent_logprob(sg.truncated_logprobs(logits, T, ids, torch.ones_like(keep)), s)
+    paper = sg.paper_latent_logprob(sg.truncated_logprobs(logits, T, ids, keep), s, keep)
     gumbel = torch.distributions.Gumbel(0.0, 1.0)
+    assert (keep.sum(-1) < k).any()                                       # some rows drop entries (top-p)
     for n in range(6):
-        p = torch.softmax(logits[n] / T, -1)
-        kept = [int(i) for i, m in zip(ids[n], keep[n]) if m]
-        assert kept and sum(p[kept]) >= min(top_p, sum(p[ids[n]])) - 1e-6 or len(kept) == k
-        total = sum(p[i] for i in kept)
-        dens = [gumbel.log_prob(s[n, j] - torch.log(p[ids[n, j]] / total)) for j in range(k) if keep[n, j]]
-        assert got[n].item() == pytest.approx(float(sum(dens) / len(dens)), abs=1e-5)
-        # at the rollout policy the recovered noise is the clamped Gumbel draw
-        r = s[n][keep[n] > 0] - torch.log(p[ids[n]][keep[n] > 0] / total)
-        assert (r >= -1.5 - 1e-5).all() and (r <= 3 + 1e-5).all()
-        assert tok[n] == ids[n, s[n].masked_fill(keep[n] == 0, -1e9).argmax()]
+        p = torch.softmax(logits[n] / T, -1)[ids[n]]
+        kept = keep[n] > 0
+        p_roll = torch.where(kept, p / p[kept].sum(), torch.zeros_like(p))  # the rollout's p~ (top-k, top-p)
+        g = s[n] - torch.log(p_roll + 1e-6)                                 # the noise it drew: clamped Gumbel
+        assert (g >= -1.5 - 1e-5).all() and (g <= 3 + 1e-5).all()
+        assert kept[s[n].argmax()] and tok[n] == ids[n, s[n].argmax()]
+        # the authors' density: p~ over all k stored ids, noise clamped again, components with log p~ > -3
+        lp = torch.log(p / p.sum() + 1e-6)
+        dens = [gumbel.log_prob((s[n, j] - lp[j]).clamp(-1.5, 3)) for j in range(k) if lp[j] > -3]
+        assert code[n].item() == pytest.approx(float(sum(dens) / len(dens)), abs=1e-5)
+        # the paper read literally: p~ over the kept entries, no clamp, the mean over the kept ones
+        dens = [gumbel.log_prob(s[n, j] - torch.log(p_roll[j])) for j in range(k) if kept[j]]
+        assert paper[n].item() == pytest.approx(float(sum(dens) / len(dens)), abs=1e-5)
+
+
+def test_soft_grpo_density_at_and_beyond_the_clamp_bounds():
+    p = torch.tensor([[0.6, 0.25, 0.11, 0.04]] * 2, dtype=torch.float64)   # log(0.04) < -3: left out
+    r = torch.tensor([[-2.0, 3.0, 0.5, 0.5],                              # beyond -1.5, at 3, inside
+                      [-1.5, 4.0, 1.0, -5.0]], dtype=torch.float64)       # at -1.5, beyond 3, inside
+    scores = torch.log(p + 1e-6) + r
+    log_pt = torch.log(p).requires_grad_(True)
+    out = sg.soft_latent_logprob(log_pt, scores)
+    assert out.tolist() == pytest.approx([(f(-1.5) + f(3.0) + f(0.5)) / 3, (f(-1.5) + f(3.0) + f(1.0)) / 3], abs=1e-9)
+    assert out[0].item() == pytest.approx(-2.37934, abs=1e-5)         # (-2.98169 - 3.04979 - 1.10653) / 3
+    out.sum().backward()
+    shrink = 0.11 / (0.11 + 1e-6)                                      # d log(p~ + 1e-6) / d log p~
+    # inside the bounds: d/d log p~ = -f'(r) / 3 with f'(r) = exp(-r) - 1; beyond them, and left out: 0
+    g = log_pt.grad
+    assert [g[0, 0].item(), g[0, 2].item(), g[0, 3].item()] == pytest.approx([0.0, -(math.exp(-0.5) - 1) / 3 * shrink, 0.0], abs=1e-9)
+    assert [g[1, 1].item(), g[1, 2].item(), g[1, 3].item()] == pytest.approx([0.0, -(math.exp(-1.0) - 1) / 3 * shrink, 0.0], abs=1e-9)
+    # the paper's formula, unclamped over the same three components: r = -2 counts as f(-2), and its
+    # gradient grows like exp(-r) (the issue's "up to 6" difference at the bounds)
+    keep = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2, dtype=torch.float64)
+    log_pt.grad = None
+    paper = sg.paper_latent_logprob(log_pt - torch.log(p[:, :3].sum(-1, keepdim=True)), torch.log(p / 0.96) + r, keep)
+    assert paper[0].item() == pytest.approx((f(-2.0) + f(3.0) + f(0.5)) / 3, abs=1e-9)
+    paper.sum().backward()
+    assert log_pt.grad[0, 0].item() == pytest.approx(-(math.exp(2.0) - 1) / 3, abs=1e-9)   # -2.13, vs 0 above
 
 
 def test_soft_grpo_top_p_keeps_the_smallest_prefix():
@@ -174,6 +215,35 @@ def test_recomputed_surrogate_equals_the_rollouts_noise(think_model):
     expected = (-g - torch.exp(-g)).mean(-1)
     assert torch.allclose(logp[is_lat], expected[is_lat], atol=1e-4)
     assert torch.allclose(logp[is_lat], (-(g) - torch.exp(-g)).mean(-1)[is_lat])
+
+
+def _soft_densities(model, tok, think):
+    torch.manual_seed(0)
+    r = _rollout(model, tok, think, sg.soft_gumbel_latent(0.6, 5, 0.95, 0.1), temperature=0.6)
+    with torch.no_grad():
+        code = sg.position_logprobs(model, r, slice(None), 0.6)
+        paper = sg.position_logprobs(model, r, slice(None), 0.6, "paper")
+        logits = common.completion_logits(model, r, slice(None))
+    keep = r.extras["keep"]
+    p = (logits / 0.6).softmax(-1).gather(-1, r.extras["ids"])
+    p_roll = p * keep / (p * keep).sum(-1, keepdim=True).clamp(min=1e-30)
+    same = (keep.sum(-1) == 5) & (torch.log(p_roll + 1e-6) > -3).all(-1)   # nothing dropped, nothing below e^-3
+    is_lat, answer = ((r.kinds == k) & r.mask.bool() for k in (common.LATENT_STEP, common.TOKEN))
+    return code, paper, is_lat & same, is_lat & ~same, answer
+
+
+def test_soft_grpo_densities_at_the_rollout_policy(think_model):
+    """At theta_old the two densities agree on latent tokens whose top-p set dropped nothing and
+    whose components all have p~ > e^-3; on the trained toy model's peaked distributions many
+    latent tokens get values that differ by up to nats; answer tokens get the same log-probs."""
+    trained, tok, _ = common.load_model(common.TOY_LATENT_SFT, torch.device("cpu"), torch.float32)
+    think = common.require_tokens(tok, [common.START_THINK, common.END_THINK], "test")
+    code, paper, same, other, answer = _soft_densities(think_model[0], think_model[1], think_model[2])
+    assert same.sum() > 10 and torch.allclose(code[same], paper[same], atol=1e-4)
+    code, paper, same, other, answer = _soft_densities(trained.eval(), tok, think)
+    diff = (code - paper).abs()[other]
+    assert other.sum() > 10 and (diff > 1e-2).float().mean() > 0.25 and diff.max() > 0.5
+    assert answer.any() and torch.equal(code[answer], paper[answer])
 
 
 def test_think_step_caps_the_latent_span_and_forces_the_end(think_model):

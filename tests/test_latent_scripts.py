@@ -91,7 +91,7 @@ def test_latent_grpo_high_lr_step_trains_the_body_and_freezes_the_embeddings(tmp
 def test_latent_grpo_with_every_design_switched_off_runs(tmp_path):
     out = tmp_path / "abl"
     run_script("latent_grpo.py", *RL_FAST, "--one_sided_noise", "false", "--ste", "none", "--first_token_selection", "false",
-               "--mask_invalid", "false", "--dual_clip", "0", "--output_dir", out)
+               "--mask_invalid", "false", "--dual_clip", "0", "--single_valid_advantage", "zero", "--output_dir", out)
     rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 2 and finite(rows, ["loss", "grad_norm"])
 
@@ -111,6 +111,8 @@ def test_latent_grpo_from_a_model_without_latent_sft(tmp_path):
 @pytest.mark.parametrize("script,argv,words", [
     ("latent_grpo.py", ["--num_generations", "1"], "--num_generations must be at least 2"),
     ("latent_grpo.py", ["--ste", "sometimes"], "--ste must be paper, code or none"),
+    ("latent_grpo.py", ["--single_valid_advantage", "one"], "--single_valid_advantage must be reward or zero"),
+    ("soft_grpo.py", ["--latent_density", "mine"], "--latent_density must be code or paper"),
     ("soft_grpo.py", ["--num_generations", "1"], "--num_generations must be at least 2"),
     ("soft_grpo.py", ["--model", "no/such-model-here"], "no/such-model-here"),
     ("latent_sft.py", ["--compression", "0"], "--compression and --top_k must be at least 1"),
