@@ -311,6 +311,9 @@ def _strip_number(s):
         return str(s).strip()
     if abs(x.adjusted()) >= 100:
         return str(x)
+    artifact = re.search(r"\.(\d*?)(?:9{5,}|0{5,})\d{0,3}$", format(x, "f"))  # GSM-Hard's 3244047.0999999996
+    if artifact:
+        x = x.quantize(Decimal(1).scaleb(-len(artifact.group(1))), ROUND_HALF_UP)
     return str(int(x)) if x == x.to_integral_value() else format(x, "f")  # 5.158e-07 -> "0.0000005158"
 
 
