@@ -108,7 +108,7 @@ def test_gold_normalisation_keeps_values_exact():
     strip = common._strip_number
     assert [strip(x) for x in ["1,000", "$145.0", 145.0, "2.50", "12345678901234567891", "1,2", "\\frac12"]] == \
         ["1000", "145", "145", "2.50", "12345678901234567891", "1,2", "\\frac12"]
-    assert strip(3244047.0999999996) == "3244047.0999999996" and strip(1e20) == "1" + "0" * 20
+    assert strip(3244047.0999999996) == "3244047.1" and strip(1e20) == "1" + "0" * 20
     assert strip(5.158e-07) == "0.0000005158" and strip("1e400") == "1E+400"
 
 
