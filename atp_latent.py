@@ -40,7 +40,9 @@ Deviations and choices (numbered, so the README can refer to them):
    log sigma^2 = Linear(d, d)(.) (initialised to `--init_logvar`, clamped to [-10, 4]). The spec
    says "MLP d->d, GELU, d->d, LayerNorm gives mu, log sigma^2"; we split the last layer in two.
 2. The decoder reads only the two latent vectors (no question, no earlier steps) and is trained
-   jointly with the LM during SFT (its CE gradient reaches the LM through z); it is frozen in RL.
+   jointly with the LM during SFT (its CE gradient reaches the LM through z); it is frozen in RL
+   (a bf16 copy with --bf16). It writes a step until any stop id (`common.stop_ids`: SFT teaches
+   the tokenizer's eos; an instruct model may end with its end of turn), as every rollout ends.
 3. The stop head is trained at every stage (stop after the last latent pair of that stage); at
    inference a row thinks at least c_thought latents and at most max_latents (then the end is
    forced and not scored).
@@ -49,7 +51,13 @@ Deviations and choices (numbered, so the README can refer to them):
 5. Defaults are sized for the toy task: SFT lr 1e-3 (as coconut_sft.py), 4 stages x 100 steps of
    64 examples; RL lr 5e-5 for 30 steps of 16 prompts x 8 rollouts (about 24 minutes for both at
    one thread on a shared 2-core CPU). The paper uses lr 1e-6 and group 8 in RL on LLaMA-3.2-1B
-   (the real-model commands below).
+   (the real-model commands below). Real models: starts are a plain or CoT model (SFT from stage
+   1; stage 0, language CoT, is coconut_sft.py's) or an ATP checkpoint (RL); --dataset is required
+   (with reasoning steps for SFT; a single local file gives a held-out tenth to evaluation);
+   --chat_template and --system_prompt shape the prompts of SFT, RL and eval.py alike (saved in
+   latent_config.json); --bf16 computes in bf16 over fp32 master weights; the LM and decoder are
+   saved in the start model's published dtype (--save_dtype). Each phase reads only its own flags
+   (their help says SFT: or RL:); a run that skips a phase notes the flags of that phase it got.
 6. Old log-probs are recomputed with a no-grad forward before the update (as verl does).
 7. Under torchrun the LM is wrapped by FSDP2/DDP; the heads and the decoder are small or frozen,
    kept whole on every rank, and their gradients are averaged by an all-reduce.
@@ -65,11 +73,16 @@ Commands:
     python eval.py --model runs/atp_latent --show_latents   # pass@1, #L, decoded latent steps
     python atp_latent.py --phase sft --output_dir runs/atp_sft
     python atp_latent.py --phase rl --model runs/atp_sft --output_dir runs/atp_rl
-    python atp_latent.py --phase sft --model runs/llama-cot --dataset whynlp/gsm8k-aug --learning_rate 1e-4 \
-        --steps_per_stage 3000 --train_batch_size 128 --micro_batch_size 16 --output_dir runs/llama-atp-sft
-    python atp_latent.py --phase rl --model runs/llama-atp-sft --dataset whynlp/gsm8k-aug --learning_rate 1e-6 \
-        --num_generations 8 --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --output_dir runs/llama-atp
-    torchrun --nproc_per_node 8 atp_latent.py --phase rl --model runs/llama-atp-sft ...
+    python coconut_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug --chat_template \\
+        --start_stage 0 --end_stage 0 --learning_rate 1e-4 --epochs_per_stage 3 --output_dir runs/llama-cot
+    python atp_latent.py --phase sft --model runs/llama-cot --dataset whynlp/gsm8k-aug --chat_template \\
+        --sft_learning_rate 1e-4 --steps_per_stage 3000 --sft_batch_size 128 --micro_batch_size 16 \\
+        --max_completion_length 256 --output_dir runs/llama-atp-sft
+    python atp_latent.py --phase rl --model runs/llama-atp-sft --dataset whynlp/gsm8k-aug --chat_template \\
+        --learning_rate 1e-6 --num_generations 8 --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 \\
+        --max_completion_length 256 --output_dir runs/llama-atp
+    torchrun --nproc_per_node 8 atp_latent.py --phase rl --model runs/llama-atp-sft --dataset whynlp/gsm8k-aug --chat_template ...
+    python eval.py --model runs/llama-atp --dataset whynlp/gsm8k-aug --max_completion_length 256 --show_latents
 """
 import copy
 import json
@@ -77,15 +90,16 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, DynamicCache, HfArgumentParser
+from transformers import AutoModelForCausalLM, DynamicCache
 
 import coconut_sft
 import common
@@ -94,50 +108,68 @@ from eval import evaluate
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "a CoT model (SFT first) or an ATP checkpoint (RL)"})
+    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "a plain or CoT model (SFT first) or an ATP checkpoint (RL)"})
     phase: str = field(default="", metadata={"help": "sft | rl | '' (SFT then RL, or RL alone from an ATP checkpoint)"})
-    dataset: str = "toy"
-    eval_dataset: str = ""
-    output_dir: str = "runs/atp_latent"
-    seed: int = 0
+    dataset: str = field(default="", metadata={"help": "training data with reasoning steps (SFT): a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
+    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
+    output_dir: str = field(default="runs/atp_latent", metadata={"help": "where the checkpoint, metrics.jsonl and plots go (SFT then RL: the SFT checkpoint goes to <output_dir>-sft)"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template, in SFT and RL (kept from the checkpoint if it was trained so)"})
+    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
     # --- SFT (Coconut-style curriculum with a VAE, a decoder and a stop head)
-    c_thought: int = 2
-    max_latent_stage: int = 3
-    start_stage: int = 1
-    end_stage: int = field(default=-1, metadata={"help": "-1 = max_latent_stage + 1 (every step latent)"})
-    steps_per_stage: int = 100
-    sft_batch_size: int = field(default=64, metadata={"help": "SFT examples per optimizer step, all ranks together"})
-    sft_learning_rate: float = 1e-3
-    kl_weight: float = 0.001
-    decoder_weight: float = 1.0
-    stop_weight: float = 1.0
-    init_logvar: float = field(default=-4.0, metadata={"help": "initial log sigma^2 of the VAE head"})
+    c_thought: int = field(default=2, metadata={"help": "SFT: latents per replaced step (RL reads it from the checkpoint)"})
+    max_latent_stage: int = field(default=3, metadata={"help": "SFT: at most this many steps become latents (RL reads it from the checkpoint)"})
+    start_stage: int = field(default=1, metadata={"help": "SFT: first curriculum stage (>= 1; the language CoT stage 0 is coconut_sft.py --end_stage 0)"})
+    end_stage: int = field(default=-1, metadata={"help": "SFT: last stage; -1 = max_latent_stage + 1 (every step latent)"})
+    steps_per_stage: int = field(default=100, metadata={"help": "SFT: optimizer steps per stage"})
+    sft_batch_size: int = field(default=64, metadata={"help": "SFT: examples per optimizer step, all ranks together"})
+    sft_learning_rate: float = field(default=1e-3, metadata={"help": "SFT: AdamW learning rate (LM, heads and decoder)"})
+    kl_weight: float = field(default=0.001, metadata={"help": "SFT: weight of the VAE's KL to N(0, I)"})
+    decoder_weight: float = field(default=1.0, metadata={"help": "SFT: weight of the decoder's cross-entropy"})
+    stop_weight: float = field(default=1.0, metadata={"help": "SFT: weight of the stop head's cross-entropy"})
+    init_logvar: float = field(default=-4.0, metadata={"help": "SFT: initial log sigma^2 of the VAE head"})
+    log_every: int = field(default=10, metadata={"help": "SFT: log every N steps"})
     micro_batch_size: int = field(default=64, metadata={"help": "examples (SFT) or rollouts (RL) per forward on one rank"})
     # --- RL
-    num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
-    train_batch_size: int = field(default=16, metadata={"help": "prompts per RL step, all ranks together"})
-    mini_batch_size: int = field(default=8, metadata={"help": "prompts per optimizer update (RL)"})
-    num_iterations: int = 1
-    epsilon: float = 0.2
-    log_ratio_clamp: float = 3.0
-    format_weight: float = 0.5
-    coherence_weight: float = 0.1
-    temperature: float = field(default=1.0, metadata={"help": "answer sampling temperature"})
-    top_p: float = 1.0
-    learning_rate: float = 5e-5
-    max_steps: int = field(default=30, metadata={"help": "RL steps"})
-    max_completion_length: int = 48
-    max_step_tokens: int = field(default=24, metadata={"help": "tokens the decoder writes per latent pair"})
+    num_generations: int = field(default=8, metadata={"help": "RL: G, rollouts per prompt"})
+    train_batch_size: int = field(default=16, metadata={"help": "RL: prompts per step, all ranks together"})
+    mini_batch_size: int = field(default=8, metadata={"help": "RL: prompts per optimizer update"})
+    num_iterations: int = field(default=1, metadata={"help": "RL: passes over each batch"})
+    epsilon: float = field(default=0.2, metadata={"help": "RL: PPO clip range"})
+    log_ratio_clamp: float = field(default=3.0, metadata={"help": "RL: the log-ratio is clamped to [-c, c]"})
+    format_weight: float = field(default=0.5, metadata={"help": "RL: reward weight of the format bonus"})
+    coherence_weight: float = field(default=0.1, metadata={"help": "RL: reward weight of coherence (times correct)"})
+    temperature: float = field(default=1.0, metadata={"help": "RL: answer sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "RL: answer nucleus sampling"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "RL: AdamW learning rate (LM and heads)"})
+    max_steps: int = field(default=30, metadata={"help": "RL: steps"})
+    max_step_tokens: int = field(default=24, metadata={"help": "RL: tokens the decoder writes per latent pair"})
+    eval_every: int = field(default=15, metadata={"help": "RL: evaluate every N steps"})
+    log_completions: bool = field(default=False, metadata={"help": "RL: write one completion per prompt to completions.jsonl"})
     # --- shared
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    max_train_samples: int = 0
-    max_eval_samples: int = 200
-    eval_every: int = 15
-    log_every: int = 10
-    log_completions: bool = False
-    distributed: str = "fsdp"
-    track: bool = False
+    max_completion_length: int = field(default=48, metadata={"help": "generated positions per rollout and evaluation, latents included"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (the LM, and the heads and decoder apart)"})
+    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
+    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights (LM and decoder): auto (the start model's published dtype) | float32 | bfloat16"})
+    distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
+    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
+
+
+# the flags only one phase reads (the others are read by both)
+SFT_ONLY = {"c_thought", "max_latent_stage", "start_stage", "end_stage", "steps_per_stage", "sft_batch_size",
+            "sft_learning_rate", "kl_weight", "decoder_weight", "stop_weight", "init_logvar", "log_every"}
+RL_ONLY = {"num_generations", "train_batch_size", "mini_batch_size", "num_iterations", "epsilon", "log_ratio_clamp",
+           "format_weight", "coherence_weight", "temperature", "top_p", "learning_rate", "max_steps", "max_step_tokens",
+           "eval_every", "log_completions"}
+
+
+def unread_flags(args, phases):
+    """The flags set away from their defaults that none of the running `phases` reads."""
+    skipped = (SFT_ONLY if "sft" not in phases else set()) | (RL_ONLY if "rl" not in phases else set())
+    return [f.name for f in fields(Args) if f.name in skipped and getattr(args, f.name) != f.default]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +297,8 @@ class ATPStep:
 @torch.no_grad()
 def decode_latent_pairs(decoder, tokenizer, latents, c, max_tokens=24):
     """Greedy decoding of every c consecutive latents of every row (latents: list of (n_i, d)
-    tensors). Returns, per row, the list of decoded step texts."""
+    tensors); a step ends at any stop id (`common.stop_ids`: the tokenizer's eos, which SFT
+    teaches, and an instruct model's end of turn). Returns, per row, the list of decoded step texts."""
     pairs = [(i, row[j:j + c]) for i, row in enumerate(latents) for j in range(0, len(row) - c + 1, c)]
     out = [[] for _ in latents]
     if not pairs:
@@ -274,6 +307,8 @@ def decode_latent_pairs(decoder, tokenizer, latents, c, max_tokens=24):
     device = next(dec.parameters()).device
     vec = torch.stack([p for _, p in pairs]).to(device)
     M, eos = len(pairs), tokenizer.eos_token_id
+    stop_list = common.stop_ids(decoder, tokenizer)
+    stops = torch.tensor(stop_list, device=device)
     ids = torch.full((M, c), eos, dtype=torch.long, device=device)
     mask = torch.ones((M, c + max_tokens), dtype=torch.long, device=device)
     cache = DynamicCache(config=dec.config)
@@ -284,13 +319,13 @@ def decode_latent_pairs(decoder, tokenizer, latents, c, max_tokens=24):
     for t in range(max_tokens):
         tok = logits[:, -1].argmax(-1).masked_fill(done, eos)
         written.append(tok)
-        done |= tok == eos
+        done |= torch.isin(tok, stops)
         if done.all():
             break
         logits, _ = common.lm_forward(decoder, tok[:, None], mask[:, :c + t + 1], torch.full((M, 1), c + t, device=device), cache)
     written = torch.stack(written, 1).tolist()
     for (i, _), toks in zip(pairs, written):
-        toks = toks[:toks.index(eos)] if eos in toks else toks
+        toks = toks[:next((k for k, x in enumerate(toks) if x in stop_list), len(toks))]
         out[i].append(tokenizer.decode(toks, skip_special_tokens=True))
     return out
 
@@ -345,7 +380,7 @@ def decode_latents(model, tokenizer, cfg, questions, decoder=None, max_tokens=24
         common.die("--show_latents needs the checkpoint's decoder/ folder (an ATP-Latent checkpoint)")
     step = ATPStep(model, cfg, tokenizer)
     prompts = common.reasoning_prompts(tokenizer, questions, cfg)
-    r = common.rollout(model, prompts, step, cfg["max_latents"] + 64, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    r = common.rollout(model, prompts, step, cfg["max_latents"] + 64, common.stop_ids(model, tokenizer), tokenizer.pad_token_id)
     steps = decode_latent_pairs(decoder, tokenizer, rollout_latents(r), cfg["c_thought"], max_tokens)
     return [(common.decode_completion(tokenizer, r, i), steps[i]) for i in range(len(questions))]
 
@@ -360,12 +395,15 @@ def load_decoder(folder, device, dtype):
 # ----------------------------------------------------------------------------------------------
 # SFT: Coconut's multi-pass forward with sampled latents; decoder, KL and stop losses
 
-def build_example(tokenizer, ex, stage, args, special):
+def build_example(tokenizer, ex, stage, args, special, cfg):
     """Coconut's step-wise example (prompt + <start>, n latents, tail, labels) plus the token ids
-    of the steps the latents replace (the decoder's targets)."""
+    of the steps the latents replace (the decoder's targets). The prompt is the one RL and eval.py
+    give the checkpoint (`common.reasoning_prompts` with `cfg`: chat template, system turn, then
+    <|start-latent|>)."""
     ns = SimpleNamespace(removal="step", c_thought=args.c_thought, max_latent_stage=args.max_latent_stage,
-                         chat_template=args.chat_template)
-    prompt, n_latent, tail, labels = coconut_sft.build_example(tokenizer, ex, stage, ns, special, 1)
+                         chat_template=False, system_prompt="")
+    _, n_latent, tail, labels = coconut_sft.build_example(tokenizer, ex, stage, ns, special, 1)
+    prompt = common.encode_prompt(tokenizer, ex["question"], cfg["prompt_format"] == "chat", cfg["system_prompt"]) + special[:1]
     targets = [tokenizer.encode(s, add_special_tokens=False) + [tokenizer.eos_token_id]
                for s in ex["steps"][:n_latent // args.c_thought]]
     return (prompt, n_latent, tail, labels), targets
@@ -429,7 +467,7 @@ def stop_targets(n_latent, n_max, c):
     return checked, (m == n_latent[:, None]).long()
 
 
-def run_sft(args, d, model, tokenizer, heads, decoder, train, test, logger, special):
+def run_sft(args, d, model, tokenizer, heads, decoder, train, test, logger, special, base):
     end = args.max_latent_stage + 1 if args.end_stage < 0 else args.end_stage
     stages = list(range(args.start_stage, end + 1))
     batch_size = args.sft_batch_size
@@ -437,13 +475,14 @@ def run_sft(args, d, model, tokenizer, heads, decoder, train, test, logger, spec
     params = [p for m in (model, heads, decoder) for p in m.parameters()]
     step, cfg = 0, None
     for stage in stages:
+        stage_cfg = atp_config(args, stage, "sft", base)
         optimizer = torch.optim.AdamW(params, lr=args.sft_learning_rate, weight_decay=args.weight_decay)  # reset per stage
         model.train(), heads.train(), decoder.train()
         rng = random.Random(args.seed * 1000 + stage)
         t0 = time.time()
         for i in tqdm(range(args.steps_per_stage), desc=f"sft stage {stage}", disable=not d.main):
             batch = rng.sample(range(len(train)), batch_size)[d.rank::d.world]
-            exs = [build_example(tokenizer, train[j], stage, args, special) for j in batch]
+            exs = [build_example(tokenizer, train[j], stage, args, special, stage_cfg) for j in batch]
             n_tok = common.all_sum(sum(sum(y != -100 for y in ex[0][3]) for ex in exs), d)
             stats = {"ce": 0.0, "dec_ce": 0.0, "kl": 0.0, "stop_ce": 0.0, "stop_acc": 0.0, "sigma": 0.0}
             for m0 in range(0, len(exs), micro):
@@ -480,7 +519,7 @@ def run_sft(args, d, model, tokenizer, heads, decoder, train, test, logger, spec
                        "s_per_step": (time.time() - t0) / args.log_every}
                 logger.log(row, step)
                 t0 = time.time()
-        cfg = atp_config(args, stage, "sft")
+        cfg = stage_cfg
         with torch.no_grad():
             res = evaluate(model, tokenizer, test, cfg, max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
         logger.log({"phase": "sft", "stage": stage, "eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
@@ -489,10 +528,10 @@ def run_sft(args, d, model, tokenizer, heads, decoder, train, test, logger, spec
     return cfg, step
 
 
-def atp_config(args, stage, phase):
-    return {"mode": "atp", "c_thought": args.c_thought, "max_latents": args.c_thought * args.max_latent_stage,
-            "stage": stage, "phase": phase, "prompt_format": "chat" if args.chat_template else "plain",
-            "method": "atp_latent", "base_model": args.model_name_or_path}
+def atp_config(args, stage, phase, base):
+    """latent_config.json of an ATP checkpoint; `base` holds how it prompts and its dataset."""
+    return {**base, "mode": "atp", "c_thought": args.c_thought, "max_latents": args.c_thought * args.max_latent_stage,
+            "stage": stage, "phase": phase, "method": "atp_latent", "base_model": args.model_name_or_path}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,10 +542,11 @@ def position_logprobs(model, heads, r, rows, temperature):
     stop check) at latents, log p(stop) where the stop head ended the span, log pi(token) at
     temperature for sampled tokens. Also sigma's mean over latents (for the log)."""
     ids, mask, latent_mask, latents = r.inputs(rows)
+    T = r.tokens.shape[1]  # logits of the positions that predict the completion only (not the prompt's)
     logits, hidden = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask,
-                                       latent_vectors=None if latents is None else latents.detach())
+                                       latent_vectors=None if latents is None else latents.detach(), logits_to_keep=T + 1)
     P = r.prompt_ids.shape[1]
-    logits = logits[:, P - 1:-1].float() / (temperature if temperature > 0 else 1.0)
+    logits = logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
     h_prev = hidden[:, P - 1:-1]                    # the hidden state each generated position was chosen from
     tok_lp = common.gather_logprobs(logits, r.tokens[rows])
     kinds, check = r.kinds[rows], r.extras["check"][rows]
@@ -578,12 +618,12 @@ def run_rl(args, d, model, tokenizer, heads, decoder, cfg, train, test, logger, 
         with common.timer(times, "rollout_s"), torch.no_grad():
             step_fn = ATPStep(model, cfg, tokenizer, args.temperature, top_p=args.top_p, sample=True)
             prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in batch], cfg)
-            r = common.rollout(model, prompts, step_fn, args.max_completion_length, tokenizer.eos_token_id,
+            r = common.rollout(model, prompts, step_fn, args.max_completion_length, common.stop_ids(model, tokenizer),
                                tokenizer.pad_token_id, num_generations=G)
             r.extras.update(step_fn.extras())
             texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         with common.timer(times, "decode_s"):
-            decoded = decode_latent_pairs(decoder, tokenizer, rollout_latents(r), args.c_thought, args.max_step_tokens)
+            decoded = decode_latent_pairs(decoder, tokenizer, rollout_latents(r), cfg["c_thought"], args.max_step_tokens)
         answers = [batch[i // G]["answer"] for i in range(len(texts))]
         rewards, correct, fmt, coh = atp_rewards(texts, r.finished.cpu(), answers, decoded, args)
         adv = group_advantages(rewards, G).to(d.device)
@@ -643,9 +683,10 @@ def run_rl(args, d, model, tokenizer, heads, decoder, cfg, train, test, logger, 
 
 # ----------------------------------------------------------------------------------------------
 
-def save(model, tokenizer, heads, decoder, out, cfg, d):
+def save(model, tokenizer, heads, decoder, out, cfg, d, save_dtype="auto"):
+    """The LM and its decoder/ in `save_dtype` ("auto": the start model's published dtype); the heads in fp32."""
     common.save_checkpoint(model, tokenizer, out, cfg, extra_modules={"vae_head": heads.vae, "stop_head": heads.stop},
-                           d=d, subfolders={"decoder": decoder})
+                           d=d, subfolders={"decoder": decoder}, save_dtype=save_dtype)
 
 
 def main(args):
@@ -655,6 +696,9 @@ def main(args):
         common.die(f"--c_thought must be at least 1 (got {args.c_thought})")
     if args.max_latent_stage < 1:
         common.die(f"--max_latent_stage must be at least 1 (got {args.max_latent_stage})")
+    if args.start_stage < 1:
+        common.die(f"--start_stage must be at least 1 (got {args.start_stage}); stage 0, language CoT, is "
+                   "coconut_sft.py --end_stage 0, whose checkpoint this script starts from")
     if args.num_generations < 2:
         common.die(f"--num_generations must be at least 2: the advantages compare rollouts within a group (got {args.num_generations})")
     if args.kl_weight < 0 or args.log_ratio_clamp <= 0:
@@ -664,42 +708,52 @@ def main(args):
     if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of --mini_batch_size "
                    f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
-    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
-    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
-    dtype = torch.float32 if d.device.type == "cpu" else None
-    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, dtype)
+    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)  # fp32 master weights
+    common.check_start(cfg, (None, "cot", "atp"), "atp_latent.py")
     is_atp = bool(cfg) and cfg.get("mode") == "atp"
     phases = [args.phase] if args.phase else (["rl"] if is_atp else ["sft", "rl"])
     if phases == ["rl"] and not is_atp:
         common.die(f"--phase rl needs an ATP-Latent checkpoint (latent_config mode atp); {args.model_name_or_path} is not one")
     if "sft" in phases and is_atp:
         common.die(f"{args.model_name_or_path} is already an ATP-Latent checkpoint: use --phase rl")
-    args.chat_template = bool(cfg) and cfg.get("prompt_format") == "chat"
+    unread = unread_flags(args, phases)
+    if unread and d.main:
+        print(f"note: this run ({' then '.join(phases).upper()}) does not read {', '.join('--' + n for n in unread)} "
+              "(flags of the other phase: see --help)", flush=True)
+    # how the checkpoint prompts (chat template, system turn) and its dataset: the same in SFT, RL and eval.py
+    start = dict(cfg or {"mode": "cot"})
+    train, test = common.load_train_eval(args, start)
+    base = {**common.prompt_settings(args, start, train), "dataset": start["dataset"]}
+    bf16 = common.use_bf16(args.bf16, d.device)
     if "sft" in phases:
         if len(train) < args.sft_batch_size or args.sft_batch_size % d.world:
             common.die(f"--sft_batch_size {args.sft_batch_size} must divide among {d.world} processes and not exceed "
                        f"the training set ({len(train)} examples)")
         if not any(ex["steps"] for ex in train):
-            common.die(f"dataset {args.dataset!r} has no reasoning steps: the latents replace steps")
+            common.die(f"dataset {base['dataset']!r} has no reasoning steps: the latents replace steps")
         special = common.add_special_tokens(model, tokenizer, [common.START_LATENT, common.END_LATENT, common.LATENT])
         decoder = copy.deepcopy(model)                    # the decoder starts as a copy of the start model
         heads = attach_heads(model, ATPHeads(model.config.hidden_size, args.init_logvar).to(d.device))
     else:
         heads = model.atp_heads
-        decoder = load_decoder(args.model_name_or_path, d.device, next(model.parameters()).dtype)
+        decoder = load_decoder(args.model_name_or_path, d.device, torch.bfloat16 if bf16 else torch.float32)  # frozen in RL
+        cfg = {**cfg, **base}
+    decoder = common.wrap_model(decoder, common.Dist(), bf16=bf16)  # whole on every rank; computes in bf16 like the LM
     object.__setattr__(model, "atp_decoder", decoder)
-    model = common.wrap_model(model, d, args.distributed)
+    model = common.wrap_model(model, d, args.distributed, bf16)
     logger = common.Logger(args.output_dir, args, d, args.track)
     step = 0
     if "sft" in phases:
-        cfg, step = run_sft(args, d, model, tokenizer, heads, decoder, train, test, logger, special)
+        cfg, step = run_sft(args, d, model, tokenizer, heads, decoder, train, test, logger, special, base)
         out = args.output_dir if phases == ["sft"] else args.output_dir.rstrip("/") + "-sft"
-        save(model, tokenizer, heads, decoder, out, cfg, d)
+        save(model, tokenizer, heads, decoder, out, cfg, d, args.save_dtype)
         if d.main:
             print(f"saved the SFT checkpoint {out}")
     if "rl" in phases:
+        if bf16:  # the decoder is frozen in RL: a bf16 copy, like a frozen reference model
+            decoder.to(torch.bfloat16)
         cfg = run_rl(args, d, model, tokenizer, heads, decoder, cfg, train, test, logger, step)
-        save(model, tokenizer, heads, decoder, args.output_dir, cfg, d)
+        save(model, tokenizer, heads, decoder, args.output_dir, cfg, d, args.save_dtype)
     if d.main:
         common.plot_metrics(args.output_dir, ["ce", "dec_ce", "kl", "stop_acc", "reward", "coherence", "eval_acc", "eval_mean_L"])
         print(f"saved {args.output_dir}")
@@ -707,4 +761,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(common.parse_args(Args))

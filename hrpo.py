@@ -19,15 +19,16 @@ Lambda starts at -log(u^(-1/c) - 1) with u ~ U(r_min, r_max), so a = u^r starts 
 model starts out reading almost plain token embeddings and RL decides how much of h~ to let in.
 The hidden ratio, mean(1 - a), is what the paper tracks. After the marker, decoding is plain.
 
-Training is REINFORCE: reward 1 only for exactly one answer marker with the right number after
-it; group advantage A = (R - mean) / (std + 1e-4); loss -A * log pi(token) (no ratio, no clipping:
-strictly on-policy, one update per batch, because the hybrid inputs depend on the current weights)
-plus beta * k3 KL to the frozen base model (adapters off, no gate, plain token inputs), averaged
-over each completion's tokens, then over completions. The rollout stores h~ and the span; the
-training forward recomputes the gates from the stored h~ (and the token embeddings), so the
-gradient reaches W_r, W_i and Lambda through every later token's log-prob. The language model
-trains through LoRA (peft, r 32, alpha 64, all linear layers) or fully (--lora_r 0); the gate and
-Lambda always train fully, each at its own learning rate.
+Training is REINFORCE: reward 1 for a correct final answer as eval.py checks it (the paper also
+demands exactly one answer marker: --strict_format, deviation 1); group advantage A = (R - mean) /
+(std + 1e-4); loss -A * log pi(token) (no ratio, no clipping: strictly on-policy, one update per
+batch, because the hybrid inputs depend on the current weights) plus beta * k3 KL to the frozen
+base model (adapters off, no gate, plain token inputs), averaged over each completion's tokens,
+then over completions. The rollout stores h~ and the span; the training forward recomputes the
+gates from the stored h~ (and the token embeddings), so the gradient reaches W_r, W_i and Lambda
+through every later token's log-prob. The language model trains through LoRA (peft, r 32, alpha 64,
+all linear layers) or fully (--lora_r 0); the gate and Lambda always train fully, each at its own
+learning rate.
 
 Where the code lives: the gate, h~, the span and the hybrid rollout step are all here.
 `common.reasoning_step` dispatches mode "hybrid" to `hrpo.hybrid_step` with a lazy `import hrpo`,
@@ -38,9 +39,13 @@ the training forward (the whole completion), and the hook sees the embedding out
 gradients and FSDP behave as in an ordinary forward.
 
 Deviations and choices:
-1. The answer marker is this project's "###" (GSM8K's "####" contains it); the reward counts
-   exactly one "###". A token's input is hybrid while the text up to and including that token
-   has no marker yet.
+1. The answer marker is this project's "###" (GSM8K's "####" contains it, and the default system
+   prompt of --chat_template asks for "#### <number>"). A token's input is hybrid while the text up
+   to and including that token has no marker yet (with \\boxed{} answers there is no marker: the
+   whole completion is hybrid). The reward is `common.is_correct`, eval.py's checker, whatever the
+   format: "The answer is 20." earns 1, so a model never trained on this project's format gets a
+   signal, and the training reward means what eval's pass@1 means. --strict_format restores the
+   paper's rule (0 unless the completion has exactly one "###"; off by default).
 2. The KL and the log-probs use T = 1 (as the code); sampling and h~ use tau (--temperature).
 3. Lambda gets no weight decay (the others get --weight_decay 0.1): with decay, AdamW would pull
    Lambda toward 0 and raise the hidden ratio by itself, and a rising hidden ratio is the finding.
@@ -56,29 +61,38 @@ Deviations and choices:
    LoRA at 1e-3 lost half the reward within 20 steps); the real-model command uses the paper's
    5e-6 / 1e-4 / 1e-3.
 9. Saved checkpoints hold merged weights (LoRA folded into the base), so plain transformers loads
-   them; the gate is gate.safetensors and latent_config.json says {"mode": "hybrid", ...}.
+   them, in the start model's published dtype (--save_dtype); the gate is gate.safetensors (fp32)
+   and latent_config.json says {"mode": "hybrid", ...}.
+10. Real models: starts are a plain causal LM, a CoT checkpoint, or an HRPO checkpoint (training
+    continues with its gate); --dataset is required off the toy model (a single local file gives a
+    tenth of its rows, held out, to evaluation). --chat_template and --system_prompt set the prompt,
+    saved in latent_config.json so that eval.py prompts the same way. Rollouts end at any stop id
+    (the tokenizer's eos and the generation config's, e.g. <|im_end|>). --bf16 (default on a bf16
+    GPU) computes in bf16 over fp32 master weights; the frozen reference of full fine-tuning is a
+    bf16 copy.
 
 Commands:
     python hrpo.py                                                   # toy CoT checkpoint, LoRA
     python hrpo.py --lora_r 0 --learning_rate 1e-4 --output_dir runs/hrpo_full
     python hrpo.py --no_gate --output_dir runs/hrpo_no_gate         # the ablation
-    python hrpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --learning_rate 5e-6 \\
+    python hrpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --chat_template --learning_rate 5e-6 \\
         --gate_learning_rate 1e-4 --lambda_learning_rate 1e-3 --train_batch_size 32 --num_generations 8 \\
-        --micro_batch_size 8 --max_completion_length 1024 --max_steps 1000
-    torchrun --nproc_per_node 8 hrpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k ...
+        --micro_batch_size 8 --max_completion_length 1024 --max_steps 1000 --output_dir runs/hrpo-qwen
+    torchrun --nproc_per_node 8 hrpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --chat_template ...
     python eval.py --model runs/hrpo
+    python eval.py --model runs/hrpo-qwen --dataset openai/gsm8k --max_completion_length 1024
 """
 import copy
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import common
 from eval import evaluate
@@ -86,36 +100,41 @@ from eval import evaluate
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "a CoT checkpoint or any causal LM"})
-    dataset: str = "toy"
-    eval_dataset: str = ""
-    output_dir: str = "runs/hrpo"
-    seed: int = 0
+    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "a plain causal LM, a CoT checkpoint, or an HRPO checkpoint (training continues with its gate)"})
+    dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
+    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
+    output_dir: str = field(default="runs/hrpo", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the checkpoint if it was trained so)"})
+    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
+    strict_format: bool = field(default=False, metadata={"help": "the paper's reward: 1 only with exactly one answer marker (###; GSM8K's #### counts once) and a correct answer; default: correct as eval.py checks it"})
     num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
     train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
     beta: float = field(default=0.005, metadata={"help": "k3 KL coefficient to the frozen base model"})
     temperature: float = field(default=0.5, metadata={"help": "tau: sampling temperature and the sharpness of h~"})
-    max_completion_length: int = 48
+    max_completion_length: int = field(default=48, metadata={"help": "generated tokens per rollout"})
     lora_r: int = field(default=32, metadata={"help": "LoRA rank on all linear layers; 0 = full fine-tuning"})
-    lora_alpha: int = 64
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha"})
     learning_rate: float = field(default=1e-4, metadata={"help": "language model (LoRA or full)"})
     gate_learning_rate: float = field(default=1e-2, metadata={"help": "W_r, W_i and their biases"})
     lambda_learning_rate: float = field(default=5e-2, metadata={"help": "Lambda"})
-    weight_decay: float = 0.1
-    max_grad_norm: float = 0.1
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on Lambda)"})
+    max_grad_norm: float = field(default=0.1, metadata={"help": "gradient clipping, the language model and the gate each"})
     c: float = field(default=8.0, metadata={"help": "the gate's scale c in a = exp(-c softplus(-Lambda) r)"})
     r_min: float = field(default=0.99, metadata={"help": "a starts as u^r with u ~ U(r_min, r_max)"})
-    r_max: float = 0.999
+    r_max: float = field(default=0.999, metadata={"help": "see --r_min"})
     no_gate: bool = field(default=False, metadata={"help": "ablation: plain interpolation (1-w) e + w h~, no gate"})
     interp_weight: float = field(default=0.5, metadata={"help": "w of --no_gate"})
-    max_steps: int = 60
-    max_train_samples: int = 0
-    max_eval_samples: int = 200
-    eval_every: int = 20
-    log_completions: bool = False
-    distributed: str = field(default="ddp", metadata={"help": "ddp | fsdp (fsdp only with --lora_r 0)"})
-    track: bool = False
+    max_steps: int = field(default=60, metadata={"help": "training steps"})
+    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
+    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
+    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
+    log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt to completions.jsonl"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
+    distributed: str = field(default="ddp", metadata={"help": "under torchrun: ddp | fsdp (fsdp only with --lora_r 0)"})
+    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,11 +260,12 @@ def hybrid_step(model, tokenizer, cfg, temperature=0.0, top_k=0, top_p=1.0, stor
 # ----------------------------------------------------------------------------------------------
 # the algorithm: reward, group advantages, REINFORCE with a k3 KL
 
-def reward(text, gold):
-    """1 only with exactly one answer marker and the right number after it."""
-    if text.count(common.ANSWER_MARKER) != 1:
+def reward(text, gold, strict_format=False):
+    """1 for a correct final answer as eval.py checks it (`common.is_correct`), else 0. With
+    `strict_format` (the paper's rule), also 0 unless the text has exactly one answer marker."""
+    if strict_format and text.count(common.ANSWER_MARKER) != 1:
         return 0.0
-    return float(common.is_correct(common.ANSWER_MARKER + text.split(common.ANSWER_MARKER, 1)[1], gold))
+    return float(common.is_correct(text, gold))
 
 
 def group_advantages(rewards, G, eps=1e-4):
@@ -270,6 +290,19 @@ def reinforce_loss(logp, ref_logp, adv, mask, beta, n_seqs):
     return ((per_tok * mask).sum(1) / n_tok).sum() / n_seqs, ((kl * mask).sum(1) / n_tok).sum().detach()
 
 
+def hybrid_rollout(model, tokenizer, cfg, questions, num_generations, max_new_tokens, temperature):
+    """`num_generations` hybrid completions per question, sampled at tau, each ending at any stop id
+    (`common.stop_ids`: an instruct model ends its turn with <|im_end|> or <|eot_id|>, not only the
+    tokenizer's eos). The h~ and span of every step are stored in r.extras for the training forward."""
+    step_fn = hybrid_step(model, tokenizer, cfg, temperature, store=True)
+    prompts = common.reasoning_prompts(tokenizer, questions, cfg)
+    r = common.rollout(model, prompts, step_fn, max_new_tokens, common.stop_ids(model, tokenizer),
+                       tokenizer.pad_token_id, num_generations=num_generations)
+    T = r.tokens.shape[1]
+    r.extras.update(h=torch.stack(step_fn.hs[:T], 1).clone(), span=torch.stack(step_fn.spans[:T], 1).clone() & r.mask.bool())
+    return r
+
+
 def completion_logprobs(model, r, rows, hyb=None):
     """log pi(token) at T = 1 of rollout rows `rows`, from one forward over prompt + completion. With
     `hyb`, the stored h~ and span are fed back through the gate (recomputed, with gradients);
@@ -281,8 +314,9 @@ def completion_logprobs(model, r, rows, hyb=None):
         n = h.shape[0]
         hyb.arm(ids, torch.cat([h.new_zeros(n, P, h.shape[2]), h], 1),
                 torch.cat([span.new_zeros(n, P), span], 1))
-    logits, _ = common.lm_forward(model, ids, mask, common.positions(mask))
-    return common.gather_logprobs(logits[:, P - 1:-1].float(), r.tokens[rows])
+    T = r.tokens.shape[1]  # logits of the positions that predict the completion only (not the prompt's)
+    logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), logits_to_keep=T + 1)
+    return common.gather_logprobs(logits[:, :-1].float(), r.tokens[rows])
 
 
 def main(args):
@@ -301,18 +335,18 @@ def main(args):
         common.die("LoRA runs under DDP (--distributed ddp); FSDP2 is for full fine-tuning (--lora_r 0)")
     if args.train_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of the {d.world} processes")
-    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
-    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
-    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
-    cfg = dict(cfg or {"mode": "cot", "prompt_format": "plain"})
-    if cfg["mode"] not in ("cot", "hybrid"):
-        common.die(f"HRPO starts from a language (CoT) model; {args.model_name_or_path!r} reasons in mode {cfg['mode']!r}")
+    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)  # fp32 master weights
+    common.check_start(cfg, (None, "cot", "hybrid"), "hrpo.py")  # HRPO starts from language reasoning (or continues)
+    cfg = dict(cfg or {"mode": "cot"})
+    train, test = common.load_train_eval(args, cfg)
+    cfg.update(common.prompt_settings(args, cfg, train))  # chat template and system turn: saved, so eval.py prompts the same
+    bf16 = common.use_bf16(args.bf16, d.device)
     d_model = model.get_input_embeddings().weight.shape[1]
     # ---- the reference (base model, no gate), the gate, the adapters: the same on every rank
     torch.manual_seed(args.seed)
     ref = None
     if args.beta > 0 and args.lora_r == 0:  # with LoRA the reference is the policy with its adapters off
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
         if args.distributed == "fsdp":
             ref = common.wrap_model(ref, d, "fsdp")
     gate = Gate(d_model, args.c, args.r_min, args.r_max, args.interp_weight if args.no_gate else None).to(d.device)
@@ -324,7 +358,7 @@ def main(args):
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     common.seed_everything(args.seed, d.rank)
-    model = common.wrap_model(model, d, args.distributed)
+    model = common.wrap_model(model, d, args.distributed, bf16)
     gate_params = [p for n, p in gate.named_parameters() if n != "Lambda"]
     optimizer = torch.optim.AdamW([
         {"params": [p for p in model.parameters() if p.requires_grad], "lr": args.learning_rate},
@@ -354,15 +388,12 @@ def main(args):
         model.eval()
         hyb.reset_stats()
         with common.timer(times, "rollout_s"):
-            step_fn = hybrid_step(model, tokenizer, cfg, args.temperature, store=True)
-            prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in batch], cfg)
-            r = common.rollout(model, prompts, step_fn, args.max_completion_length, tokenizer.eos_token_id,
-                               tokenizer.pad_token_id, num_generations=G)
-            T = r.tokens.shape[1]
-            r.extras.update(h=torch.stack(step_fn.hs[:T], 1).clone(), span=torch.stack(step_fn.spans[:T], 1).clone() & r.mask.bool())
+            r = hybrid_rollout(model, tokenizer, cfg, [ex["question"] for ex in batch], G, args.max_completion_length,
+                               args.temperature)
         hidden_ratio = hyb.hidden_ratio
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
-        rewards = torch.tensor([reward(t, batch[i // G]["answer"]) for i, t in enumerate(texts)], device=d.device)
+        rewards = torch.tensor([reward(t, batch[i // G]["answer"], args.strict_format) for i, t in enumerate(texts)],
+                               device=d.device)
         adv = group_advantages(rewards, G)
         loss_mask = r.mask.float()  # every generated position is a sampled token
         # ---- the reference log-probs: the base model, no gate, plain token inputs
@@ -416,7 +447,7 @@ def main(args):
     if args.lora_r > 0:
         model = common.unwrap(model).merge_and_unload()
     cfg.update(method="hrpo", base_model=args.model_name_or_path, lora_r=args.lora_r)
-    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, extra_modules={"gate": gate}, d=d)
+    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, extra_modules={"gate": gate}, d=d, save_dtype=args.save_dtype)
     if d.main:
         common.plot_metrics(args.output_dir, ["reward", "eval_acc", "completion_length", "hidden_ratio", "kl"])
         print(f"pass@1 {start['pass@1']:.3f} -> {final['pass@1']:.3f}   #L {start['mean_L']:.1f} -> {final['mean_L']:.1f}"
@@ -425,4 +456,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(common.parse_args(Args))

@@ -99,13 +99,15 @@ def test_kl_is_zero_against_an_identical_reference(cot):
     assert kl.item() == 0.0
 
 
-def test_reward_needs_exactly_one_marker():
+def test_reward_is_evals_checker_and_the_marker_rule_is_strict_format():
     assert hrpo.reward("<<2*3=6>>\n### 6", "6") == 1.0
-    assert hrpo.reward("<<2*3=6>>\n#### 6", "6") == 1.0          # GSM8K's marker contains ours once
-    assert hrpo.reward("<<2*3=6>>\n### 6 ### 6", "6") == 0.0
-    assert hrpo.reward("<<2*3=6>>\nso 6", "6") == 0.0              # no marker: no reward, even if right
+    assert hrpo.reward("<<2*3=6>>\nso 6", "6") == 1.0              # no marker: right is right, as in eval.py
     assert hrpo.reward("### 7", "6") == 0.0
-    assert hrpo.reward("### 6 apples, not 7", "6") == 1.0
+    assert hrpo.reward("<<2*3=6>>\n### 6", "6", strict_format=True) == 1.0
+    assert hrpo.reward("<<2*3=6>>\n#### 6", "6", strict_format=True) == 1.0   # GSM8K's marker contains ours once
+    assert hrpo.reward("<<2*3=6>>\n### 6 ### 6", "6", strict_format=True) == 0.0
+    assert hrpo.reward("<<2*3=6>>\nso 6", "6", strict_format=True) == 0.0      # the paper's rule: no marker, no reward
+    assert hrpo.reward("### 6 apples, not 7", "6", strict_format=True) == 1.0
 
 
 def test_group_advantages_and_reinforce_loss_by_hand():
@@ -249,7 +251,7 @@ def test_no_gate_ablation_leaves_the_gate_alone(tmp_path):
     (["--r_min", "0.9995"], "need 0 < --r_min <= --r_max < 1"),
     (["--temperature", "0"], "--temperature (tau) must be > 0"),
     (["--distributed", "deepspeed"], "unknown --distributed"),
-    (["--model", common.TOY_COCONUT], "HRPO starts from a language (CoT) model"),
+    (["--model", common.TOY_COCONUT], "hrpo.py does not train 'coconut' checkpoints"),
 ])
 def test_bad_input(argv, words, tmp_path):
     assert words in main_error("hrpo", *FAST, *argv, "--output_dir", tmp_path / "x")
