@@ -32,10 +32,11 @@ its own flag so the seed's ablation runs:
    averages them into a state that is no path at all). Later tokens keep their advantages.
 
 The rest: PPO clip (0.8, 1.2) with dual clip 3 for negative advantages, token-mean over latent
-and answer positions, optional k3 KL; input embedding and LM head frozen; groups with no signal
-(all advantages 0) are dropped and sampling continues until the batch is full (DAPO-style,
-at most `--max_num_gen_batches` rounds); the fraction of latent tokens is logged, since RL can
-drift back toward explicit text (the authors' repo, issue #2).
+and answer positions, optional k3 KL; input embedding and LM head frozen (but for the marker rows
+this run adds, deviation 6); groups with no signal (all advantages 0) are dropped and sampling
+continues until the batch is full (DAPO-style, at most `--max_num_gen_batches` rounds); the
+fraction of latent tokens is logged, since RL can drift back toward explicit text (the authors'
+repo, issue #2).
 
 Deviations and choices:
 1. The </think> token that ends a think span is scored as an ordinary token (log-prob at the
@@ -47,9 +48,24 @@ Deviations and choices:
 4. `--noise_eps` (the paper's small offset, 1e-6 here; the code uses 0).
 5. Defaults are sized for the toy task (learning rate 3e-5 on the 1M-parameter Latent-SFT toy
    model, 16 prompts x 8 rollouts, 2 mini-batches per step); the real commands use the paper's.
-6. Started from a model that never saw Latent-SFT, the file still runs: <think>/</think> are
-   added if missing, the latent span is capped at `--max_latent_steps` (then </think> is forced)
-   and a warning says that the paper initialises from Latent-SFT.
+6. Starts from a Latent-SFT checkpoint (mode "mixture"), or from a plain model or CoT checkpoint
+   that never saw Latent-SFT; other methods' checkpoints (Coconut, HRPO's hybrid, ATP-Latent) are
+   refused in one line naming the script that trains them. From a start without Latent-SFT a
+   warning says that the paper initialises from Latent-SFT, the latent span is capped at
+   `--max_latent_steps` (default min(48, half of `--max_completion_length`); then </think> is
+   forced), and <think>/</think> are added if missing (Qwen2.5, Llama-3.2, SmolLM2 lack them) as
+   rows of their own (table mean plus small noise: a copy of an existing token would tie its
+   logit forever, the tables being frozen). Those two rows train although the rest of the embedding
+   and LM head stays frozen: the tables keep requires_grad in an optimizer group without weight
+   decay, and `common.mask_row_grads` zeroes every other row's gradient before clipping, so Adam
+   leaves the old rows exactly unchanged (under FSDP2 too). Their full Adam state is the cost.
+7. Prompts as the start checkpoint recorded them (latent_config.json: chat template and system
+   prompt), or `--chat_template` / `--system_prompt` for a plain model. Rollouts stop at every id
+   of `common.stop_ids` (an instruct model ends its turn with <|im_end|> or <|eot_id|>): only those
+   rollouts are valid. `--dataset` is required off the toy model; a single local file gives up a
+   tenth of its rows for evaluation. `--bf16` (default on a bf16 GPU) computes in bf16 on fp32
+   master weights (the KL reference is kept in bf16); the checkpoint is saved in the start model's
+   published dtype (`--save_dtype`).
 
 On the toy task the full method (all three designs) drifted into non-terminating latent chains
 late in both runs we made, while `--first_token_selection false` and `--one_sided_noise false`
@@ -61,9 +77,12 @@ Commands:
     python latent_grpo.py --first_token_selection false --output_dir runs/lgrpo_no_fts              # ablation
     python latent_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --learning_rate 1e-6 \
         --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 128
+        # (Latent-SFT run with --chat_template: the chat prompts and system prompt come from its latent_config.json)
     torchrun --nproc_per_node 8 latent_grpo.py --model Qwen/Qwen2.5-Math-7B --dataset HuggingFaceH4/MATH-500 \
         --learning_rate 1e-6 --beta 0.001 --train_batch_size 32 --mini_batch_size 32 --micro_batch_size 4 \
         --max_completion_length 4096 --max_latent_steps 2048   # runs, but the paper starts from Latent-SFT
+    python latent_grpo.py --model meta-llama/Llama-3.2-1B-Instruct --dataset openai/gsm8k --chat_template \
+        --learning_rate 1e-6 --max_completion_length 256       # an instruct model without Latent-SFT: warned, capped
 """
 import copy
 import json
@@ -71,10 +90,10 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import common
 from eval import evaluate
@@ -82,44 +101,48 @@ from eval import evaluate
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_LATENT_SFT, metadata={"aliases": ["--model"], "help": "a Latent-SFT checkpoint (or any causal LM, with a warning)"})
-    dataset: str = "toy"
-    eval_dataset: str = ""
-    output_dir: str = "runs/latent_grpo"
-    seed: int = 0
+    model_name_or_path: str = field(default=common.TOY_LATENT_SFT, metadata={"aliases": ["--model"], "help": "a Latent-SFT checkpoint (or a plain model or CoT checkpoint, with a warning and a latent cap)"})
+    dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
+    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
+    output_dir: str = field(default="runs/latent_grpo", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the checkpoint if it was trained so)"})
+    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
     num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
     train_batch_size: int = field(default=16, metadata={"help": "prompts (groups with signal) per step, all ranks together"})
     mini_batch_size: int = field(default=8, metadata={"help": "prompts per optimizer update"})
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
     num_iterations: int = field(default=1, metadata={"help": "passes over each batch"})
     max_num_gen_batches: int = field(default=4, metadata={"help": "rollout rounds per step to fill the batch with groups that carry signal"})
-    epsilon: float = 0.2
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range (lower, and upper unless --epsilon_high)"})
     epsilon_high: float = field(default=-1.0, metadata={"help": "upper clip; -1 = epsilon"})
     dual_clip: float = field(default=3.0, metadata={"help": "c of the dual clip for negative advantages (0 = off)"})
     beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the frozen start model (paper: 0 / 0.001)"})
     top_k: int = field(default=10, metadata={"help": "vocabulary entries per latent token"})
     tau_g: float = field(default=1.0, metadata={"help": "temperature of the latent mixture weights"})
-    noise_scale: float = 1.0
-    noise_eps: float = 1e-6
-    one_sided_noise: bool = True
+    noise_scale: float = field(default=1.0, metadata={"help": "scale of the Gumbel noise on the latent scores"})
+    noise_eps: float = field(default=1e-6, metadata={"help": "offset added to the one-sided noise (the paper's eps; its code uses 0)"})
+    one_sided_noise: bool = field(default=True, metadata={"help": "design 2: shift the clamped Gumbel noise to >= 0 (false: two-sided)"})
     ste: str = field(default="paper", metadata={"help": "straight-through rule for crossed targets: paper | code | none"})
-    mask_invalid: bool = True
+    mask_invalid: bool = field(default=True, metadata={"help": "design 1: rollouts that never end get advantage 0 and leave the group statistics"})
     single_valid_advantage: str = field(default="reward", metadata={"help": "a group's lone valid rollout: reward (A = R, the authors' code) | zero (the paper)"})
-    first_token_selection: bool = True
+    first_token_selection: bool = field(default=True, metadata={"help": "design 3: only the best correct rollout of a group keeps its first-token advantage"})
     temperature: float = field(default=0.6, metadata={"help": "answer sampling temperature (after </think>)"})
-    top_p: float = 0.95
-    max_completion_length: int = 64
-    max_latent_steps: int = field(default=-1, metadata={"help": "cap on latent tokens (then </think> is forced); -1 = the checkpoint's, or 48"})
-    learning_rate: float = 3e-5
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    max_steps: int = 60
-    max_train_samples: int = 0
-    max_eval_samples: int = 200
-    eval_every: int = 20
-    log_completions: bool = False
-    distributed: str = "fsdp"
-    track: bool = False
+    top_p: float = field(default=0.95, metadata={"help": "answer nucleus sampling (after </think>)"})
+    max_completion_length: int = field(default=64, metadata={"help": "generated positions per rollout, latents included"})
+    max_latent_steps: int = field(default=-1, metadata={"help": "cap on latent tokens (then </think> is forced); -1 = the checkpoint's, or for a start without latent SFT min(48, half of --max_completion_length)"})
+    learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (constant)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on the added marker rows)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    max_steps: int = field(default=60, metadata={"help": "training steps"})
+    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
+    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
+    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
+    log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt to completions.jsonl"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
+    distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
+    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,32 +248,45 @@ def main(args):
     if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of --mini_batch_size "
                    f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
-    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
-    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
-    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
-    if not cfg or cfg.get("mode") != "mixture":
+    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
+    common.check_start(cfg, (None, "cot", "mixture"), "latent_grpo.py")
+    start_cfg = dict(cfg or {})
+    train, test = common.load_train_eval(args, start_cfg)
+    prompting = common.prompt_settings(args, start_cfg, train)
+    cap = args.max_latent_steps if args.max_latent_steps >= 0 else start_cfg.get("max_latent_steps", min(48, args.max_completion_length // 2))
+    new_rows = []
+    if start_cfg.get("mode") != "mixture":
         if d.main:
             print(f"warning: {args.model_name_or_path} never saw latent SFT: Latent-GRPO's paper initialises from a "
-                  "Latent-SFT model (latent_sft.py); expect the latent span to start as noise", file=sys.stderr)
-        common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK])
-        cfg = {"mode": "mixture", "top_k": args.top_k, "max_latent_steps": 48,
-               "prompt_format": (cfg or {}).get("prompt_format", "plain")}
-    cfg = dict(cfg, top_k=args.top_k)
-    if args.max_latent_steps >= 0:
-        cfg["max_latent_steps"] = args.max_latent_steps
+                  f"Latent-SFT model (latent_sft.py); expect the latent span to start as noise (capped at {cap} "
+                  "latent steps, --max_latent_steps, then </think> is forced)", file=sys.stderr)
+        had = set(tokenizer.get_vocab())
+        markers = common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK], init_from=None)
+        new_rows = [i for i, t in zip(markers, [common.START_THINK, common.END_THINK]) if t not in had]
+        start_cfg["mode"] = "mixture"
+    cfg = {**start_cfg, "top_k": args.top_k, **prompting, "max_latent_steps": cap}
     end_think = common.require_tokens(tokenizer, [common.START_THINK, common.END_THINK], "Latent-GRPO")[1]
-    # frozen input embedding and LM head: the latent space stays the vocabulary's span
-    model.get_input_embeddings().requires_grad_(False)
-    if model.get_output_embeddings() is not None:
-        model.get_output_embeddings().requires_grad_(False)
+    # frozen input embedding and LM head: the latent space stays the vocabulary's span. Rows this
+    # run added (<think>, </think> of a model without latent SFT) must learn all the same: the
+    # tables then keep requires_grad, train without weight decay, and `mask_row_grads` zeroes the
+    # gradient of every other row, so Adam leaves those exactly as they were.
+    def tables():  # the input embedding and LM head weights (a tied head once); FSDP2 replaces them when it wraps
+        m = common.unwrap(model)
+        ws = [mod.weight for mod in (m.get_input_embeddings(), m.get_output_embeddings()) if mod is not None]
+        return [w for i, w in enumerate(ws) if all(w is not v for v in ws[:i])]
+    for w in tables():
+        w.requires_grad_(bool(new_rows))
+    bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
     ref = None
-    if args.beta > 0:
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.beta > 0:  # frozen: kept in bf16 when computing in bf16
+        ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
         if args.distributed == "fsdp":
             ref = common.wrap_model(ref, d, "fsdp")
-    model = common.wrap_model(model, d, args.distributed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
+    model = common.wrap_model(model, d, args.distributed, bf16)
+    rows = [w for w in tables() if w.requires_grad]
+    body = [p for p in model.parameters() if p.requires_grad and all(p is not w for w in rows)]
+    optimizer = torch.optim.AdamW([{"params": body}] + ([{"params": rows, "weight_decay": 0.0}] if rows else []),
+                                  lr=args.learning_rate, weight_decay=args.weight_decay)
     logger = common.Logger(args.output_dir, args, d, args.track)
     G, eps_high = args.num_generations, args.epsilon if args.epsilon_high < 0 else args.epsilon_high
     need = args.train_batch_size // d.world  # groups per rank
@@ -269,8 +305,8 @@ def main(args):
                                                            args.one_sided_noise, args.noise_eps),
                                    end_think, cfg["max_latent_steps"], args.temperature, 0, args.top_p)
         prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in batch], cfg)
-        r = common.rollout(model, prompts, step_fn, args.max_completion_length, tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, num_generations=G)
+        r = common.rollout(model, prompts, step_fn, args.max_completion_length, stop, tokenizer.pad_token_id,
+                           num_generations=G)
         r.extras.update(step_fn.extras())
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         correct = torch.tensor([common.is_correct(t, batch[i // G]["answer"]) for i, t in enumerate(texts)], device=d.device)
@@ -333,6 +369,8 @@ def main(args):
                         stats["clip_frac"] += (((ratio - 1).abs() > args.epsilon).float() * scored[rows]).sum().item() / n_tok
                         stats["crossed_frac"] += crossed
                         stats["m"] += 1
+                    if new_rows:
+                        common.mask_row_grads(model, new_rows)
                     stats["grad_norm"] += common.clip_grad_norm(model, args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -360,7 +398,7 @@ def main(args):
             run_eval(step)
     final = run_eval(args.max_steps)
     cfg.update(method="latent_grpo", base_model=args.model_name_or_path)
-    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d)
+    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d, save_dtype=args.save_dtype)
     if d.main:
         common.plot_metrics(args.output_dir, ["reward", "eval_acc", "eval_mean_L", "completion_length", "latent_frac", "crossed_frac"])
         print(f"pass@1 {start['pass@1']:.3f} -> {final['pass@1']:.3f}   #L {start['mean_L']:.1f} -> {final['mean_L']:.1f}"
@@ -369,4 +407,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(common.parse_args(Args))

@@ -40,11 +40,25 @@ Deviations and choices:
 4. Step counts instead of epochs (`--stage1_steps`, `--stage2_steps`); the paper trains 10 epochs
    per stage-1 step and 70 epochs in stage 2 on GSM8K-Aug. Defaults and learning rates are sized
    for the toy task; the real-model command below uses the paper's LoRA setting.
-5. The compress marker is a new special token <|compress|>; it stays in the tokenizer (unused
-   after stage 1). `--max_latent_steps` caps the latent chain at inference (then </think> is forced).
+5. <think>, </think> and the compress marker <|compress|> are added when the tokenizer lacks them
+   (Qwen2.5, Llama-3.2, SmolLM2 do), as rows of their own: the table's mean plus small noise, since
+   a copy of an existing token ties its logit for as long as the row cannot move. With LoRA the
+   base model is frozen, embedding table and LM head included, yet these rows train: the tables
+   sit in an optimizer group without weight decay and `common.mask_row_grads` keeps only the
+   marker rows' gradient (both adapters share them: all three in stage 1, only </think> in stage 2,
+   because the frozen encoder reads <think> and the marker). The merged checkpoint carries them.
+   <|compress|> stays in the tokenizer (unused after stage 1). `--max_latent_steps` caps the latent
+   chain at inference (then </think> is forced).
 6. Under torchrun the two copies are wrapped in DDP, not FSDP2 (the mixture reads the embedding
    table outside the model's forward, where FSDP2 keeps it sharded); LoRA runs on one device.
    A 7B model fits one GPU with LoRA.
+7. Starts from a plain model or a CoT checkpoint (another method's checkpoint: a one-line error).
+   The training prompts are built as eval.py and the RL files build them (`--chat_template`, and
+   with it a system prompt naming the answer format, `--system_prompt auto`), and recorded in
+   latent_config.json, so later stages prompt the same way. `--dataset` is required off the toy
+   model; a single local file gives up a tenth of its rows for evaluation. `--bf16` (default on a
+   bf16 GPU) computes in bf16 on fp32 master weights; the checkpoint is saved in the start model's
+   published dtype (`--save_dtype`).
 
 Commands:
     python latent_sft.py                                          # toy: from checkpoints/toy-cot
@@ -52,18 +66,18 @@ Commands:
     python latent_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug --chat_template \
         --lora_r 64 --lora_alpha 128 --learning_rate 2e-4 --stage1_steps 20000 --stage2_steps 40000 \
         --train_batch_size 64 --micro_batch_size 8 --max_latent_steps 128 --output_dir runs/llama-latent-sft
-    torchrun --nproc_per_node 8 latent_sft.py --model runs/llama-cot --dataset whynlp/gsm8k-aug ...   # DDP
+    torchrun --nproc_per_node 8 latent_sft.py --model runs/llama-cot --dataset whynlp/gsm8k-aug ...   # DDP, full copies
 """
 import copy
 import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import common
 from eval import evaluate
@@ -73,43 +87,49 @@ COMPRESS = "<|compress|>"
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "start model (ideally one trained on explicit CoT)"})
-    dataset: str = field(default="toy", metadata={"help": "training data with reasoning steps (toy, whynlp/gsm8k-aug, a local .jsonl)"})
-    eval_dataset: str = ""
-    output_dir: str = "runs/latent_sft"
-    seed: int = 0
+    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "start model: a plain causal LM or a CoT checkpoint (ideally one trained on explicit CoT)"})
+    dataset: str = field(default="", metadata={"help": "training data with reasoning steps: whynlp/gsm8k-aug, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
+    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
+    output_dir: str = field(default="runs/latent_sft", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the checkpoint if it was trained so)"})
+    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
     compression: int = field(default=2, metadata={"help": "CoT tokens per latent token"})
     top_k: int = field(default=10, metadata={"help": "vocabulary entries per latent token"})
     lora_r: int = field(default=0, metadata={"help": "0 = two full copies (toy); 64 = the paper's two LoRA adapters"})
-    lora_alpha: int = 128
-    stage1_steps: int = 300
-    stage2_steps: int = 500
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    max_grad_norm: float = 1.0
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (with --lora_r)"})
+    stage1_steps: int = field(default=300, metadata={"help": "optimizer steps of stage 1 (encoder and decoder)"})
+    stage2_steps: int = field(default=500, metadata={"help": "optimizer steps of stage 2 (the decoder learns to produce the chain)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (warmup, then cosine to a tenth)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on the marker rows of a LoRA run)"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps of each stage"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     train_batch_size: int = field(default=32, metadata={"help": "examples per optimizer step, all ranks together"})
     micro_batch_size: int = field(default=32, metadata={"help": "examples per forward pass on one rank"})
     gumbel_noise: float = field(default=1.0, metadata={"help": "stage 2: scale of the Gumbel noise on the soft labels"})
-    gumbel_tau: float = 1.0
-    kl_weight: float = 1.0
+    gumbel_tau: float = field(default=1.0, metadata={"help": "stage 2: temperature of the noisy soft labels"})
+    kl_weight: float = field(default=1.0, metadata={"help": "stage 2: weight of the KL to the noisy soft labels"})
     latent_only_pass: bool = field(default=True, metadata={"help": "stage 1: also train the all-latent layout (CE on the answer)"})
     max_latent_steps: int = field(default=64, metadata={"help": "inference cap on latent tokens (then </think> is forced)"})
-    max_train_samples: int = 0
-    max_eval_samples: int = 200
-    max_completion_length: int = 96
-    eval_every: int = 250
-    chat_template: bool = False
-    track: bool = False
-    log_every: int = 10
+    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
+    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
+    max_completion_length: int = field(default=96, metadata={"help": "generated positions per evaluation rollout, latents included"})
+    eval_every: int = field(default=250, metadata={"help": "stage 2: evaluate every N steps"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
+    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
+    log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
 
 
 # ----------------------------------------------------------------------------------------------
 # examples: the prompt, the CoT cut into chunks, the answer
 
-def split_example(tokenizer, ex, args, think):
-    """(prompt ids ending with <think>, CoT chunks of `compression` ids, answer ids ending with EOS)."""
-    prompt = common.encode_prompt(tokenizer, ex["question"], args.chat_template) + [think[0]]
+def split_example(tokenizer, ex, args, think, prompting=None):
+    """(prompt ids ending with <think>, CoT chunks of `compression` ids, answer ids ending with EOS).
+    `prompting`: {"prompt_format", "system_prompt"} (common.prompt_settings), as eval.py prompts."""
+    prompting = prompting or {"prompt_format": "plain", "system_prompt": ""}
+    prompt = common.encode_prompt(tokenizer, ex["question"], prompting["prompt_format"] == "chat",
+                                  prompting["system_prompt"]) + [think[0]]
     cot = tokenizer.encode("".join(s + "\n" for s in ex["steps"]), add_special_tokens=False) or [tokenizer.eos_token_id]
     chunks = [cot[i:i + args.compression] for i in range(0, len(cot), args.compression)]
     answer = tokenizer.encode(f"{common.ANSWER_MARKER} {ex['answer']}", add_special_tokens=False) + [tokenizer.eos_token_id]
@@ -219,10 +239,13 @@ def token_ce(logits, ids, target, n_tokens):
 
 class TwoRoles:
     """The encoder and decoder: two full copies, or two LoRA adapters of one peft model (peft
-    freezes the inactive adapter when switching; both must keep training, so we re-enable it)."""
+    freezes the inactive adapter when switching; both must keep training, so we re-enable it).
+    With LoRA the base model is frozen, the embedding table and LM head with it; `tables` are
+    kept trainable so that the marker rows learn (`mask_rows` keeps only those rows' gradient)."""
 
     def __init__(self, model, args):
         self.lora = args.lora_r > 0
+        self.tables = []
         if not self.lora:
             self.decoder, self.encoder = model, copy.deepcopy(model)
             return
@@ -231,6 +254,11 @@ class TwoRoles:
         self.peft = get_peft_model(model, config, adapter_name="decoder")
         self.peft.add_adapter("encoder", config)
         self.encoder = self.decoder = self.peft
+        base = self.peft.get_base_model()
+        for module in (base.get_input_embeddings(), base.get_output_embeddings()):
+            w = getattr(module, "weight", None)
+            if w is not None and all(w is not t for t in self.tables):  # a tied head is the same tensor
+                self.tables.append(w.requires_grad_(True))
 
     def use(self, role):
         if self.lora:
@@ -244,6 +272,11 @@ class TwoRoles:
         if self.lora:
             return [p for n, p in self.peft.named_parameters() if "lora_" in n and (stage == 1 or ".decoder." in n)]
         return list(self.decoder.parameters()) + (list(self.encoder.parameters()) if stage == 1 else [])
+
+    def mask_rows(self, rows):
+        """LoRA: zero the tables' gradient outside `rows` (the two adapters share the base rows)."""
+        if self.lora:
+            common.mask_row_grads(self.peft.get_base_model(), rows)
 
     def final_model(self):
         if not self.lora:
@@ -262,22 +295,28 @@ def main(args):
     common.seed_everything(args.seed, d.rank)
     if args.train_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} is not divisible by {d.world} processes")
-    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
+    model, tokenizer, start_cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
+    common.check_start(start_cfg, (None, "cot"), "latent_sft.py")
+    data = {"dataset": (start_cfg or {}).get("dataset", "")}
+    train, test = common.load_train_eval(args, data)        # --dataset, or the toy task of a toy start
     if not any(ex["steps"] for ex in train[:100]):
-        common.die(f"{args.dataset!r} has no reasoning steps to compress (Latent-SFT needs CoT data such as GSM8K-Aug)")
-    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
-    model, tokenizer, start_cfg = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
-    if start_cfg and start_cfg.get("prompt_format") == "chat":
-        args.chat_template = True
-    think = common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK])
-    marker = common.add_special_tokens(model, tokenizer, [COMPRESS])[0]
+        common.die(f"{data['dataset']!r} has no reasoning steps to compress (Latent-SFT needs CoT data such as GSM8K-Aug)")
+    prompting = common.prompt_settings(args, start_cfg, train)   # training prompts as eval.py and the RL files build them
+    cfg = {"mode": "mixture", "top_k": args.top_k, "max_latent_steps": args.max_latent_steps, **prompting,
+           "method": "latent_sft", "compression": args.compression, "base_model": args.model_name_or_path, **data}
+    # new rows of their own (table mean + noise): a copy of an existing token would tie it
+    think = common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK], init_from=None)
+    marker = common.add_special_tokens(model, tokenizer, [COMPRESS], init_from=None)[0]
+    # the rows a LoRA run trains: all three markers in stage 1; in stage 2 only </think>, since the
+    # frozen encoder (the teacher) reads <think> and the compress marker from the same shared rows
+    marker_rows = {1: [think[0], think[1], marker], 2: [think[1]]}
+    bf16 = common.use_bf16(args.bf16, d.device)
     roles = TwoRoles(model, args)
-    if not roles.lora:
-        roles.encoder, roles.decoder = common.wrap_model(roles.encoder, d, "ddp"), common.wrap_model(roles.decoder, d, "ddp")
+    if roles.lora:  # one device: wrap_model only turns bf16 compute on
+        common.wrap_model(roles.peft, d, bf16=bf16)
+    else:
+        roles.encoder, roles.decoder = common.wrap_model(roles.encoder, d, "ddp", bf16), common.wrap_model(roles.decoder, d, "ddp", bf16)
     logger = common.Logger(args.output_dir, args, d, args.track)
-    cfg = {"mode": "mixture", "top_k": args.top_k, "max_latent_steps": args.max_latent_steps,
-           "prompt_format": "chat" if args.chat_template else "plain", "method": "latent_sft",
-           "compression": args.compression, "base_model": args.model_name_or_path}
     per_rank, pad = args.train_batch_size // d.world, tokenizer.pad_token_id
     micro = min(args.micro_batch_size, per_rank)
     rng = random.Random(args.seed)
@@ -298,13 +337,14 @@ def main(args):
 
     for stage, total in ((1, args.stage1_steps), (2, args.stage2_steps)):
         params = roles.parameters(stage)
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        groups = [{"params": params}] + ([{"params": roles.tables, "weight_decay": 0.0}] if roles.tables else [])
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_steps))
                                                       * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(1, total)))))
         t0 = time.time()
         for i in tqdm(range(total), desc=f"latent-sft stage {stage}", disable=not d.main):
             picks = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
-            parts = [split_example(tokenizer, train[j], args, think) for j in picks]
+            parts = [split_example(tokenizer, train[j], args, think, prompting) for j in picks]
             n_ce = common.all_sum(sum(sum(len(c) for c in p[1][1:]) + len(p[2]) + 1 if stage == 1 else len(p[2]) + 1
                                       for p in parts), d)
             n_slots = common.all_sum(sum(len(p[1]) for p in parts), d)
@@ -344,7 +384,8 @@ def main(args):
                 stats["ce"] += ce.item()
                 stats["kl"] += kl.item()
                 stats["top1_weight"] += w[:, 0].sum().item() / n_slots
-            grad_norm = common.clip_grad_norm(params, args.max_grad_norm)
+            roles.mask_rows(marker_rows[stage])
+            grad_norm = common.clip_grad_norm(params + roles.tables, args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -361,7 +402,7 @@ def main(args):
             roles.use("encoder").eval()  # frozen teacher from here on
     final = run_eval(step)
     out_model = roles.final_model()
-    common.save_checkpoint(out_model, tokenizer, args.output_dir, cfg, d=d)
+    common.save_checkpoint(out_model, tokenizer, args.output_dir, cfg, d=d, save_dtype=args.save_dtype)
     if d.main:
         common.plot_metrics(args.output_dir, ["ce", "kl", "top1_weight", "eval_acc", "eval_mean_L"])
         print(f"Latent-SFT: pass@1 {final['pass@1']:.3f}  #L {final['mean_L']:.1f}   saved {args.output_dir}")
@@ -369,4 +410,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(common.parse_args(Args))

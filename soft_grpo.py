@@ -32,8 +32,21 @@ Deviations and choices:
 3. Defaults are sized for the toy task (learning rate 3e-5, 16 prompts x 8 rollouts, 2 mini-batches
    per step) and start from the toy Latent-SFT checkpoint, like Latent-GRPO, so the two compare;
    the SofT-GRPO authors start from models that soft-think without latent SFT.
-4. `--max_latent_steps` caps the think span (then </think> is forced, not scored).
-5. If no component's log(p~ + 1e-6) exceeds -3 (possible only for k > 20), the code density uses
+4. `--max_latent_steps` caps the think span (then </think> is forced, not scored). Started from a
+   plain model or CoT checkpoint (no Latent-SFT), a warning says so and the span is capped at
+   min(48, half of `--max_completion_length`) by default: a model that never learnt </think>
+   rarely makes it the top token, and uncapped its rollouts would spend the whole budget in
+   latents. <think>/</think> are then added if missing, as rows of their own (table mean plus small
+   noise, not a copy of an existing token, which it would tie); the whole model trains here, those
+   rows included. Other methods' checkpoints (Coconut, HRPO's hybrid, ATP-Latent) are refused in one
+   line naming the script that trains them.
+5. Prompts as the start checkpoint recorded them (latent_config.json), or `--chat_template` /
+   `--system_prompt` for a plain model; rollouts stop at every id of `common.stop_ids` (an instruct
+   model ends its turn with <|im_end|> or <|eot_id|>). `--dataset` is required off the toy model;
+   a single local file gives up a tenth of its rows for evaluation. `--bf16` (default on a bf16 GPU)
+   computes in bf16 on fp32 master weights (the KL reference is kept in bf16); the checkpoint is
+   saved in the start model's published dtype (`--save_dtype`).
+6. If no component's log(p~ + 1e-6) exceeds -3 (possible only for k > 20), the code density uses
    the most likely one; the authors' code would divide by zero.
 
 Commands:
@@ -41,14 +54,17 @@ Commands:
     python soft_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --learning_rate 1e-6 \
         --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 128
     torchrun --nproc_per_node 8 soft_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug ...
+    python soft_grpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --chat_template \
+        --learning_rate 1e-6 --max_completion_length 512 --max_latent_steps 256   # no Latent-SFT: warned, capped
 """
 import copy
 import random
+import sys
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import common
 from eval import evaluate
@@ -56,33 +72,37 @@ from eval import evaluate
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_LATENT_SFT, metadata={"aliases": ["--model"], "help": "a latent (mixture) checkpoint, or any causal LM"})
-    dataset: str = "toy"
-    eval_dataset: str = ""
-    output_dir: str = "runs/soft_grpo"
-    seed: int = 0
-    num_generations: int = 8
-    train_batch_size: int = 16
-    mini_batch_size: int = 8
-    micro_batch_size: int = 64
-    epsilon: float = 0.2
+    model_name_or_path: str = field(default=common.TOY_LATENT_SFT, metadata={"aliases": ["--model"], "help": "a latent (mixture) checkpoint, or a plain model or CoT checkpoint (with a warning and a latent cap)"})
+    dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
+    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
+    output_dir: str = field(default="runs/soft_grpo", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the checkpoint if it was trained so)"})
+    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
+    num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
+    train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
+    mini_batch_size: int = field(default=8, metadata={"help": "prompts per optimizer update"})
+    micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range"})
     beta: float = field(default=0.001, metadata={"help": "k3 KL coefficient to the frozen start model"})
     temperature: float = field(default=0.6, metadata={"help": "T of p = softmax(z / T), in the think span and after it"})
-    top_k: int = 5
-    top_p: float = 0.95
-    tau_g: float = 0.1
+    top_k: int = field(default=5, metadata={"help": "k: vocabulary entries a soft token keeps before the top-p cut"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus of the soft token and of the answer sampling"})
+    tau_g: float = field(default=0.1, metadata={"help": "temperature of the soft token's mixture weights softmax(s / tau_g)"})
     latent_density: str = field(default="code", metadata={"help": "a latent token's log-density: code (the authors' verl code) | paper (the formula read literally)"})
-    max_completion_length: int = 64
-    max_latent_steps: int = field(default=-1, metadata={"help": "cap on latent tokens; -1 = the checkpoint's, or 48"})
-    learning_rate: float = 3e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_steps: int = 60
-    max_train_samples: int = 0
-    max_eval_samples: int = 200
-    eval_every: int = 20
-    distributed: str = "fsdp"
-    track: bool = False
+    max_completion_length: int = field(default=64, metadata={"help": "generated positions per rollout, latents included"})
+    max_latent_steps: int = field(default=-1, metadata={"help": "cap on latent tokens (then </think> is forced); -1 = the checkpoint's, or for a start without latent SFT min(48, half of --max_completion_length)"})
+    learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (constant)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    max_steps: int = field(default=60, metadata={"help": "training steps"})
+    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
+    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
+    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
+    distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
+    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,22 +180,28 @@ def main(args):
     if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of --mini_batch_size "
                    f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
-    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
-    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
-    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
-    if not cfg or cfg.get("mode") != "mixture":
-        common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK])
-        cfg = {"mode": "mixture", "top_k": 10, "max_latent_steps": 48, "prompt_format": (cfg or {}).get("prompt_format", "plain")}
-    cfg = dict(cfg)
-    if args.max_latent_steps >= 0:
-        cfg["max_latent_steps"] = args.max_latent_steps
+    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
+    common.check_start(cfg, (None, "cot", "mixture"), "soft_grpo.py")
+    start_cfg = dict(cfg or {})
+    train, test = common.load_train_eval(args, start_cfg)
+    prompting = common.prompt_settings(args, start_cfg, train)
+    cap = args.max_latent_steps if args.max_latent_steps >= 0 else start_cfg.get("max_latent_steps", min(48, args.max_completion_length // 2))
+    if start_cfg.get("mode") != "mixture":  # the whole model trains here, the added rows with it
+        if d.main:  # a fresh </think> is rarely the top token: uncapped, the span would fill the budget
+            print(f"warning: {args.model_name_or_path} never saw latent SFT (this file's toy runs start from "
+                  f"latent_sft.py): its think span is capped at {cap} latent steps (--max_latent_steps), then "
+                  "</think> is forced", file=sys.stderr)
+        common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK], init_from=None)
+        start_cfg.update(mode="mixture", top_k=10)
+    cfg = {**start_cfg, **prompting, "max_latent_steps": cap}
     end_think = common.require_tokens(tokenizer, [common.START_THINK, common.END_THINK], "Soft-GRPO")[1]
+    bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
     ref = None
-    if args.beta > 0:
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.beta > 0:  # frozen: kept in bf16 when computing in bf16
+        ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
         if args.distributed == "fsdp":
             ref = common.wrap_model(ref, d, "fsdp")
-    model = common.wrap_model(model, d, args.distributed)
+    model = common.wrap_model(model, d, args.distributed, bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     logger = common.Logger(args.output_dir, args, d, args.track)
     G, per_rank = args.num_generations, args.train_batch_size // d.world
@@ -195,8 +221,8 @@ def main(args):
             step_fn = common.ThinkStep(model, soft_gumbel_latent(args.temperature, args.top_k, args.top_p, args.tau_g),
                                        end_think, cfg["max_latent_steps"], args.temperature, 0, args.top_p)
             prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in batch], cfg)
-            r = common.rollout(model, prompts, step_fn, args.max_completion_length, tokenizer.eos_token_id,
-                               tokenizer.pad_token_id, num_generations=G)
+            r = common.rollout(model, prompts, step_fn, args.max_completion_length, stop, tokenizer.pad_token_id,
+                               num_generations=G)
             r.extras.update(step_fn.extras())
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         rewards = torch.tensor([float(common.is_correct(t, batch[i // G]["answer"])) for i, t in enumerate(texts)], device=d.device)
@@ -247,7 +273,7 @@ def main(args):
             run_eval(step)
     final = run_eval(args.max_steps)
     cfg.update(method="soft_grpo", base_model=args.model_name_or_path)
-    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d)
+    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d, save_dtype=args.save_dtype)
     if d.main:
         common.plot_metrics(args.output_dir, ["reward", "eval_acc", "eval_mean_L", "completion_length", "kl"])
         print(f"pass@1 {start['pass@1']:.3f} -> {final['pass@1']:.3f}   #L {start['mean_L']:.1f} -> {final['mean_L']:.1f}"
@@ -256,4 +282,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(common.parse_args(Args))
