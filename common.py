@@ -1262,9 +1262,10 @@ def completion_logits(model, r: Rollout, rows=None, temperature=1.0, detach_late
     ids, mask, latent_mask, latents = r.inputs(slice(None) if rows is None else rows)
     if latents is not None and detach_latents:
         latents = latents.detach()
-    logits, _ = lm_forward(model, ids, mask, positions(mask), latent_mask=latent_mask, latent_vectors=latents)
-    P = r.prompt_ids.shape[1]
-    return logits[:, P - 1:-1].float() / (temperature if temperature > 0 else 1.0)
+    T = r.tokens.shape[1]  # the LM head runs on the completion's positions only, not the prompt's
+    logits, _ = lm_forward(model, ids, mask, positions(mask), latent_mask=latent_mask, latent_vectors=latents,
+                           logits_to_keep=T + 1)
+    return logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
 
 
 def gather_logprobs(logits, tokens):
