@@ -78,7 +78,7 @@ Commands:
     python latent_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --learning_rate 1e-6 \
         --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 128
         # (Latent-SFT run with --chat_template: the chat prompts and system prompt come from its latent_config.json)
-    torchrun --nproc_per_node 8 latent_grpo.py --model Qwen/Qwen2.5-Math-7B --dataset HuggingFaceH4/MATH-500 \
+    torchrun --nproc_per_node 8 latent_grpo.py --model Qwen/Qwen2.5-Math-7B --dataset HuggingFaceH4/MATH-500 --chat_template \
         --learning_rate 1e-6 --beta 0.001 --train_batch_size 32 --mini_batch_size 32 --micro_batch_size 4 \
         --max_completion_length 4096 --max_latent_steps 2048   # runs, but the paper starts from Latent-SFT
     python latent_grpo.py --model meta-llama/Llama-3.2-1B-Instruct --dataset openai/gsm8k --chat_template \
