@@ -194,11 +194,12 @@ def coconut_forward(model, ids, mask, n_latent, c0, pause_as_thought=False):
 def stage_schedule(args, start_cfg=None):
     """The stage of each round: start_stage..end_stage (end_stage throughout with --no_curriculum).
     --start_stage -1 starts a plain or CoT model at stage 1 and continues a Coconut checkpoint's
-    curriculum at the stage after its own (never past end_stage)."""
+    curriculum at the stage after its own (never past end_stage; stage 1 if it has none, as
+    after grpo_latent.py --n_latents on a CoT model)."""
     end = args.max_latent_stage + 1 if args.end_stage < 0 else args.end_stage
     start = args.start_stage
     if start == -1:
-        after = start_cfg["stage"] + 1 if (start_cfg or {}).get("mode") == "coconut" else 1
+        after = start_cfg.get("stage", 0) + 1 if (start_cfg or {}).get("mode") == "coconut" else 1
         start = min(after, end)
     if start < 0 or end < start:
         common.die(f"stages must satisfy 0 <= start_stage <= end_stage (got {start}..{end})")
