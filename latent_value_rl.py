@@ -149,31 +149,38 @@ def gather(x, d):
 def latent_states(model, prompts, n_latents, pad_id, device):
     """The n continuous thoughts of each prompt (prompt ends with <|start-latent|>): h_1 is the
     last hidden state of the prompt, h_{t+1} the hidden state at the slot fed h_t. (B, n, d).
-    Only hidden states are used: one row of logits is computed per pass, not the prompt's
-    (B x prompt x vocabulary: gigabytes at Qwen's 152k vocabulary)."""
+
+    Also returns `anchor`: 0 x the logits of every pass, to add to the loss. It changes no
+    gradient's value, but the backward pass then goes through the model's output, where FSDP2
+    hangs its backward hooks (a loss reached only through the hidden state, which lm_forward
+    takes from inside the model, crashed FSDP2 runs), and every parameter gets a gradient (DDP
+    needs that of an untied LM head). One row of logits per pass, not the prompt's (B x prompt x
+    vocabulary: gigabytes at Qwen's 152k vocabulary)."""
     ids, mask = common.pad_left(prompts, pad_id, device)
     cache = DynamicCache(config=common.unwrap(model).config)
     pos = common.positions(mask)
-    _, hidden = common.lm_forward(model, ids, mask, pos, cache, logits_to_keep=1)
-    states = [hidden[:, -1]]
+    logits, hidden = common.lm_forward(model, ids, mask, pos, cache, logits_to_keep=1)
+    states, anchor = [hidden[:, -1]], 0 * logits.float().sum()
     for t in range(1, n_latents):
         mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
         pos = pos[:, -1:] + 1
-        _, hidden = common.lm_forward(model, ids[:, -1:], mask, pos, cache, latent_mask=torch.ones_like(pos, dtype=torch.bool),
-                                      latent_vectors=states[-1][:, None], logits_to_keep=1)
+        logits, hidden = common.lm_forward(model, ids[:, -1:], mask, pos, cache, latent_mask=torch.ones_like(pos, dtype=torch.bool),
+                                           latent_vectors=states[-1][:, None], logits_to_keep=1)
         states.append(hidden[:, -1])
-    return torch.stack(states, 1)
+        anchor = anchor + 0 * logits.float().sum()
+    return torch.stack(states, 1), anchor
 
 
-def backward_both(head, h, correct, pos_weight, train_head=True):
+def backward_both(head, h, correct, pos_weight, train_head=True, anchor=0.0):
     """Phase 2's two losses, each sent only where it belongs:
     policy loss -mean_t sigmoid(V(h_t)) -> the language model (through h), never the head;
     value loss BCE(V(h_t), correct) on detached h -> the head, never the language model.
-    Returns (v (B, n), policy loss, value loss) after calling backward on both."""
+    (`anchor`: see latent_states.) Returns (v (B, n), policy loss, value loss) after calling
+    backward on both."""
     head.requires_grad_(False)
     v = torch.sigmoid(head(h))
     policy_loss = -v.mean()
-    policy_loss.backward()
+    (policy_loss + anchor).backward()
     head.requires_grad_(train_head)
     value_loss = value_bce(head(h.detach()), correct[:, None].expand(-1, h.shape[1]), pos_weight)
     if train_head:
@@ -273,9 +280,9 @@ def main(args):
         model.eval()
         _, correct, prompts = rollout_and_score(model, tokenizer, batch, cfg, args.max_completion_length, stop)
         model.train()
-        h = latent_states(model, prompts, n, tokenizer.pad_token_id, d.device)   # (B, n, d), with gradients
+        h, anchor = latent_states(model, prompts, n, tokenizer.pad_token_id, d.device)   # (B, n, d), with gradients
         head.train()
-        v, policy_loss, value_loss = backward_both(head, h, correct, args.pos_weight, not args.freeze_value_head)
+        v, policy_loss, value_loss = backward_both(head, h, correct, args.pos_weight, not args.freeze_value_head, anchor)
         if not args.freeze_value_head:
             common.average_gradients([head], d)  # the head is replicated, outside the wrapper
             head_opt.step()

@@ -64,12 +64,12 @@ def test_latent_states_match_the_rollout_without_the_prompt_logits(toy):
     hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: rows.append(out.shape[1]))
     try:
         with torch.no_grad():
-            h = latent_states(model, prompts, 3, tok.pad_token_id, torch.device("cpu"))
+            h, anchor = latent_states(model, prompts, 3, tok.pad_token_id, torch.device("cpu"))
     finally:
         hook.remove()
     assert h.shape == stored.shape == (3, 3, model.config.hidden_size)
     assert torch.allclose(h, stored, atol=1e-4), (h - stored).abs().max()
-    assert rows == [1, 1, 1]
+    assert rows == [1, 1, 1] and anchor.item() == 0
 
 
 def test_auc_and_f1_only_over_both_kinds():
