@@ -25,6 +25,17 @@ Deviations and choices (numbered, so the README can refer to them):
    thoughts (Coconut's code calls it the same).
 5. Defaults are sized for the toy task (learning rate 1e-3 for the tiny model); the seed's
    settings for real models are in the commands below (lr 1e-4, wd 0.01, 3 epochs per stage).
+6. Starts: a plain model or a CoT checkpoint begins at stage 1 (--start_stage), a Coconut
+   checkpoint is continued at the stage after its own, with the --c_thought, --removal and
+   --pause_as_thought it was trained with; other methods' checkpoints are refused in one line.
+7. Prompts: with --chat_template (kept from a start checkpoint trained so) the question goes into
+   the tokenizer's chat template after a system turn (--system_prompt; auto asks for the answer
+   after '####', which the checker reads like the '### answer' the targets teach), and each target
+   ends with the token the template closes an assistant turn with (<|im_end|>, <|eot_id|>), not
+   the tokenizer's EOS. latent_config.json records the format, the system prompt and the dataset,
+   so eval.py and the RL scripts prompt as this run trained.
+8. Precision: fp32 master weights; --bf16 (default: on for a bf16-capable GPU) computes the
+   forward in bf16; the checkpoint is saved in the start model's published dtype (--save_dtype).
 
 Commands:
     python coconut_sft.py                                    # toy: CoT checkpoint -> stages 1..4
@@ -34,17 +45,23 @@ Commands:
         --start_stage 0 --end_stage 0 --learning_rate 1e-4 --epochs_per_stage 3 --output_dir runs/qwen-cot
     python coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl --learning_rate 1e-4 \
         --epochs_per_stage 1 --train_batch_size 128 --micro_batch_size 16 --output_dir runs/qwen-coconut
+    python coconut_sft.py --model runs/qwen-coconut --dataset whynlp/gsm8k-aug-nl --learning_rate 1e-4 \
+        --train_batch_size 128 --micro_batch_size 16 --output_dir runs/qwen-coconut-2   # continue: the next stage
+    python coconut_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug-nl --chat_template \
+        --learning_rate 1e-4 --epochs_per_stage 1 --train_batch_size 128 --micro_batch_size 16 \
+        --output_dir runs/llama-instruct-coconut   # an instruct model: its chat template, a system turn, <|eot_id|>
     torchrun --nproc_per_node 8 coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl ...
 """
 import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import DynamicCache, HfArgumentParser
+from transformers import DynamicCache
 
 import common
 from eval import evaluate
@@ -52,50 +69,57 @@ from eval import evaluate
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "start model: toy, a folder, a hub id or a .gguf file"})
-    dataset: str = field(default="toy", metadata={"help": "toy, whynlp/gsm8k-aug(-nl), openai/gsm8k, or a local .jsonl/.parquet"})
-    eval_dataset: str = field(default="", metadata={"help": "default: the test split of --dataset"})
-    output_dir: str = "runs/coconut_sft"
-    seed: int = 0
-    start_stage: int = 1
+    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "start model: a plain causal LM (toy, a folder, a hub id or a .gguf file), a CoT checkpoint of this project, or a Coconut checkpoint (continued)"})
+    dataset: str = field(default="", metadata={"help": "training data: whynlp/gsm8k-aug(-nl), openai/gsm8k, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
+    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
+    output_dir: str = field(default="runs/coconut_sft", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the start checkpoint if it was trained so)"})
+    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the start checkpoint's, else the answer format the data's answers need"})
+    start_stage: int = field(default=-1, metadata={"help": "first stage; -1 = 1, or the stage after a Coconut start checkpoint's own (continuing its curriculum)"})
     end_stage: int = field(default=-1, metadata={"help": "last stage (inclusive); -1 = max_latent_stage + 1 (all steps latent)"})
-    max_latent_stage: int = 3
-    c_thought: int = 2
-    epochs_per_stage: int = 1
+    max_latent_stage: int = field(default=3, metadata={"help": "stages past this one replace no more steps by latents (they drop the rest)"})
+    c_thought: int = field(default=2, metadata={"help": "latent slots per replaced step (or per --tokens_per_stage tokens)"})
+    epochs_per_stage: int = field(default=1, metadata={"help": "epochs of each stage"})
     removal: str = field(default="step", metadata={"help": "step | token (seed 000's ablation)"})
     tokens_per_stage: int = field(default=0, metadata={"help": "--removal token: tokens removed per stage; 0 = mean tokens per step"})
-    uniform_prob: float = 0.0
-    no_curriculum: bool = False
-    pause_as_thought: bool = False
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.01
+    uniform_prob: float = field(default=0.0, metadata={"help": "probability that an example gets a stage drawn uniformly from 0..current"})
+    no_curriculum: bool = field(default=False, metadata={"help": "train the last stage from the start (the w/o curriculum ablation)"})
+    pause_as_thought: bool = field(default=False, metadata={"help": "feed the learnable <|latent|> embedding instead of the hidden state (ablation)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (1e-3 suits the toy model; 1e-4 for real ones)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "constant | cosine (to 0.1x, per stage)"})
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps at the start of each stage"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     train_batch_size: int = field(default=64, metadata={"help": "examples per optimizer step, all ranks together"})
     micro_batch_size: int = field(default=64, metadata={"help": "examples per forward pass on one rank"})
-    max_train_samples: int = field(default=0, metadata={"help": "0 = all"})
-    max_eval_samples: int = 200
-    max_completion_length: int = 64
+    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
+    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions after each stage (0 = all)"})
+    max_completion_length: int = field(default=64, metadata={"help": "generated positions per evaluation rollout, latents included"})
     max_steps: int = field(default=-1, metadata={"help": "cap on optimizer steps per stage (-1 = none)"})
-    chat_template: bool = False
-    distributed: str = field(default="fsdp", metadata={"help": "fsdp | ddp, under torchrun"})
-    track: bool = False
-    log_every: int = 10
+    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
+    distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
+    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
+    log_every: int = field(default=10, metadata={"help": "log a metrics row every N steps"})
 
 
 # ----------------------------------------------------------------------------------------------
 # the curriculum: which reasoning is replaced by how many latent slots at stage s
 
-def build_example(tokenizer, ex, stage, args, special, tokens_per_stage, markers=True):
+def build_example(tokenizer, ex, stage, args, special, tokens_per_stage, markers=True, prompting=None, end_id=None):
     """(prompt ids, n_latent, tail ids, tail labels) for one example at one stage.
 
     The full sequence is prompt + [<|start-latent|>] + [<|latent|>] * n_latent + [<|end-latent|>] + tail;
-    tail = the reasoning left + "### answer" + EOS, which is all the loss sees."""
+    tail = the reasoning left + "### answer" + `end_id` (default EOS), which is all the loss sees.
+    `prompting` ({"prompt_format", "system_prompt"}, from common.prompt_settings; default plain)
+    says how the question is formatted."""
     start, end, latent = special
-    prompt = common.encode_prompt(tokenizer, ex["question"], args.chat_template)
+    prompting = prompting or {"prompt_format": "plain", "system_prompt": ""}
+    prompt = common.encode_prompt(tokenizer, ex["question"], prompting["prompt_format"] == "chat", prompting["system_prompt"])
+    end_id = tokenizer.eos_token_id if end_id is None else end_id
     steps = [tokenizer.encode(s + "\n", add_special_tokens=False) for s in ex["steps"]]
-    answer = tokenizer.encode(f"{common.ANSWER_MARKER} {ex['answer']}", add_special_tokens=False) + [tokenizer.eos_token_id]
+    answer = tokenizer.encode(f"{common.ANSWER_MARKER} {ex['answer']}", add_special_tokens=False) + [end_id]
     k = min(stage, args.max_latent_stage)
     if args.removal == "step":
         n_latent = args.c_thought * min(k, len(steps))
@@ -109,6 +133,21 @@ def build_example(tokenizer, ex, stage, args, special, tokens_per_stage, markers
         return prompt, 0, reasoning + answer, reasoning + answer
     tail = [end] + reasoning + answer
     return prompt + [start], n_latent, [latent] * n_latent + tail, [-100] * (n_latent + 1) + reasoning + answer
+
+
+def target_end(tokenizer, prompting, stop):
+    """The id that ends every target: with chat prompts, the token the chat template closes an
+    assistant turn with (<|im_end|>, <|eot_id|>: what an instruct model ends its answers with,
+    not necessarily the tokenizer's eos), else the tokenizer's eos. Always one of `stop`, the
+    ids rollouts stop at (common.stop_ids)."""
+    if prompting["prompt_format"] == "chat":
+        mark = "ANSWER_ENDS_HERE"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": mark}],
+                                             tokenize=False)
+        after = tokenizer.encode(text.rsplit(mark, 1)[-1], add_special_tokens=False) if mark in text else []
+        if after and after[0] in stop:
+            return after[0]
+    return tokenizer.eos_token_id
 
 
 def collate(examples, pad_id, device):
@@ -152,12 +191,30 @@ def coconut_forward(model, ids, mask, n_latent, c0, pause_as_thought=False):
     return torch.cat(chunks, 1), thoughts
 
 
-def stage_schedule(args):
+def stage_schedule(args, start_cfg=None):
+    """The stage of each round: start_stage..end_stage (end_stage throughout with --no_curriculum).
+    --start_stage -1 starts a plain or CoT model at stage 1 and continues a Coconut checkpoint's
+    curriculum at the stage after its own (never past end_stage; stage 1 if it has none, as
+    after grpo_latent.py --n_latents on a CoT model)."""
     end = args.max_latent_stage + 1 if args.end_stage < 0 else args.end_stage
-    if args.start_stage < 0 or end < args.start_stage:
-        common.die(f"stages must satisfy 0 <= start_stage <= end_stage (got {args.start_stage}..{end})")
-    stages = list(range(args.start_stage, end + 1))
+    start = args.start_stage
+    if start == -1:
+        after = start_cfg.get("stage", 0) + 1 if (start_cfg or {}).get("mode") == "coconut" else 1
+        start = min(after, end)
+    if start < 0 or end < start:
+        common.die(f"stages must satisfy 0 <= start_stage <= end_stage (got {start}..{end})")
+    stages = list(range(start, end + 1))
     return [end] * len(stages) if args.no_curriculum else stages
+
+
+def check_continuing(args, start_cfg):
+    """A Coconut checkpoint is continued with the latent settings it was trained with."""
+    if (start_cfg or {}).get("mode") != "coconut":
+        return
+    for key in ("c_thought", "removal", "pause_as_thought"):
+        if key in start_cfg and start_cfg[key] != getattr(args, key):
+            common.die(f"{args.model_name_or_path!r} is a Coconut checkpoint trained with --{key} {start_cfg[key]}; "
+                       f"continuing it needs the same (got {getattr(args, key)})")
 
 
 def main(args):
@@ -167,24 +224,27 @@ def main(args):
         common.die(f"--max_latent_stage must be >= 0 (got {args.max_latent_stage})")
     if args.removal not in ("step", "token"):
         common.die(f"--removal must be step or token (got {args.removal!r})")
-    stages = stage_schedule(args)
     d = common.setup_distributed()
     common.seed_everything(args.seed, d.rank)
     if d.world > 1 and args.train_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} is not divisible by {d.world} processes")
-    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
-    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
-    model, tokenizer, start_cfg = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
+    model, tokenizer, start_cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
+    common.check_start(start_cfg, (None, "cot", "coconut"), "coconut_sft.py")
+    check_continuing(args, start_cfg)
+    stages = stage_schedule(args, start_cfg)
+    data_cfg = dict(start_cfg or {})
+    train, test = common.load_train_eval(args, data_cfg)
+    prompting = common.prompt_settings(args, start_cfg, train)   # recorded in latent_config.json
     cot_only = max(stages) == 0
-    special = common.add_special_tokens(model, tokenizer, [common.START_LATENT, common.END_LATENT, common.LATENT])
-    if start_cfg and start_cfg.get("prompt_format") == "chat":
-        args.chat_template = True
+    special = common.add_special_tokens(model, tokenizer, [common.START_LATENT, common.END_LATENT, common.LATENT],
+                                        init_from="<<")  # as Coconut's code does
+    bf16, end_id = common.use_bf16(args.bf16, d.device), target_end(tokenizer, prompting, common.stop_ids(model, tokenizer))
     tokens_per_stage = args.tokens_per_stage or max(1, round(
         sum(len(tokenizer.encode(s + "\n", add_special_tokens=False)) for ex in train[:2000] for s in ex["steps"])
         / max(1, sum(len(ex["steps"]) for ex in train[:2000]))))
     if args.removal == "token" and d.main:
         print(f"token-wise removal: {tokens_per_stage} tokens per stage")
-    model = common.wrap_model(model, d, args.distributed)
+    model = common.wrap_model(model, d, args.distributed, bf16)
     logger = common.Logger(args.output_dir, args, d, args.track)
     per_rank = args.train_batch_size // d.world
     micro = min(args.micro_batch_size, per_rank)
@@ -215,7 +275,7 @@ def main(args):
                     break
                 batch = order[b * args.train_batch_size:(b + 1) * args.train_batch_size][d.rank::d.world]
                 sizes = [rng.randint(0, stage) if rng.random() < args.uniform_prob else stage for _ in batch]
-                exs = [build_example(tokenizer, train[j], s, args, special, tokens_per_stage, markers=not cot_only)
+                exs = [build_example(tokenizer, train[j], s, args, special, tokens_per_stage, not cot_only, prompting, end_id)
                        for j, s in zip(batch, sizes)]
                 # every labelled token of the global batch weighs the same, however it is split into
                 # ranks and micro-batches (the gradients are averaged over ranks, hence * world)
@@ -253,8 +313,7 @@ def main(args):
         cfg = ({"mode": "cot"} if cot_only else
                {"mode": "coconut", "n_latents": n_lat, "c_thought": args.c_thought, "stage": stage,
                 "removal": args.removal, "pause_as_thought": args.pause_as_thought})
-        cfg.update(prompt_format="chat" if args.chat_template else "plain", method="coconut_sft",
-                   base_model=args.model_name_or_path)
+        cfg.update(prompting, method="coconut_sft", base_model=args.model_name_or_path, dataset=data_cfg["dataset"])
         with torch.no_grad():
             res = evaluate(model, tokenizer, test, cfg,
                            max_new_tokens=args.max_completion_length, d=d)
@@ -262,7 +321,7 @@ def main(args):
         if d.main:
             print(f"stage {stage}: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}  ({len(test)} test questions)")
         model.train()
-    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d)
+    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d, save_dtype=args.save_dtype)
     if d.main:
         common.plot_metrics(args.output_dir, ["loss", "thought_norm", "eval_acc", "eval_mean_L"])
         print(f"saved {args.output_dir}")
@@ -270,4 +329,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(common.parse_args(Args))

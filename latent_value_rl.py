@@ -23,23 +23,35 @@ Deviations and choices:
    that rollout's thoughts.
 3. Defaults are sized for the toy task (lr 1e-4 for the 1M-parameter model instead of 5e-6).
 4. --freeze_value_head keeps V fixed in phase 2 (the seed's ablation).
+5. AUC and F1 are logged only over rollouts of both kinds (correct and wrong): when the held-out
+   rollouts (or a phase-2 batch, gathered over ranks) are all wrong, as on a small or weak start,
+   AUC is undefined and F1 says nothing, so a note with the counts is printed instead.
+6. The start must be a Coconut checkpoint with latents (coconut_sft.py makes one). It prompts as
+   the checkpoint was trained (latent_config.json: chat template and system prompt) and rollouts
+   stop at the tokenizer's EOS or the model's end-of-turn ids (<|im_end|>, <|eot_id|>).
+7. Precision: fp32 master weights (the head is fp32 throughout); --bf16 (default: on for a
+   bf16-capable GPU) computes the language model's forward in bf16; the checkpoint is saved in
+   the start model's published dtype (--save_dtype).
 
 Commands:
     python latent_value_rl.py                                   # the toy Coconut checkpoint
     python latent_value_rl.py --freeze_value_head --output_dir runs/lvrl_frozen
     python latent_value_rl.py --model runs/qwen-coconut --dataset openai/gsm8k --learning_rate 5e-6 \
         --value_learning_rate 5e-6 --train_batch_size 32 --max_completion_length 256
-    torchrun --nproc_per_node 8 latent_value_rl.py --model runs/qwen-coconut ...
+    python latent_value_rl.py --model runs/llama-instruct-coconut --dataset openai/gsm8k --chat_template \
+        --learning_rate 5e-6 --value_learning_rate 5e-6 --train_batch_size 32 --max_completion_length 256
+    torchrun --nproc_per_node 8 latent_value_rl.py --model runs/qwen-coconut --dataset openai/gsm8k ...
 """
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import DynamicCache, HfArgumentParser
+from transformers import DynamicCache
 
 import common
 from eval import evaluate
@@ -47,27 +59,31 @@ from eval import evaluate
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_COCONUT, metadata={"aliases": ["--model"], "help": "a Coconut checkpoint of this project"})
-    dataset: str = "toy"
-    eval_dataset: str = ""
-    output_dir: str = "runs/latent_value_rl"
-    seed: int = 0
-    pretrain_questions: int = 1024
-    pretrain_epochs: int = 20
-    pos_weight: float = 20.0
+    model_name_or_path: str = field(default=common.TOY_COCONUT, metadata={"aliases": ["--model"], "help": "a Coconut checkpoint of this project (made by coconut_sft.py)"})
+    dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
+    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
+    output_dir: str = field(default="runs/latent_value_rl", metadata={"help": "where the checkpoint, value head, metrics.jsonl and plots go"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the checkpoint if it was trained so)"})
+    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
+    pretrain_questions: int = field(default=1024, metadata={"help": "phase 1: training questions whose greedy rollouts give the head's (thought, correct) pairs"})
+    pretrain_epochs: int = field(default=20, metadata={"help": "phase 1: epochs of head pretraining on those pairs"})
+    pos_weight: float = field(default=20.0, metadata={"help": "BCE weight of the correct (rare) class"})
     train_batch_size: int = field(default=32, metadata={"help": "prompts per step, all ranks together"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "language model (policy)"})
-    value_learning_rate: float = field(default=1e-4, metadata={"help": "value head"})
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    freeze_value_head: bool = False
-    max_completion_length: int = 48
-    max_steps: int = 60
-    max_train_samples: int = 0
-    max_eval_samples: int = 200
-    eval_every: int = 20
-    distributed: str = "fsdp"
-    track: bool = False
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the language model (policy); 5e-6 for real models"})
+    value_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the value head in phase 2"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (both optimizers)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping of the language model"})
+    freeze_value_head: bool = field(default=False, metadata={"help": "keep the head fixed in phase 2 (the seed's ablation)"})
+    max_completion_length: int = field(default=48, metadata={"help": "generated positions per rollout, latents included"})
+    max_steps: int = field(default=60, metadata={"help": "phase 2 training steps"})
+    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
+    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
+    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
+    distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
+    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,10 +117,30 @@ def roc_auc(scores, labels):
 
 
 def f1_score(pred, labels):
+    """F1 of the positive (correct) class."""
     tp = ((pred == 1) & (labels == 1)).sum().item()
     fp = ((pred == 1) & (labels == 0)).sum().item()
     fn = ((pred == 0) & (labels == 1)).sum().item()
     return 2 * tp / max(1, 2 * tp + fp + fn)
+
+
+def head_scores(pred, correct, prefix=""):
+    """{auc, f1} of per-rollout predictions against correctness, or {} when the rollouts are all
+    correct or all wrong: ROC-AUC is then undefined (a nan in the log says nothing) and F1 is 0
+    or 1 whatever the head does."""
+    n_pos = int(correct.sum())
+    if n_pos == 0 or n_pos == len(correct):
+        return {}
+    return {f"{prefix}auc": roc_auc(pred, correct), f"{prefix}f1": f1_score((pred > 0.5).long(), correct.long())}
+
+
+def gather(x, d):
+    """The rows of every rank, concatenated (each rank holds the same number of rows)."""
+    if d.world == 1:
+        return x
+    out = [torch.zeros_like(x) for _ in range(d.world)]
+    torch.distributed.all_gather(out, x.contiguous())
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,30 +148,39 @@ def f1_score(pred, labels):
 
 def latent_states(model, prompts, n_latents, pad_id, device):
     """The n continuous thoughts of each prompt (prompt ends with <|start-latent|>): h_1 is the
-    last hidden state of the prompt, h_{t+1} the hidden state at the slot fed h_t. (B, n, d)."""
+    last hidden state of the prompt, h_{t+1} the hidden state at the slot fed h_t. (B, n, d).
+
+    Also returns `anchor`: 0 x the logits of every pass, to add to the loss. It changes no
+    gradient's value, but the backward pass then goes through the model's output, where FSDP2
+    hangs its backward hooks (a loss reached only through the hidden state, which lm_forward
+    takes from inside the model, crashed FSDP2 runs), and every parameter gets a gradient (DDP
+    needs that of an untied LM head). One row of logits per pass, not the prompt's (B x prompt x
+    vocabulary: gigabytes at Qwen's 152k vocabulary)."""
     ids, mask = common.pad_left(prompts, pad_id, device)
     cache = DynamicCache(config=common.unwrap(model).config)
     pos = common.positions(mask)
-    _, hidden = common.lm_forward(model, ids, mask, pos, cache)
-    states = [hidden[:, -1]]
+    logits, hidden = common.lm_forward(model, ids, mask, pos, cache, logits_to_keep=1)
+    states, anchor = [hidden[:, -1]], 0 * logits.float().sum()
     for t in range(1, n_latents):
         mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
         pos = pos[:, -1:] + 1
-        _, hidden = common.lm_forward(model, ids[:, -1:], mask, pos, cache, latent_mask=torch.ones_like(pos, dtype=torch.bool),
-                                      latent_vectors=states[-1][:, None])
+        logits, hidden = common.lm_forward(model, ids[:, -1:], mask, pos, cache, latent_mask=torch.ones_like(pos, dtype=torch.bool),
+                                           latent_vectors=states[-1][:, None], logits_to_keep=1)
         states.append(hidden[:, -1])
-    return torch.stack(states, 1)
+        anchor = anchor + 0 * logits.float().sum()
+    return torch.stack(states, 1), anchor
 
 
-def backward_both(head, h, correct, pos_weight, train_head=True):
+def backward_both(head, h, correct, pos_weight, train_head=True, anchor=0.0):
     """Phase 2's two losses, each sent only where it belongs:
     policy loss -mean_t sigmoid(V(h_t)) -> the language model (through h), never the head;
     value loss BCE(V(h_t), correct) on detached h -> the head, never the language model.
-    Returns (v (B, n), policy loss, value loss) after calling backward on both."""
+    (`anchor`: see latent_states.) Returns (v (B, n), policy loss, value loss) after calling
+    backward on both."""
     head.requires_grad_(False)
     v = torch.sigmoid(head(h))
     policy_loss = -v.mean()
-    policy_loss.backward()
+    (policy_loss + anchor).backward()
     head.requires_grad_(train_head)
     value_loss = value_bce(head(h.detach()), correct[:, None].expand(-1, h.shape[1]), pos_weight)
     if train_head:
@@ -143,11 +188,12 @@ def backward_both(head, h, correct, pos_weight, train_head=True):
     return v.detach(), policy_loss.detach(), value_loss.detach()
 
 
-def rollout_and_score(model, tokenizer, batch, cfg, max_new_tokens):
-    """Greedy Coconut rollouts; returns (stored thoughts (B, n, d), correct (B,))."""
+def rollout_and_score(model, tokenizer, batch, cfg, max_new_tokens, stop):
+    """Greedy Coconut rollouts that end at any id of `stop` (common.stop_ids); returns (stored
+    thoughts (B, n, d), correct (B,), prompts)."""
     prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in batch], cfg)
     r = common.rollout(model, prompts, common.reasoning_step(cfg, tokenizer, 0.0), max_new_tokens,
-                       tokenizer.eos_token_id, tokenizer.pad_token_id)
+                       stop, tokenizer.pad_token_id)
     correct = torch.tensor([float(common.is_correct(common.decode_completion(tokenizer, r, i), ex["answer"]))
                             for i, ex in enumerate(batch)], device=r.tokens.device)
     n = cfg["n_latents"]
@@ -159,14 +205,22 @@ def main(args):
     common.seed_everything(args.seed, d.rank)
     if args.train_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} is not divisible by {d.world} processes")
-    cfg = common.require_latent_config(args.model_name_or_path, "latent_value_rl.py (a Coconut model)")
-    if cfg["mode"] != "coconut" or cfg.get("n_latents", 0) < 1:
-        common.die(f"{args.model_name_or_path!r} reasons in mode {cfg['mode']!r}; latent_value_rl.py needs a Coconut model with latents")
-    train = common.load_data(args.dataset, "train", args.max_train_samples or None, args.seed)
-    test = common.load_data(args.eval_dataset or args.dataset, "test", args.max_eval_samples or None, args.seed)
-    model, tokenizer, _ = common.load_model(args.model_name_or_path, d.device, torch.float32 if d.device.type == "cpu" else None)
-    head = ValueHead(model.config.hidden_size).to(d.device)
-    model = common.wrap_model(model, d, args.distributed)
+    if args.pretrain_questions < max(2, d.world):
+        common.die(f"--pretrain_questions must be at least {max(2, d.world)} (the head trains on some rollouts "
+                   f"and is checked on others; got {args.pretrain_questions})")
+    # a Coconut checkpoint with latents, checked before the weights are loaded
+    cfg = common.require_latent_config(args.model_name_or_path, "latent_value_rl.py (a Coconut model: make one with coconut_sft.py)")
+    if cfg.get("mode") == "cot" or (cfg.get("mode") == "coconut" and cfg.get("n_latents", 0) < 1):
+        common.die(f"{args.model_name_or_path!r} reasons in mode {cfg['mode']!r} without latents; latent_value_rl.py "
+                   "needs a Coconut model with latents (make one with coconut_sft.py)")
+    common.check_start(cfg, ("coconut",), "latent_value_rl.py")
+    model, tokenizer, _ = common.load_model(args.model_name_or_path, d.device, torch.float32)
+    cfg = dict(cfg)
+    train, test = common.load_train_eval(args, cfg)
+    cfg.update(common.prompt_settings(args, cfg, train))
+    bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
+    head = ValueHead(model.config.hidden_size).to(d.device)   # fp32, outside the bf16 autocast
+    model = common.wrap_model(model, d, args.distributed, bf16)
     logger = common.Logger(args.output_dir, args, d, args.track)
     rng = random.Random(args.seed)
     n = cfg["n_latents"]
@@ -183,7 +237,7 @@ def main(args):
     states, labels = [], []
     with torch.no_grad():
         for i in tqdm(range(0, len(picks), 64), desc="collect", disable=not d.main):
-            h, c, _ = rollout_and_score(model, tokenizer, [train[j] for j in picks[i:i + 64]], cfg, args.max_completion_length)
+            h, c, _ = rollout_and_score(model, tokenizer, [train[j] for j in picks[i:i + 64]], cfg, args.max_completion_length, stop)
             states.append(h.reshape(-1, h.shape[-1]))
             labels.append(c.repeat_interleave(n))
     states, labels = torch.cat(states), torch.cat(labels)
@@ -193,7 +247,7 @@ def main(args):
         states, labels = torch.cat([s for s, _ in everyone]).to(d.device), torch.cat([l for _, l in everyone]).to(d.device)
     split = int(0.9 * len(states)) // n * n
     head_opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=args.weight_decay)
-    g = torch.Generator().manual_seed(args.seed)
+    g, loss = torch.Generator().manual_seed(args.seed), None
     for epoch in tqdm(range(args.pretrain_epochs), desc="pretrain head", disable=not d.main):
         head.train()
         for idx in torch.randperm(split, generator=g).split(256):
@@ -205,8 +259,14 @@ def main(args):
     with torch.no_grad():
         held = torch.sigmoid(head(states[split:])).view(-1, n).mean(1)
         held_y = labels[split:].view(-1, n)[:, 0]
-    logger.log({"pretrain_pairs": len(states), "pretrain_acc": labels.mean().item(), "pretrain_loss": loss.item(),
-                "heldout_auc": roc_auc(held, held_y), "heldout_f1": f1_score((held > 0.5).long(), held_y.long())}, 0)
+    n_pos = int(held_y.sum())
+    scores = head_scores(held, held_y, "heldout_")
+    if not scores and d.main:
+        print(f"note: no held-out AUC/F1 for the head: its {len(held_y)} held-out rollouts are {n_pos} correct and "
+              f"{len(held_y) - n_pos} wrong, and both kinds are needed (more --pretrain_questions give more)", flush=True)
+    logger.log({"pretrain_pairs": len(states), "pretrain_acc": labels.mean().item(),
+                **({"pretrain_loss": loss.item()} if loss is not None else {}),
+                "heldout_rollouts": len(held_y), "heldout_correct": n_pos, **scores}, 0)
 
     # ---- phase 2: the policy maximises the head's predictions, the head keeps learning
     lm_opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -214,20 +274,17 @@ def main(args):
     cosine = lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / args.max_steps))  # noqa: E731
     lm_sched = torch.optim.lr_scheduler.LambdaLR(lm_opt, cosine)
     head_sched = torch.optim.lr_scheduler.LambdaLR(head_opt, cosine)
-    start = run_eval(0)
+    start, noted = run_eval(0), False
     for step in tqdm(range(1, args.max_steps + 1), desc="latent rl", disable=not d.main):
         batch = [train[i] for i in rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]]
         model.eval()
-        _, correct, prompts = rollout_and_score(model, tokenizer, batch, cfg, args.max_completion_length)
+        _, correct, prompts = rollout_and_score(model, tokenizer, batch, cfg, args.max_completion_length, stop)
         model.train()
-        h = latent_states(model, prompts, n, tokenizer.pad_token_id, d.device)   # (B, n, d), with gradients
+        h, anchor = latent_states(model, prompts, n, tokenizer.pad_token_id, d.device)   # (B, n, d), with gradients
         head.train()
-        v, policy_loss, value_loss = backward_both(head, h, correct, args.pos_weight, not args.freeze_value_head)
+        v, policy_loss, value_loss = backward_both(head, h, correct, args.pos_weight, not args.freeze_value_head, anchor)
         if not args.freeze_value_head:
-            if d.world > 1:  # the head is replicated: average its gradients by hand
-                for p in head.parameters():
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= d.world
+            common.average_gradients([head], d)  # the head is replicated, outside the wrapper
             head_opt.step()
             head_opt.zero_grad(set_to_none=True)
         grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
@@ -238,16 +295,21 @@ def main(args):
         with torch.no_grad():
             pred = v.mean(1)
             row = {"acc": correct.mean().item(), "mean_value": pred.mean().item(), "policy_loss": policy_loss.item(),
-                   "value_loss": value_loss.item(), "auc": roc_auc(pred, correct), "f1": f1_score((pred > 0.5).long(), correct.long()),
-                   "thought_norm": h.detach().norm(dim=-1).mean().item(),
+                   "value_loss": value_loss.item(), "thought_norm": h.detach().norm(dim=-1).mean().item(),
                    "grad_norm": grad_norm}
-        logger.log({k: common.all_mean(x, d) for k, x in row.items()}, step)
+            row = {k: common.all_mean(x, d) for k, x in row.items()}
+            scores = head_scores(gather(pred, d), gather(correct, d))   # over the whole batch, the same on every rank
+        if not scores and not noted and d.main:
+            print("note: auc and f1 are left out of steps whose batch is all correct or all wrong (both are undefined then)", flush=True)
+        noted = noted or not scores
+        logger.log({**row, **scores}, step)
         if step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
     final = run_eval(args.max_steps)
     cfg = {**cfg, "method": "latent_value_rl", "base_model": args.model_name_or_path,
            "value_head": {"file": "value_head.safetensors", "dims": [common.unwrap(model).config.hidden_size, 128, 32, 8, 1]}}
-    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, extra_modules={"value_head": head}, d=d)
+    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, extra_modules={"value_head": head}, d=d,
+                           save_dtype=args.save_dtype)
     if d.main:
         common.plot_metrics(args.output_dir, ["acc", "mean_value", "value_loss", "policy_loss", "auc", "eval_acc"])
         print(f"pass@1 {start['pass@1']:.3f} -> {final['pass@1']:.3f}   saved {args.output_dir}")
@@ -255,4 +317,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(common.parse_args(Args))

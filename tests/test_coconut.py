@@ -92,3 +92,14 @@ def test_gradient_flows_through_the_latent_chain(toy):
     assert len(thoughts) == 4  # every thought gets gradient, the first one through the three after it too
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v, _ in thoughts)
     model.zero_grad()
+
+
+def test_stage_schedule_starts_at_1_and_continues_a_coconut_checkpoint():
+    from coconut_sft import stage_schedule
+    a = SimpleNamespace(start_stage=-1, end_stage=-1, max_latent_stage=3, no_curriculum=False)
+    assert stage_schedule(a) == stage_schedule(a, {"mode": "cot"}) == [1, 2, 3, 4]
+    assert stage_schedule(a, {"mode": "coconut", "stage": 2}) == [3, 4]               # the stage after its own
+    assert stage_schedule(a, {"mode": "coconut", "stage": 4}) == [4]                  # never past the last
+    assert stage_schedule(a, {"mode": "coconut", "n_latents": 2}) == [1, 2, 3, 4]      # no stage recorded
+    assert stage_schedule(SimpleNamespace(**{**vars(a), "end_stage": 0})) == [0]       # --end_stage 0 alone: CoT
+    assert stage_schedule(SimpleNamespace(**{**vars(a), "start_stage": 2}), {"mode": "coconut", "stage": 3}) == [2, 3, 4]

@@ -50,3 +50,30 @@ def test_each_loss_trains_only_its_own_side():
     head.zero_grad(set_to_none=True)
     backward_both(head, lm(x), correct, 20.0, train_head=False)
     assert all(p.grad is None for p in head.parameters())
+
+
+def test_latent_states_match_the_rollout_without_the_prompt_logits(toy):
+    """Phase 2 recomputes the thoughts the greedy rollout fed (with gradients), and computes one row
+    of logits per pass, not the whole prompt's (gigabytes at a real vocabulary)."""
+    import common
+    from latent_value_rl import latent_states, rollout_and_score
+    model, tok, _ = toy
+    cfg = {"mode": "coconut", "n_latents": 3, "prompt_format": "plain"}
+    stored, _, prompts = rollout_and_score(model, tok, common.toy_dataset("test")[:3], cfg, 8, common.stop_ids(model, tok))
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: rows.append(out.shape[1]))
+    try:
+        with torch.no_grad():
+            h, anchor = latent_states(model, prompts, 3, tok.pad_token_id, torch.device("cpu"))
+    finally:
+        hook.remove()
+    assert h.shape == stored.shape == (3, 3, model.config.hidden_size)
+    assert torch.allclose(h, stored, atol=1e-4), (h - stored).abs().max()
+    assert rows == [1, 1, 1] and anchor.item() == 0
+
+
+def test_auc_and_f1_only_over_both_kinds():
+    from latent_value_rl import head_scores
+    assert head_scores(torch.tensor([0.2, 0.9]), torch.tensor([0.0, 0.0])) == {}
+    assert head_scores(torch.tensor([0.2, 0.9]), torch.tensor([1.0, 1.0])) == {}
+    assert head_scores(torch.tensor([0.2, 0.9]), torch.tensor([0.0, 1.0]), "heldout_") == {"heldout_auc": 1.0, "heldout_f1": 1.0}

@@ -82,3 +82,19 @@ def test_latent_value_rl_runs_and_saves_its_head(tmp_path):
     before, after = load_file(f"{common.TOY_COCONUT}/model.safetensors"), load_file(out / "model.safetensors")
     changed = [n for n, w in before.items() if not torch.allclose(after[n], w)]
     assert len(changed) >= len(before) - 1   # the policy loss moved the language model (norms included)
+
+
+def test_latent_value_rl_under_torchrun_fsdp(tmp_path):
+    """2 CPU processes, FSDP2: phase 2's loss reaches the model only through the latent states
+    (hidden states taken from inside the model), which crashed FSDP2's backward until the loss
+    also went through the model's output (latent_states' anchor)."""
+    out = tmp_path / "lvrl"
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573", "latent_value_rl.py",
+               "--max_steps", "2", "--pretrain_questions", "16", "--pretrain_epochs", "1", "--train_batch_size", "4",
+               "--max_eval_samples", "4", "--max_completion_length", "24", "--learning_rate", "1e-2", "--output_dir", out,
+               env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    rows = common.read_metrics(out / "metrics.jsonl")
+    assert rows[0]["pretrain_pairs"] == 16 * 6
+    assert [r["step"] for r in rows if "policy_loss" in r] == [1, 2]
+    before, after = load_file(f"{common.TOY_COCONUT}/model.safetensors"), load_file(out / "model.safetensors")
+    assert not torch.allclose(after["model.norm.weight"], before["model.norm.weight"])

@@ -59,7 +59,7 @@ def test_one_high_lr_step_changes_every_trained_parameter(tmp_path):
     model, tok, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
     common.save_checkpoint(model, tok, start, {"mode": "cot"})
     before = load_file(start / "model.safetensors")
-    run_script("coconut_sft.py", "--model", start, "--start_stage", "1", "--end_stage", "1", "--learning_rate", "1e-2",
+    run_script("coconut_sft.py", "--model", start, "--dataset", "toy", "--start_stage", "1", "--end_stage", "1", "--learning_rate", "1e-2",
                "--output_dir", tmp_path / "out", *FAST[:-2], "--max_steps", "1")
     after = load_file(tmp_path / "out" / "model.safetensors")
     for name, w in before.items():
