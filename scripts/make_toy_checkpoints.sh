@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python coconut_sft.py --model toy --dataset toy:20000 --start_stage 0 --end_stage 0 --epochs_per_stage 2 \
     --learning_rate 3e-3 --lr_scheduler_type cosine --warmup_steps 30 --output_dir checkpoints/toy-cot "$@"
-python coconut_sft.py --model checkpoints/toy-cot --output_dir checkpoints/toy-coconut "$@"
-python latent_sft.py --model checkpoints/toy-cot --output_dir checkpoints/toy-latent-sft "$@"
+python coconut_sft.py --model checkpoints/toy-cot --dataset toy --output_dir checkpoints/toy-coconut "$@"
+python latent_sft.py --model checkpoints/toy-cot --dataset toy --output_dir checkpoints/toy-latent-sft "$@"
