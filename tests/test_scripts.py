@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
-from conftest import ROOT, run_script
+from conftest import ROOT, main_error, run_script
 
 FAST = ["--max_steps", "2", "--train_batch_size", "8", "--micro_batch_size", "4", "--max_eval_samples", "8",
         "--max_train_samples", "64", "--max_completion_length", "24", "--log_every", "1"]
@@ -68,10 +68,11 @@ def test_one_high_lr_step_changes_every_trained_parameter(tmp_path):
 
 
 def test_token_removal_pause_and_no_curriculum_run(tmp_path):
+    import coconut_sft  # in-process: three short runs without three interpreter start-ups
     for extra in (["--removal", "token"], ["--pause_as_thought"], ["--no_curriculum"]):
         out = tmp_path / extra[0].strip("-")
-        run_script("coconut_sft.py", "--model", "toy", "--start_stage", "1", "--end_stage", "2",
-                   "--output_dir", out, *extra, *FAST)
+        argv = ["--model", "toy", "--start_stage", "1", "--end_stage", "2", "--output_dir", out, *extra, *FAST]
+        coconut_sft.main(common.parse_args(coconut_sft.Args, [str(a) for a in argv]))
         assert (out / "model.safetensors").is_file()
 
 
@@ -84,17 +85,20 @@ def test_token_removal_pause_and_no_curriculum_run(tmp_path):
     (["--model", str(ROOT / "tests")], "not a model checkpoint"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path):
-    p = run_script("coconut_sft.py", "--model", "toy", *FAST, "--output_dir", tmp_path / "x", *argv, ok=False, timeout=120)
-    one_line_error(p, words)
+    assert words in main_error("coconut_sft", "--model", "toy", *FAST, "--output_dir", tmp_path / "x", *argv)
     assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+def test_bad_input_is_one_line_in_a_real_process(tmp_path):
+    p = run_script("coconut_sft.py", "--model", "/no/such/folder", "--output_dir", tmp_path / "x", ok=False, timeout=120)
+    one_line_error(p, "neither a local folder nor a hub id")
 
 
 def test_bad_dataset_fields_are_one_line(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "x", "answer": "1"}) + "\n")
     (tmp_path / "e.jsonl").write_text("")
     for name, words in [("d.jsonl", "no question field"), ("e.jsonl", "is empty")]:
-        p = run_script("coconut_sft.py", "--model", "toy", "--dataset", tmp_path / name, *FAST, "--output_dir", tmp_path / "x", ok=False)
-        one_line_error(p, words)
+        assert words in main_error("coconut_sft", "--model", "toy", "--dataset", tmp_path / name, *FAST, "--output_dir", tmp_path / "x")
     p = run_script("eval.py", "--model", ROOT / "tests", ok=False)
     one_line_error(p, "not a model checkpoint")
 
