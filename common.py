@@ -1150,9 +1150,11 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
     if save_dtype not in ("auto", "float32", "bfloat16", "float16"):
         die(f"--save_dtype must be auto, float32, bfloat16 or float16 (got {save_dtype!r})")
     dtype = getattr(unwrap(model), "published_dtype", torch.float32) if save_dtype == "auto" else getattr(torch, save_dtype)
-    cast = lambda sd: {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
-    state = cast(full_state_dict(model))
-    sub_states = {name: cast(full_state_dict(m)) for name, m in (subfolders or {}).items()}
+    def cast(m, sd):  # the saved dtype; a tied head is not written twice (FSDP2's gathered state has both keys)
+        tied = (getattr(unwrap(m), "_tied_weights_keys", None) or {}) if getattr(unwrap(m).config, "tie_word_embeddings", False) else {}
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items() if k not in tied}
+    state = cast(model, full_state_dict(model))
+    sub_states = {name: cast(m, full_state_dict(m)) for name, m in (subfolders or {}).items()}
     extra = {name: {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
              for name, m in (extra_modules or {}).items()}
     if d.main:

@@ -30,6 +30,7 @@ def test_two_process_run_matches_one_process(strategy, single, tmp_path):
     fingerprints = json.loads((out / "fingerprints.json").read_text())
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]   # ranks agree exactly
     multi = load_file(out / "model.safetensors")
+    assert set(multi) == set(single)   # the tied head is not saved a second time from FSDP2's gathered state
     for name, w in single.items():  # and agree with one process on the same global batches
         assert torch.allclose(multi[name], w, atol=3e-5), (name, (multi[name] - w).abs().max())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
