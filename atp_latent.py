@@ -395,14 +395,14 @@ def load_decoder(folder, device, dtype):
 # ----------------------------------------------------------------------------------------------
 # SFT: Coconut's multi-pass forward with sampled latents; decoder, KL and stop losses
 
-def build_example(tokenizer, ex, stage, args, special, cfg):
+def build_example(tokenizer, ex, stage, args, special, cfg, end_id=None):
     """Coconut's step-wise example (prompt + <start>, n latents, tail, labels) plus the token ids
     of the steps the latents replace (the decoder's targets). The prompt is the one RL and eval.py
     give the checkpoint (`common.reasoning_prompts` with `cfg`: chat template, system turn, then
     <|start-latent|>)."""
     ns = SimpleNamespace(removal="step", c_thought=args.c_thought, max_latent_stage=args.max_latent_stage,
                          chat_template=False, system_prompt="")
-    _, n_latent, tail, labels = coconut_sft.build_example(tokenizer, ex, stage, ns, special, 1)
+    _, n_latent, tail, labels = coconut_sft.build_example(tokenizer, ex, stage, ns, special, 1, end_id=end_id)
     prompt = common.encode_prompt(tokenizer, ex["question"], cfg["prompt_format"] == "chat", cfg["system_prompt"]) + special[:1]
     targets = [tokenizer.encode(s, add_special_tokens=False) + [tokenizer.eos_token_id]
                for s in ex["steps"][:n_latent // args.c_thought]]
@@ -476,13 +476,14 @@ def run_sft(args, d, model, tokenizer, heads, decoder, train, test, logger, spec
     step, cfg = 0, None
     for stage in stages:
         stage_cfg = atp_config(args, stage, "sft", base)
+        end_id = common.answer_end_id(tokenizer, stage_cfg, common.stop_ids(model, tokenizer))  # chat: end of turn
         optimizer = torch.optim.AdamW(params, lr=args.sft_learning_rate, weight_decay=args.weight_decay)  # reset per stage
         model.train(), heads.train(), decoder.train()
         rng = random.Random(args.seed * 1000 + stage)
         t0 = time.time()
         for i in tqdm(range(args.steps_per_stage), desc=f"sft stage {stage}", disable=not d.main):
             batch = rng.sample(range(len(train)), batch_size)[d.rank::d.world]
-            exs = [build_example(tokenizer, train[j], stage, args, special, stage_cfg) for j in batch]
+            exs = [build_example(tokenizer, train[j], stage, args, special, stage_cfg, end_id) for j in batch]
             n_tok = common.all_sum(sum(sum(y != -100 for y in ex[0][3]) for ex in exs), d)
             stats = {"ce": 0.0, "dec_ce": 0.0, "kl": 0.0, "stop_ce": 0.0, "stop_acc": 0.0, "sigma": 0.0}
             for m0 in range(0, len(exs), micro):

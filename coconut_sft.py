@@ -135,21 +135,6 @@ def build_example(tokenizer, ex, stage, args, special, tokens_per_stage, markers
     return prompt + [start], n_latent, [latent] * n_latent + tail, [-100] * (n_latent + 1) + reasoning + answer
 
 
-def target_end(tokenizer, prompting, stop):
-    """The id that ends every target: with chat prompts, the token the chat template closes an
-    assistant turn with (<|im_end|>, <|eot_id|>: what an instruct model ends its answers with,
-    not necessarily the tokenizer's eos), else the tokenizer's eos. Always one of `stop`, the
-    ids rollouts stop at (common.stop_ids)."""
-    if prompting["prompt_format"] == "chat":
-        mark = "ANSWER_ENDS_HERE"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": mark}],
-                                             tokenize=False)
-        after = tokenizer.encode(text.rsplit(mark, 1)[-1], add_special_tokens=False) if mark in text else []
-        if after and after[0] in stop:
-            return after[0]
-    return tokenizer.eos_token_id
-
-
 def collate(examples, pad_id, device):
     """Left-pad the prompts (so every latent slot of the batch sits in the same columns) and
     right-pad the tails. Returns ids, attention mask, labels, n_latent and the first latent column."""
@@ -238,7 +223,7 @@ def main(args):
     cot_only = max(stages) == 0
     special = common.add_special_tokens(model, tokenizer, [common.START_LATENT, common.END_LATENT, common.LATENT],
                                         init_from="<<")  # as Coconut's code does
-    bf16, end_id = common.use_bf16(args.bf16, d.device), target_end(tokenizer, prompting, common.stop_ids(model, tokenizer))
+    bf16, end_id = common.use_bf16(args.bf16, d.device), common.answer_end_id(tokenizer, prompting, common.stop_ids(model, tokenizer))
     tokens_per_stage = args.tokens_per_stage or max(1, round(
         sum(len(tokenizer.encode(s + "\n", add_special_tokens=False)) for ex in train[:2000] for s in ex["steps"])
         / max(1, sum(len(ex["steps"]) for ex in train[:2000]))))

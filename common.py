@@ -929,6 +929,20 @@ def cot_target(example):
     return "".join(s + "\n" for s in example["steps"]) + f"{ANSWER_MARKER} {example['answer']}"
 
 
+def answer_end_id(tokenizer, prompting, stop):
+    """The id that ends every SFT target: with chat prompts, the token the chat template closes an
+    assistant turn with (<|im_end|>, <|eot_id|>: what an instruct model ends its answers with, not
+    necessarily the tokenizer's eos), else the tokenizer's eos. Always one of `stop` (stop_ids)."""
+    if prompting["prompt_format"] == "chat":
+        mark = "ANSWER_ENDS_HERE"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": mark}],
+                                             tokenize=False)
+        after = tokenizer.encode(text.rsplit(mark, 1)[-1], add_special_tokens=False) if mark in text else []
+        if after and after[0] in stop:
+            return after[0]
+    return tokenizer.eos_token_id
+
+
 def encode_prompt(tokenizer, question, chat=False, system_prompt=""):
     return tokenizer.encode(format_prompt(tokenizer, question, chat, system_prompt), add_special_tokens=False)
 
@@ -1043,6 +1057,16 @@ def global_max(n):
     t = torch.tensor([int(n)], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def all_gather(x, d: Dist):
+    """The rows of every rank, concatenated (each rank holds the same number of rows)."""
+    if d.world == 1:
+        return x
+    import torch.distributed as dist
+    out = [torch.zeros_like(x) for _ in range(d.world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
 
 
 def all_sum(x, d: Dist):

@@ -124,15 +124,17 @@ class Args:
 # ----------------------------------------------------------------------------------------------
 # examples: the prompt, the CoT cut into chunks, the answer
 
-def split_example(tokenizer, ex, args, think, prompting=None):
-    """(prompt ids ending with <think>, CoT chunks of `compression` ids, answer ids ending with EOS).
-    `prompting`: {"prompt_format", "system_prompt"} (common.prompt_settings), as eval.py prompts."""
+def split_example(tokenizer, ex, args, think, prompting=None, end_id=None):
+    """(prompt ids ending with <think>, CoT chunks of `compression` ids, answer ids ending with
+    `end_id` (common.answer_end_id: the chat template's end of turn, or EOS)). `prompting`:
+    {"prompt_format", "system_prompt"} (common.prompt_settings), as eval.py prompts."""
+    end_id = tokenizer.eos_token_id if end_id is None else end_id
     prompting = prompting or {"prompt_format": "plain", "system_prompt": ""}
     prompt = common.encode_prompt(tokenizer, ex["question"], prompting["prompt_format"] == "chat",
                                   prompting["system_prompt"]) + [think[0]]
     cot = tokenizer.encode("".join(s + "\n" for s in ex["steps"]), add_special_tokens=False) or [tokenizer.eos_token_id]
     chunks = [cot[i:i + args.compression] for i in range(0, len(cot), args.compression)]
-    answer = tokenizer.encode(f"{common.ANSWER_MARKER} {ex['answer']}", add_special_tokens=False) + [tokenizer.eos_token_id]
+    answer = tokenizer.encode(f"{common.ANSWER_MARKER} {ex['answer']}", add_special_tokens=False) + [end_id]
     return prompt, chunks, answer
 
 
@@ -302,6 +304,7 @@ def main(args):
     if not any(ex["steps"] for ex in train[:100]):
         common.die(f"{data['dataset']!r} has no reasoning steps to compress (Latent-SFT needs CoT data such as GSM8K-Aug)")
     prompting = common.prompt_settings(args, start_cfg, train)   # training prompts as eval.py and the RL files build them
+    end_id = common.answer_end_id(tokenizer, prompting, common.stop_ids(model, tokenizer))
     cfg = {"mode": "mixture", "top_k": args.top_k, "max_latent_steps": args.max_latent_steps, **prompting,
            "method": "latent_sft", "compression": args.compression, "base_model": args.model_name_or_path, **data}
     # new rows of their own (table mean + noise): a copy of an existing token would tie it
@@ -344,7 +347,7 @@ def main(args):
         t0 = time.time()
         for i in tqdm(range(total), desc=f"latent-sft stage {stage}", disable=not d.main):
             picks = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
-            parts = [split_example(tokenizer, train[j], args, think, prompting) for j in picks]
+            parts = [split_example(tokenizer, train[j], args, think, prompting, end_id) for j in picks]
             n_ce = common.all_sum(sum(sum(len(c) for c in p[1][1:]) + len(p[2]) + 1 if stage == 1 else len(p[2]) + 1
                                       for p in parts), d)
             n_slots = common.all_sum(sum(len(p[1]) for p in parts), d)

@@ -134,15 +134,6 @@ def head_scores(pred, correct, prefix=""):
     return {f"{prefix}auc": roc_auc(pred, correct), f"{prefix}f1": f1_score((pred > 0.5).long(), correct.long())}
 
 
-def gather(x, d):
-    """The rows of every rank, concatenated (each rank holds the same number of rows)."""
-    if d.world == 1:
-        return x
-    out = [torch.zeros_like(x) for _ in range(d.world)]
-    torch.distributed.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
 # ----------------------------------------------------------------------------------------------
 # the latent states, recomputed with gradients through the Coconut chain
 
@@ -298,7 +289,7 @@ def main(args):
                    "value_loss": value_loss.item(), "thought_norm": h.detach().norm(dim=-1).mean().item(),
                    "grad_norm": grad_norm}
             row = {k: common.all_mean(x, d) for k, x in row.items()}
-            scores = head_scores(gather(pred, d), gather(correct, d))   # over the whole batch, the same on every rank
+            scores = head_scores(common.all_gather(pred, d), common.all_gather(correct, d))   # over the whole batch, the same on every rank
         if not scores and not noted and d.main:
             print("note: auc and f1 are left out of steps whose batch is all correct or all wrong (both are undefined then)", flush=True)
         noted = noted or not scores

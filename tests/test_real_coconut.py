@@ -92,14 +92,23 @@ def test_sft_targets_use_the_chat_prompt_and_end_the_turn(smol_tiny):
     stop, im_end = common.stop_ids(model, tok), tok.convert_tokens_to_ids("<|im_end|>")
     chat = {"prompt_format": "chat", "system_prompt": "Be brief."}
     plain = {"prompt_format": "plain", "system_prompt": ""}
-    assert coconut_sft.target_end(tok, chat, stop) == im_end                  # what the template closes a turn with
-    assert coconut_sft.target_end(tok, plain, stop) == tok.eos_token_id != im_end
+    assert common.answer_end_id(tok, chat, stop) == im_end                  # what the template closes a turn with
+    assert common.answer_end_id(tok, plain, stop) == tok.eos_token_id != im_end
     ex = {"question": "Q?", "steps": ["<<2*3=6>>"], "answer": "6"}
     args = dataclasses.replace(coconut_sft.Args(), max_latent_stage=3, c_thought=2)
     prompt, n, tail, labels = coconut_sft.build_example(tok, ex, 1, args, special, 0, True, chat, im_end)
     text = tok.decode(prompt)
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and text.endswith("<|im_start|>assistant\n<|start-latent|>")
     assert n == 2 and labels[-1] == im_end and tok.decode([t for t in labels if t != -100]).startswith("### 6")
+    import latent_sft  # Latent-SFT's and ATP-Latent's SFT answers end the same way
+    largs = dataclasses.replace(latent_sft.Args())
+    think = common.add_special_tokens(model, tok, ["<think>", "</think>"], init_from=None)
+    _, _, answer = latent_sft.split_example(tok, ex, largs, think, chat, common.answer_end_id(tok, chat, stop))
+    assert answer[-1] == im_end
+    import atp_latent
+    aargs = dataclasses.replace(atp_latent.Args(), max_latent_stage=3, c_thought=2)
+    (_, _, _, alabels), _ = atp_latent.build_example(tok, ex, 1, aargs, special, chat, im_end)
+    assert alabels[-1] == im_end
 
 
 def test_value_rollouts_stop_at_the_end_of_turn(smol_tiny, monkeypatch):
