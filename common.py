@@ -284,7 +284,10 @@ def mask_row_grads(model, rows):
 
 
 def require_tokens(tokenizer, tokens, what):
-    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    """The ids of `tokens`, or one line naming the missing ones. Runs per batch of prompts: it looks
+    the tokens up instead of building the whole vocabulary (get_vocab) each call."""
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    missing = [t for t, i in zip(tokens, ids) if i is None or (i == tokenizer.unk_token_id and t != tokenizer.unk_token)]
     if missing:
         die(f"{what}: the tokenizer has no {', '.join(missing)} (is this a checkpoint of that mode?)")
     return tokenizer.convert_tokens_to_ids(list(tokens))
