@@ -690,6 +690,13 @@ def save(model, tokenizer, heads, decoder, out, cfg, d, save_dtype="auto"):
                            d=d, subfolders={"decoder": decoder}, save_dtype=save_dtype)
 
 
+def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
+    """LEGACY (issue 12) shim: (prompts(questions) -> ids, step function) for this file's modes."""
+    noise = cfg.get("noise_scale", 1.0) if temperature > 0 else 0.0
+    step = common.reasoning_step(cfg, tokenizer, temperature, top_p=top_p, model=model, noise_scale=noise)
+    return (lambda questions: common.reasoning_prompts(tokenizer, questions, cfg)), step
+
+
 def main(args):
     if args.phase not in ("", "sft", "rl"):
         common.die(f"--phase must be sft, rl or empty (SFT then RL) (got {args.phase!r})")

@@ -202,6 +202,13 @@ def check_continuing(args, start_cfg):
                        f"continuing it needs the same (got {getattr(args, key)})")
 
 
+def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
+    """LEGACY (issue 12) shim: (prompts(questions) -> ids, step function) for this file's modes."""
+    noise = cfg.get("noise_scale", 1.0) if temperature > 0 else 0.0
+    step = common.reasoning_step(cfg, tokenizer, temperature, top_p=top_p, model=model, noise_scale=noise)
+    return (lambda questions: common.reasoning_prompts(tokenizer, questions, cfg)), step
+
+
 def main(args):
     if args.c_thought < 1:
         common.die(f"--c_thought must be at least 1 (got {args.c_thought})")

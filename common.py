@@ -1,12 +1,14 @@
 """Plumbing shared by every method file: models, data, answer checking, the KV-cached rollout
-loop, distributed setup, logging and checkpoints.
+loop, evaluation, distributed setup, logging and checkpoints.
 
-Nothing here is an algorithm. Advantages, noise, surrogate log-probs, curricula, gates, heads
-and losses are written out in each method's own file, top to bottom.
+Nothing here is an algorithm, and nothing here imports a method file. How a method's latent is
+made and fed back, where its think span ends, advantages, noise, surrogate log-probs, curricula,
+gates, heads and losses are written out in the method's own file, top to bottom; the rollout loop
+and the evaluation loop here are driven by the step function a method file passes in.
 
-Sections (in order): errors - toy task and tiny model - models and tokenizers - data - answer
-checking - latent inputs (the forward hooks) - the rollout loop - distributed - logging and
-plots - checkpoints.
+Sections (in order): errors - models and tokenizers - data - answer checking - latent inputs
+(the forward hooks) - the rollout loop - prompts - evaluation - distributed - logging and plots -
+checkpoints. The toy task and the tiny model live in toy.py.
 """
 import contextlib
 import json
@@ -25,19 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
-TOY_COT = str(ROOT / "checkpoints" / "toy-cot")          # committed; remade by scripts/make_toy_checkpoints.sh
-TOY_COCONUT = str(ROOT / "checkpoints" / "toy-coconut")
-TOY_LATENT_SFT = str(ROOT / "checkpoints" / "toy-latent-sft")
 LATENT_CONFIG = "latent_config.json"
-
-# Coconut's special tokens (seed 000 / Hao et al. 2024). Their rows start as copies of "<<".
-START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
-ANSWER_MARKER = "###"
-# The think markers of vocabulary-superposition models (Latent-SFT, Latent-GRPO, Soft-GRPO).
-START_THINK, END_THINK = "<think>", "</think>"
+ANSWER_MARKER = "###"          # what SFT targets put before the final answer (the checker also reads "####")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,82 +47,6 @@ def parse_args(cls, argv=None):
     if rest:
         die(f"unknown argument {' '.join(rest)} (see --help)")
     return args
-
-
-# ----------------------------------------------------------------------------------------------
-# the toy task: GSM8K-Aug-format arithmetic, generated from a seed
-
-NAMES = ["Tom", "Ann", "Bob", "Eve", "Sam", "Mia", "Leo", "Zoe", "Max", "Ivy"]
-ITEMS = ["apples", "pens", "cards", "books", "eggs", "coins", "shells", "stamps"]
-
-
-def toy_problem(rng):
-    """One problem {question, steps, answer}. 2-3 steps; "a boxes of b" (a, b <= 9), then adding or
-    taking away at most 9, or doubling/tripling. Results stay in 0..999."""
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
-    value = a * b
-    sentences = [f"{name} has {a} boxes of {b} {item}."]
-    steps = [f"<<{a}*{b}={value}>>"]
-    for _ in range(rng.randint(1, 2)):
-        op = rng.choice(["+", "-", "*"] if value > 0 else ["+"])
-        if op == "+":
-            n = rng.randint(1, 9)
-            sentences.append(rng.choice([f"{name} gets {n} more.", f"{name} buys {n} more."]))
-            new = value + n
-        elif op == "-":
-            n = rng.randint(1, min(9, value))
-            sentences.append(rng.choice([f"{name} gives away {n}.", f"{name} loses {n}."]))
-            new = value - n
-        else:
-            n = rng.randint(2, 3)
-            sentences.append(f"Then the {item} {'double' if n == 2 else 'triple'}.")
-            new = value * n
-        steps.append(f"<<{value}{op}{n}={new}>>")
-        value = new
-    sentences.append(f"How many {item} does {name} have?")
-    return {"question": " ".join(sentences), "steps": steps, "answer": str(value)}
-
-
-def toy_dataset(split, n=None, seed=0):
-    """Deterministic splits: train and test come from disjoint seeds and share no question."""
-    n = n or {"train": 12800, "test": 500}.get(split, 500)
-    rng = random.Random(f"toy-{split}-{seed}")
-    out, seen = [], set()
-    held_out = set() if split == "test" else {ex["question"] for ex in toy_dataset("test", seed=seed)}
-    while len(out) < n:
-        ex = toy_problem(rng)
-        if ex["question"] in seen or ex["question"] in held_out:
-            continue
-        seen.add(ex["question"])
-        out.append(ex)
-    return out
-
-
-TOY_CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,?!'\"$%&()*+-/:;<=>#@[]_{}|\\^")
-
-
-def toy_tokenizer():
-    """A character-level tokenizer: a Qwen2 (byte-level BPE) tokenizer with one token per character
-    and no merges, so that AutoTokenizer reloads it as the same Qwen2Tokenizer from a saved folder."""
-    from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    byte_char = bytes_to_unicode()
-    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{byte_char[ord(c)]: i + 2 for i, c in enumerate(TOY_CHARS)}}
-    return Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<unk>", eos_token="<|endoftext|>",
-                          pad_token="<|endoftext|>", bos_token=None)
-
-
-def toy_model(vocab_size):
-    """The tiny Qwen2 of ../shared/FINDINGS.md: hidden 128, 4 layers, 4 heads / 2 KV heads, tied
-    embeddings (about 1M parameters)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    config = Qwen2Config(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=512, max_position_embeddings=1024,
-                         tie_word_embeddings=True, rope_theta=10000.0, bos_token_id=0, eos_token_id=0,
-                         pad_token_id=0)
-    config._attn_implementation = "sdpa"
-    return Qwen2ForCausalLM(config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,15 +83,21 @@ def load_model(name_or_path, device=None, dtype=None):
     """(model, tokenizer, latent_config or None) from "toy", a local folder, a .gguf file or a hub id.
     Training scripts load fp32 (master weights; bf16 is a compute dtype, see `wrap_model`). The
     dtype the weights were published in is kept as `model.published_dtype` (checkpoints are saved in
-    it). The tokenizer pads on the left (rollouts) and has a pad token."""
+    it). The tokenizer pads on the left (rollouts) and has a pad token. A default toy checkpoint
+    that is missing (a file copied out without checkpoints/) falls back to the untrained toy model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import toy
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     latent_config, published = None, torch.float32
+    if str(name_or_path) in (toy.COT, toy.COCONUT, toy.LATENT_SFT) and not Path(name_or_path).exists():
+        print(f"warning: {name_or_path} is missing (make it with scripts/make_toy_checkpoints.sh); "
+              "starting from the untrained toy model instead", flush=True)
+        name_or_path = "toy"
     if name_or_path == "toy":
-        tokenizer = toy_tokenizer()
+        tokenizer = toy.tokenizer()
         torch.manual_seed(0)
-        model = toy_model(len(tokenizer)).to(dtype)
+        model = toy.model(len(tokenizer)).to(dtype)
     elif str(name_or_path).endswith(".gguf"):
         if not Path(name_or_path).is_file():
             die(f"model file {name_or_path!r} does not exist")
@@ -195,11 +118,6 @@ def load_model(name_or_path, device=None, dtype=None):
                 f"or has no such model): {first[:200]}")
         if (local / LATENT_CONFIG).is_file():
             latent_config = json.loads((local / LATENT_CONFIG).read_text())
-        # --- ATP-Latent (atp_latent.py): its VAE and stop heads live beside the weights -------------
-        if latent_config and latent_config.get("mode") == "atp":
-            import atp_latent
-            atp_latent.attach_heads(model, atp_latent.load_heads(local, model.config.hidden_size, device, dtype))
-        # --- end ATP-Latent ------------------------------------------------------------------------
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -350,20 +268,24 @@ def load_data(name, split, limit=None, seed=0):
     """"toy" (or "toy:N" for N training problems), a local .jsonl/.json/.parquet file, or a hub
     dataset from HF_DATASETS (or any hub id)."""
     if name == "toy" or name.startswith("toy:"):
+        import toy
         n = int(name.split(":")[1]) if ":" in name and split == "train" else None
-        rows = toy_dataset(split, n, seed=seed)
+        rows = toy.dataset(split, n, seed=seed)
     elif Path(name).suffix in (".jsonl", ".json", ".parquet"):
         if not Path(name).is_file():
             die(f"dataset file {name!r} does not exist")
-        if name.endswith(".parquet"):
-            import pandas as pd
-            rows = pd.read_parquet(name).to_dict("records")
-        else:
-            text = Path(name).read_text()
+        import datasets
+        datasets.disable_progress_bars()  # a local file: no "Generating train split" bars
+        try:
+            rows = list(datasets.load_dataset("parquet" if name.endswith(".parquet") else "json", data_files=name,
+                                              split="train"))
+        except Exception as e:  # a field whose type differs between rows (tabmwp's answers) fails in arrow
             try:
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+                rows = [json.loads(line) for line in Path(name).read_text().splitlines() if line.strip()]
             except json.JSONDecodeError:
-                rows = json.loads(text)
+                die(f"could not read dataset file {name!r}: {str(e).strip().splitlines()[0][:200]}")
+        finally:
+            datasets.enable_progress_bars()
     elif Path(name).is_dir():
         files = sorted(Path(name).glob(f"{split}*.jsonl")) or sorted(Path(name).glob(f"*{split}*.parquet"))
         if not files:
@@ -603,16 +525,6 @@ def pad_left(seqs, pad_id, device=None):
     return ids.to(device), mask.to(device)
 
 
-def topk_mixture(scores, embedding_weight, k, tau=1.0):
-    """The soft-thinking latent token: top-k of `scores` (logits, log-probs, or log-probs plus the
-    method's own noise), weights softmax(top-k / tau), vector sum_j w_j E[id_j].
-    Returns (vectors (N, d), ids (N, k), weights (N, k))."""
-    top, ids = scores.float().topk(k, dim=-1)
-    weights = (top / tau).softmax(-1)
-    vectors = torch.einsum("nk,nkd->nd", weights.to(embedding_weight.dtype), embedding_weight[ids])
-    return vectors, ids, weights
-
-
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0):
     """Greedy when temperature == 0, else ancestral sampling with optional top-k / top-p."""
     if temperature == 0:
@@ -648,13 +560,6 @@ class Rollout:
     logprobs: torch.Tensor         # (N, T) log softmax(logits)[token] of the raw logits at each step
     extras: dict = field(default_factory=dict)  # per-position tensors (N, T, ...) a method records
 
-    def select(self, rows):
-        """The rollout of rows `rows` only (an index tensor or list)."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.tokens.device)
-        pick = lambda v: v[rows] if torch.is_tensor(v) else v  # noqa: E731
-        return Rollout(**{k: pick(v) for k, v in vars(self).items() if k != "extras"},
-                       extras={k: v[rows] for k, v in self.extras.items()})
-
     def inputs(self, rows=slice(None)):
         """What a forward over prompt + completion of `rows` takes: (ids, attention mask, latent mask,
         latent vectors or None). Only the selected rows are built (it runs per micro-batch)."""
@@ -666,29 +571,6 @@ class Rollout:
         no = torch.zeros_like(self.prompt_mask[rows], dtype=torch.bool)
         lat = self.latents[rows]
         return ids, mask, torch.cat([no, is_latent], 1), torch.cat([lat.new_zeros(no.shape + lat.shape[-1:]), lat], 1)
-
-
-def concat_rollouts(rs, pad_id):
-    """One Rollout from several (e.g. the rounds of dynamic sampling): prompts re-padded on the
-    left, completions and per-position extras on the right."""
-    def pad(x, width, value=0, left=False):
-        extra = x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), value)
-        return torch.cat([extra, x] if left else [x, extra], 1)
-    P, T = max(r.prompt_ids.shape[1] for r in rs), max(r.tokens.shape[1] for r in rs)
-    d = next((r.latents.shape[-1] for r in rs if r.latents is not None), None)
-    latents = None
-    if d is not None:
-        latents = torch.cat([pad(r.latents if r.latents is not None else r.tokens.new_zeros(r.tokens.shape + (d,), dtype=torch.float),
-                                 T) for r in rs])
-    return Rollout(
-        prompt_ids=torch.cat([pad(r.prompt_ids, P, pad_id, left=True) for r in rs]),
-        prompt_mask=torch.cat([pad(r.prompt_mask, P, 0, left=True) for r in rs]),
-        tokens=torch.cat([pad(r.tokens, T, pad_id) for r in rs]),
-        kinds=torch.cat([pad(r.kinds, T, TOKEN) for r in rs]),
-        mask=torch.cat([pad(r.mask, T) for r in rs]),
-        lengths=torch.cat([r.lengths for r in rs]), finished=torch.cat([r.finished for r in rs]),
-        latents=latents, logprobs=torch.cat([pad(r.logprobs, T) for r in rs]),
-        extras={k: torch.cat([pad(r.extras[k], T) for r in rs]) for k in rs[0].extras})
 
 
 def _preallocated_cache(model, capacity):
@@ -811,88 +693,32 @@ def sampling_step(temperature=1.0, top_k=0, top_p=1.0):
     return step
 
 
-def coconut_step(n_latents, latent_id, end_id, temperature=0.0, top_k=0, top_p=1.0):
-    """A step_fn for Coconut models whose prompt ends with <|start-latent|>: `n_latents` steps feed
-    the last hidden state back (recorded as <|latent|>), then <|end-latent|> is forced, then tokens
-    are sampled."""
-    def step(t, logits, hidden, done):
-        def full(value, dtype=torch.long):
-            return torch.full(done.shape, value, dtype=dtype, device=done.device)
-        if t < n_latents:
-            return full(latent_id), hidden, full(LATENT_STEP, torch.int8)
-        if t == n_latents:
-            return full(end_id), None, full(FORCED, torch.int8)
-        return sample_token(logits, temperature, top_k, top_p), None, full(TOKEN, torch.int8)
-    return step
-
-
-class ThinkStep:
-    """A step_fn for vocabulary-superposition models whose prompt ends with <think>.
-
-    While a row thinks, `latent_fn(logits, E)` (E: the input-embedding table) returns
-    (vectors (N, d), recorded ids (N,), record {name: (N, ...)}): the row is fed its vector, and
-    `record` is kept for the loss (`extras()` stacks it over steps; zeros where a row did not
-    think). A row stops thinking when its recorded id is </think> (fed as an ordinary, scored
-    token) or after `max_latent_steps` latents (</think> forced, not scored). Then its tokens are
-    sampled (greedy at temperature 0). Each method brings its own latent_fn (its noise, its top-k).
-    """
-
-    def __init__(self, model, latent_fn, end_id, max_latent_steps, temperature=0.0, top_k=0, top_p=1.0):
-        self.embedding = unwrap(model).get_input_embeddings()
-        self.latent_fn, self.end_id, self.max_latent_steps = latent_fn, end_id, max_latent_steps
-        self.sampling = (temperature, top_k, top_p)
-        self.records, self.thinking = [], None
-
-    def __call__(self, t, logits, hidden, done):
-        if t == 0:
-            self.records, self.thinking = [], torch.ones_like(done)
-        # .weight read at each step: under FSDP2 it is the gathered table only during the rollout
-        vec, ids, rec = self.latent_fn(logits, self.embedding.weight)
-        ends = self.thinking & (ids == self.end_id)
-        forced = self.thinking & ~ends & (t >= self.max_latent_steps)
-        latent = self.thinking & ~ends & ~forced
-        tokens = torch.where(latent | ends, ids, sample_token(logits, *self.sampling))
-        tokens = tokens.masked_fill(forced, self.end_id)
-        kinds = torch.full_like(tokens, TOKEN, dtype=torch.int8)
-        kinds = kinds.masked_fill(latent, LATENT_STEP).masked_fill(forced, FORCED)
-        self.records.append({k: v * latent.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in rec.items()})
-        self.thinking = latent
-        return tokens, vec, kinds
-
-    def extras(self):
-        if not self.records or not self.records[0]:
-            return {}
-        return {k: torch.stack([r[k] for r in self.records], 1) for k in self.records[0]}
-
-
-def mixture_latent(k=10, noise_scale=0.0):
-    """The plain vocabulary-superposition latent (Latent-SFT inference, soft thinking): top-k of
-    log_softmax(z), weights softmax over those k, vector sum_j w_j E[id_j], recorded id = top-1.
-    `noise_scale` > 0 adds noise_scale * Gumbel (clamped to [-1.5, 3]) first: the Gumbel sampling
-    used for pass@k of latent models (seed 001 section 4.4; Wu et al. 2025)."""
-    def latent(logits, E):
-        scores = logits.float().log_softmax(-1)
-        if noise_scale > 0:
-            scores = scores + noise_scale * gumbel_like(scores).clamp(-1.5, 3.0)
-        vec, ids, w = topk_mixture(scores, E, k)
-        return vec, ids[:, 0], {}
-    return latent
-
-
-def gumbel_like(x):
-    """Standard Gumbel noise -log(-log U)."""
-    u = torch.rand_like(x).clamp_(1e-10, 1 - 1e-10)
-    return -torch.log(-torch.log(u))
-
-
 def decode_completion(tokenizer, r: Rollout, i):
     """The text of rollout row i's sampled tokens (latent slots and forced markers left out)."""
     keep = (r.mask[i].bool() & (r.kinds[i] == TOKEN)).nonzero().squeeze(-1)
     return tokenizer.decode(r.tokens[i, keep].tolist(), skip_special_tokens=True)
 
 
+def completion_logits(model, r: Rollout, rows=None, temperature=1.0, detach_latents=True):
+    """Logits (n, T, V) that predicted each generated position of rollout rows `rows`, from one
+    forward over prompt + completion with the stored latent vectors fed back (detached: latent
+    inputs are inputs, not actions). Divided by `temperature`, as the sampler saw them."""
+    ids, mask, latent_mask, latents = r.inputs(slice(None) if rows is None else rows)
+    if latents is not None and detach_latents:
+        latents = latents.detach()
+    T = r.tokens.shape[1]  # the LM head runs on the completion's positions only, not the prompt's
+    logits, _ = lm_forward(model, ids, mask, positions(mask), latent_mask=latent_mask, latent_vectors=latents,
+                           logits_to_keep=T + 1)
+    return logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
+
+
+def gather_logprobs(logits, tokens):
+    """log softmax(logits)[token] without materialising the whole log-softmax twice."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
 # ----------------------------------------------------------------------------------------------
-# prompts and how a checkpoint reasons (latent_config.json)
+# prompts: plain or the chat template, and the system prompt stating the answer format
 
 SYSTEM_PROMPTS = {  # the answer format each reward checks (--system_prompt auto, with --chat_template)
     "number": "Solve the math problem step by step. End with the final answer, a number, on its own line "
@@ -951,6 +777,70 @@ def encode_prompt(tokenizer, question, chat=False, system_prompt=""):
 
 
 # ----------------------------------------------------------------------------------------------
+# evaluation: greedy pass@1, sampled pass@k and reasoning length, for any method's step function
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k (Chen et al. 2021) from n samples of which c are correct."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def reasoning_length(tokenizer, r: Rollout, i):
+    """#L as the seeds count it: latent slots plus the sampled tokens before the answer marker."""
+    text = decode_completion(tokenizer, r, i)
+    before = text.split(ANSWER_MARKER, 1)[0]
+    n_latent = int(((r.kinds[i] == LATENT_STEP) & r.mask[i].bool()).sum())
+    return n_latent + len(tokenizer.encode(before, add_special_tokens=False)) if before.strip() else n_latent
+
+
+def _generate(model, tokenizer, data, reasoning, G, temperature, top_p, batch_size, max_new_tokens, desc, disable):
+    """Roll out every question G times; per question a list of (completion, correct, #L, length)."""
+    from tqdm import tqdm
+    prompts_of, step = reasoning(temperature, top_p)
+    per_batch, out = max(1, batch_size // G), []
+    model.eval()
+    for i in tqdm(range(0, len(data), per_batch), desc=desc, leave=False, disable=disable):
+        chunk = data[i:i + per_batch]
+        r = rollout(model, prompts_of([ex["question"] for ex in chunk]), step, max_new_tokens,
+                    stop_ids(model, tokenizer), tokenizer.pad_token_id, num_generations=G, store_latents=False)
+        for j, ex in enumerate(chunk):
+            rows = []
+            for n in range(j * G, (j + 1) * G):
+                text = decode_completion(tokenizer, r, n)
+                rows.append((text, is_correct(text, ex["answer"]), reasoning_length(tokenizer, r, n),
+                             int(((r.kinds[n] == TOKEN) & r.mask[n].bool()).sum())))
+            out.append(rows)
+    return out
+
+
+def evaluate(model, tokenizer, data, reasoning, num_samples=1, temperature=0.7, top_p=1.0, batch_size=64,
+             max_new_tokens=128, d=None, disable_progress=False):
+    """Greedy pass@1 (deterministic latents too), mean #L and answer length; with num_samples > 1
+    also pass@k of sampled rollouts. `reasoning(temperature, top_p)` returns the method's
+    (prompts(questions) -> token ids, rollout step function): each method file defines how its
+    checkpoints reason, and eval.py asks that file. Under torchrun (`d`), every rank evaluates an
+    equal share and the means are averaged."""
+    if d is not None and d.world > 1:
+        data = data[:len(data) // d.world * d.world][d.rank::d.world]
+        res = evaluate(model, tokenizer, data, reasoning, num_samples, temperature, top_p, batch_size, max_new_tokens,
+                       disable_progress=disable_progress or not d.main)
+        return {k: (all_mean(v, d) if isinstance(v, float) else v) for k, v in res.items()}
+    greedy = _generate(model, tokenizer, data, reasoning, 1, 0.0, 1.0, batch_size, max_new_tokens, "greedy", disable_progress)
+    res = {"pass@1": float(np.mean([g[0][1] for g in greedy])), "mean_L": float(np.mean([g[0][2] for g in greedy])),
+           "mean_length": float(np.mean([g[0][3] for g in greedy])), "n": len(data),
+           "examples": [{"question": ex["question"], "answer": ex["answer"], "completion": g[0][0], "correct": g[0][1]}
+                        for ex, g in zip(data, greedy)]}
+    if num_samples > 1:
+        sampled = _generate(model, tokenizer, data, reasoning, num_samples, temperature, top_p, batch_size,
+                            max_new_tokens, f"pass@{num_samples}", disable_progress)
+        res[f"pass@{num_samples}"] = float(np.mean([pass_at_k(num_samples, sum(s[1] for s in rows), num_samples) for rows in sampled]))
+        res["sampled_acc"] = float(np.mean([s[1] for rows in sampled for s in rows]))
+        res["sampled_mean_L"] = float(np.mean([s[2] for rows in sampled for s in rows]))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
 # distributed: torchrun detection, FSDP2 or DDP, per-rank seeds, rank-0 logging
 
 @dataclass
@@ -965,9 +855,13 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed():
-    """Initialise torch.distributed when launched by torchrun (nccl on GPUs, gloo on CPU)."""
+def setup_distributed(seed=None):
+    """Initialise torch.distributed when launched by torchrun (nccl on GPUs, gloo on CPU), and seed
+    python, numpy and torch with seed + rank (`transformers.set_seed`) when `seed` is given."""
+    from transformers import set_seed
     if "RANK" not in os.environ:
+        if seed is not None:
+            set_seed(seed)
         return Dist(device=default_device())
     import torch.distributed as dist
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -975,13 +869,9 @@ def setup_distributed():
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if seed is not None:
+        set_seed(seed + dist.get_rank())
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, default_device())
-
-
-def seed_everything(seed, rank=0):
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
 
 
 def wrap_model(model, d: Dist, strategy="fsdp", bf16=False):
@@ -1123,7 +1013,11 @@ def read_metrics(path):
 def plot_runs(runs, keys, out, title=None):
     """One panel per metric against step, one line per run ({label: run folder}); noisy per-step
     series are drawn faintly with a moving average on top. Saved as PNG."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # plots are optional: metrics.jsonl has every number
+        print("note: matplotlib is not installed; no plot drawn (pip install matplotlib)")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     data = {label: read_metrics(Path(d) / "metrics.jsonl") for label, d in runs.items()}
@@ -1210,6 +1104,31 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
     return output_dir
 
 
+def finish(model, tokenizer, cfg, args, d: Dist, final, start=None, plot_keys=(), extra_modules=None,
+           subfolders=None, note=""):
+    """The end of a training run: save the checkpoint (latent_config.json = cfg) in --save_dtype,
+    draw the curves, and print the before/after line."""
+    save_checkpoint(model, tokenizer, args.output_dir, cfg, extra_modules, d, subfolders, args.save_dtype)
+    if d.main:
+        plot_metrics(args.output_dir, list(plot_keys))
+        acc, length = f"{final['pass@1']:.3f}", f"{final['mean_L']:.1f}"
+        if start:
+            acc, length = f"{start['pass@1']:.3f} -> {acc}", f"{start['mean_L']:.1f} -> {length}"
+        print(f"pass@1 {acc}   #L {length}{'   ' + note if note else ''}   saved {args.output_dir}", flush=True)
+
+
+def write_completions(output_dir, step, rows, d: Dist = Dist()):
+    """--log_completions: one JSON line per row ({question, completion, reward, ...}) appended to
+    completions.jsonl, and the first one printed."""
+    if not d.main or not rows:
+        return
+    with (Path(output_dir) / "completions.jsonl").open("a") as f:
+        for row in rows:
+            f.write(json.dumps({"step": step, **row}) + "\n")
+    from tqdm import tqdm
+    tqdm.write(f"  e.g. {rows[0]['completion']!r} -> reward {rows[0]['reward']:.2f}")
+
+
 def load_extra_module(checkpoint, name, module):
     """Load `<checkpoint>/<name>.safetensors` (written by save_checkpoint's extra_modules) into `module`."""
     from safetensors.torch import load_file
@@ -1236,7 +1155,142 @@ def timer(store, key):
 
 
 # ----------------------------------------------------------------------------------------------
-# how a checkpoint reasons: its prompt and its rollout step, from latent_config.json
+# LEGACY (issue 12): method code on its way into the method files; deleted once no file uses it
+
+import toy  # noqa: E402
+TOY_COT, TOY_COCONUT, TOY_LATENT_SFT = toy.COT, toy.COCONUT, toy.LATENT_SFT
+toy_dataset, toy_tokenizer, toy_model, toy_problem, TOY_CHARS = toy.dataset, toy.tokenizer, toy.model, toy.problem, toy.CHARS
+START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
+START_THINK, END_THINK = "<think>", "</think>"
+
+
+def seed_everything(seed, rank=0):
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def _rollout_select(self, rows):
+    """The rollout of rows `rows` only (an index tensor or list)."""
+    rows = torch.as_tensor(rows, dtype=torch.long, device=self.tokens.device)
+    pick = lambda v: v[rows] if torch.is_tensor(v) else v  # noqa: E731
+    return Rollout(**{k: pick(v) for k, v in vars(self).items() if k != "extras"},
+                   extras={k: v[rows] for k, v in self.extras.items()})
+
+
+Rollout.select = _rollout_select
+
+
+def topk_mixture(scores, embedding_weight, k, tau=1.0):
+    """The soft-thinking latent token: top-k of `scores` (logits, log-probs, or log-probs plus the
+    method's own noise), weights softmax(top-k / tau), vector sum_j w_j E[id_j].
+    Returns (vectors (N, d), ids (N, k), weights (N, k))."""
+    top, ids = scores.float().topk(k, dim=-1)
+    weights = (top / tau).softmax(-1)
+    vectors = torch.einsum("nk,nkd->nd", weights.to(embedding_weight.dtype), embedding_weight[ids])
+    return vectors, ids, weights
+
+
+
+def concat_rollouts(rs, pad_id):
+    """One Rollout from several (e.g. the rounds of dynamic sampling): prompts re-padded on the
+    left, completions and per-position extras on the right."""
+    def pad(x, width, value=0, left=False):
+        extra = x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), value)
+        return torch.cat([extra, x] if left else [x, extra], 1)
+    P, T = max(r.prompt_ids.shape[1] for r in rs), max(r.tokens.shape[1] for r in rs)
+    d = next((r.latents.shape[-1] for r in rs if r.latents is not None), None)
+    latents = None
+    if d is not None:
+        latents = torch.cat([pad(r.latents if r.latents is not None else r.tokens.new_zeros(r.tokens.shape + (d,), dtype=torch.float),
+                                 T) for r in rs])
+    return Rollout(
+        prompt_ids=torch.cat([pad(r.prompt_ids, P, pad_id, left=True) for r in rs]),
+        prompt_mask=torch.cat([pad(r.prompt_mask, P, 0, left=True) for r in rs]),
+        tokens=torch.cat([pad(r.tokens, T, pad_id) for r in rs]),
+        kinds=torch.cat([pad(r.kinds, T, TOKEN) for r in rs]),
+        mask=torch.cat([pad(r.mask, T) for r in rs]),
+        lengths=torch.cat([r.lengths for r in rs]), finished=torch.cat([r.finished for r in rs]),
+        latents=latents, logprobs=torch.cat([pad(r.logprobs, T) for r in rs]),
+        extras={k: torch.cat([pad(r.extras[k], T) for r in rs]) for k in rs[0].extras})
+
+
+
+def coconut_step(n_latents, latent_id, end_id, temperature=0.0, top_k=0, top_p=1.0):
+    """A step_fn for Coconut models whose prompt ends with <|start-latent|>: `n_latents` steps feed
+    the last hidden state back (recorded as <|latent|>), then <|end-latent|> is forced, then tokens
+    are sampled."""
+    def step(t, logits, hidden, done):
+        def full(value, dtype=torch.long):
+            return torch.full(done.shape, value, dtype=dtype, device=done.device)
+        if t < n_latents:
+            return full(latent_id), hidden, full(LATENT_STEP, torch.int8)
+        if t == n_latents:
+            return full(end_id), None, full(FORCED, torch.int8)
+        return sample_token(logits, temperature, top_k, top_p), None, full(TOKEN, torch.int8)
+    return step
+
+
+class ThinkStep:
+    """A step_fn for vocabulary-superposition models whose prompt ends with <think>.
+
+    While a row thinks, `latent_fn(logits, E)` (E: the input-embedding table) returns
+    (vectors (N, d), recorded ids (N,), record {name: (N, ...)}): the row is fed its vector, and
+    `record` is kept for the loss (`extras()` stacks it over steps; zeros where a row did not
+    think). A row stops thinking when its recorded id is </think> (fed as an ordinary, scored
+    token) or after `max_latent_steps` latents (</think> forced, not scored). Then its tokens are
+    sampled (greedy at temperature 0). Each method brings its own latent_fn (its noise, its top-k).
+    """
+
+    def __init__(self, model, latent_fn, end_id, max_latent_steps, temperature=0.0, top_k=0, top_p=1.0):
+        self.embedding = unwrap(model).get_input_embeddings()
+        self.latent_fn, self.end_id, self.max_latent_steps = latent_fn, end_id, max_latent_steps
+        self.sampling = (temperature, top_k, top_p)
+        self.records, self.thinking = [], None
+
+    def __call__(self, t, logits, hidden, done):
+        if t == 0:
+            self.records, self.thinking = [], torch.ones_like(done)
+        # .weight read at each step: under FSDP2 it is the gathered table only during the rollout
+        vec, ids, rec = self.latent_fn(logits, self.embedding.weight)
+        ends = self.thinking & (ids == self.end_id)
+        forced = self.thinking & ~ends & (t >= self.max_latent_steps)
+        latent = self.thinking & ~ends & ~forced
+        tokens = torch.where(latent | ends, ids, sample_token(logits, *self.sampling))
+        tokens = tokens.masked_fill(forced, self.end_id)
+        kinds = torch.full_like(tokens, TOKEN, dtype=torch.int8)
+        kinds = kinds.masked_fill(latent, LATENT_STEP).masked_fill(forced, FORCED)
+        self.records.append({k: v * latent.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in rec.items()})
+        self.thinking = latent
+        return tokens, vec, kinds
+
+    def extras(self):
+        if not self.records or not self.records[0]:
+            return {}
+        return {k: torch.stack([r[k] for r in self.records], 1) for k in self.records[0]}
+
+
+def mixture_latent(k=10, noise_scale=0.0):
+    """The plain vocabulary-superposition latent (Latent-SFT inference, soft thinking): top-k of
+    log_softmax(z), weights softmax over those k, vector sum_j w_j E[id_j], recorded id = top-1.
+    `noise_scale` > 0 adds noise_scale * Gumbel (clamped to [-1.5, 3]) first: the Gumbel sampling
+    used for pass@k of latent models (seed 001 section 4.4; Wu et al. 2025)."""
+    def latent(logits, E):
+        scores = logits.float().log_softmax(-1)
+        if noise_scale > 0:
+            scores = scores + noise_scale * gumbel_like(scores).clamp(-1.5, 3.0)
+        vec, ids, w = topk_mixture(scores, E, k)
+        return vec, ids[:, 0], {}
+    return latent
+
+
+def gumbel_like(x):
+    """Standard Gumbel noise -log(-log U)."""
+    u = torch.rand_like(x).clamp_(1e-10, 1 - 1e-10)
+    return -torch.log(-torch.log(u))
+
+
+
 
 def reasoning_prompts(tokenizer, questions, cfg):
     """Token ids of each prompt: the formatted question, plus <|start-latent|> for Coconut models."""
@@ -1274,29 +1328,3 @@ def reasoning_step(cfg, tokenizer, temperature=0.0, top_k=0, top_p=1.0, model=No
         _, end, latent = require_tokens(tokenizer, [START_LATENT, END_LATENT, LATENT], "a Coconut model")
         return coconut_step(cfg["n_latents"], latent, end, temperature, top_k, top_p)
     die(f"unknown reasoning mode {cfg['mode']!r} in {LATENT_CONFIG}")
-
-
-def reasoning_length(tokenizer, r: Rollout, i):
-    """#L as the seeds count it: latent slots plus the sampled tokens before the answer marker."""
-    text = decode_completion(tokenizer, r, i)
-    before = text.split(ANSWER_MARKER, 1)[0]
-    n_latent = int(((r.kinds[i] == LATENT_STEP) & r.mask[i].bool()).sum())
-    return n_latent + len(tokenizer.encode(before, add_special_tokens=False)) if before.strip() else n_latent
-
-
-def completion_logits(model, r: Rollout, rows=None, temperature=1.0, detach_latents=True):
-    """Logits (n, T, V) that predicted each generated position of rollout rows `rows`, from one
-    forward over prompt + completion with the stored latent vectors fed back (detached: latent
-    inputs are inputs, not actions). Divided by `temperature`, as the sampler saw them."""
-    ids, mask, latent_mask, latents = r.inputs(slice(None) if rows is None else rows)
-    if latents is not None and detach_latents:
-        latents = latents.detach()
-    T = r.tokens.shape[1]  # the LM head runs on the completion's positions only, not the prompt's
-    logits, _ = lm_forward(model, ids, mask, positions(mask), latent_mask=latent_mask, latent_vectors=latents,
-                           logits_to_keep=T + 1)
-    return logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
-
-
-def gather_logprobs(logits, tokens):
-    """log softmax(logits)[token] without materialising the whole log-softmax twice."""
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)

@@ -11,114 +11,80 @@ language CoT.
 #L counts latent slots plus the sampled tokens before the answer marker (as seeds 000 and 001
 count reasoning length); "answer length" counts every sampled token.
 """
+import functools
+import importlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
+from transformers import set_seed
+
 import common
+import toy
 
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_COCONUT, metadata={"aliases": ["--model"], "help": "checkpoint folder, hub id or .gguf"})
+    model_name_or_path: str = field(default=toy.COCONUT, metadata={"aliases": ["--model"], "help": "checkpoint folder, hub id or .gguf"})
     dataset: str = field(default="toy", metadata={"help": "toy, a hub dataset, or a local .jsonl/.parquet"})
-    split: str = "test"
-    max_samples: int = field(default=200, metadata={"help": "0 = the whole split"})
+    split: str = field(default="test", metadata={"help": "dataset split to evaluate"})
+    max_samples: int = field(default=200, metadata={"help": "questions to evaluate (0 = the whole split)"})
     num_samples: int = field(default=1, metadata={"help": "k for pass@k; > 1 adds sampled rollouts"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature for pass@k"})
-    top_p: float = 1.0
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling for pass@k"})
     noise_scale: float = field(default=1.0, metadata={"help": "Gumbel noise on latent tokens for pass@k (mixture models)"})
-    batch_size: int = 64
-    max_completion_length: int = 128
+    batch_size: int = field(default=64, metadata={"help": "rollouts generated at once"})
+    max_completion_length: int = field(default=128, metadata={"help": "generated positions per rollout, latents included"})
     chat_template: bool = field(default=False, metadata={"help": "format questions with the chat template (plain models; a checkpoint's latent_config.json says how it prompts)"})
     system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template on a plain model; auto = the answer format the checker reads (#### number, or \\boxed{} for MATH-style data)"})
     output_file: str = field(default="", metadata={"help": "JSON results; default <model>/eval_<dataset>_<split>.json"})
     show: int = field(default=3, metadata={"help": "completions to print"})
     show_latents: bool = field(default=False, metadata={"help": "print the decoded latent steps of the first --show questions (ATP-Latent)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed (sampled rollouts)"})
 
 
-def pass_at_k(n, c, k):
-    """Unbiased pass@k (Chen et al. 2021) from n samples of which c are correct."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+# The file that defines how each mode reasons (its prompts and its rollout step); eval.py asks it.
+MODE_FILES = {"cot": "coconut_sft", "coconut": "coconut_sft", "mixture": "latent_sft", "hybrid": "hrpo",
+              "atp": "atp_latent"}
 
 
-def generate(model, tokenizer, data, cfg, num_generations=1, temperature=0.0, top_p=1.0, batch_size=64,
-             max_new_tokens=128, desc="eval", disable=False, noise_scale=0.0):
-    """Roll out every question; returns per question a list of (completion, correct, #L, length)."""
-    step = common.reasoning_step(cfg, tokenizer, temperature, top_p=top_p, model=model, noise_scale=noise_scale)
-    per_batch = max(1, batch_size // num_generations)
-    out = []
-    model.eval()
-    for i in tqdm(range(0, len(data), per_batch), desc=desc, leave=False, disable=disable):
-        chunk = data[i:i + per_batch]
-        prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in chunk], cfg)
-        r = common.rollout(model, prompts, step, max_new_tokens, common.stop_ids(model, tokenizer), tokenizer.pad_token_id,
-                           num_generations=num_generations, store_latents=False)
-        for j, ex in enumerate(chunk):
-            rows = []
-            for g in range(num_generations):
-                n = j * num_generations + g
-                text = common.decode_completion(tokenizer, r, n)
-                rows.append((text, common.is_correct(text, ex["answer"]), common.reasoning_length(tokenizer, r, n),
-                             int(((r.kinds[n] == common.TOKEN) & r.mask[n].bool()).sum())))
-            out.append(rows)
-    return out
+def method_file(cfg):
+    mode = cfg.get("mode")
+    if mode not in MODE_FILES:
+        common.die(f"unknown reasoning mode {mode!r} in {common.LATENT_CONFIG} (known: {', '.join(MODE_FILES)})")
+    try:
+        return importlib.import_module(MODE_FILES[mode])
+    except ModuleNotFoundError as e:
+        common.die(f"mode {mode!r} needs {MODE_FILES[mode]}.py beside eval.py ({e})")
 
 
 def evaluate(model, tokenizer, data, cfg, num_samples=1, temperature=0.7, top_p=1.0, batch_size=64,
              max_new_tokens=128, disable_progress=False, d=None, noise_scale=1.0):
-    """Greedy pass@1, mean #L and answer length; with num_samples > 1 also pass@k of sampled rollouts.
-    Greedy means deterministic latents too (seed 001's "no sampling" mode); sampled rollouts of a
-    mixture model add Gumbel noise of scale `noise_scale` to its latent tokens.
-    Under torchrun (`d`), every rank evaluates an equal share and the means are averaged."""
-    if d is not None and d.world > 1:
-        data = data[:len(data) // d.world * d.world][d.rank::d.world]
-        res = evaluate(model, tokenizer, data, cfg, num_samples, temperature, top_p, batch_size, max_new_tokens,
-                       disable_progress or not d.main, noise_scale=noise_scale)
-        return {k: (common.all_mean(v, d) if isinstance(v, float) else v) for k, v in res.items()}
-    greedy = generate(model, tokenizer, data, cfg, 1, 0.0, 1.0, batch_size, max_new_tokens, "greedy", disable_progress)
-    res = {
-        "pass@1": float(np.mean([g[0][1] for g in greedy])),
-        "mean_L": float(np.mean([g[0][2] for g in greedy])),
-        "mean_length": float(np.mean([g[0][3] for g in greedy])),
-        "n": len(data),
-        "examples": [{"question": ex["question"], "answer": ex["answer"], "completion": g[0][0], "correct": g[0][1]}
-                     for ex, g in zip(data, greedy)],
-    }
-    if num_samples > 1:
-        sampled = generate(model, tokenizer, data, cfg, num_samples, temperature, top_p, batch_size, max_new_tokens,
-                           f"pass@{num_samples}", disable_progress, noise_scale)
-        res[f"pass@{num_samples}"] = float(np.mean([pass_at_k(num_samples, sum(s[1] for s in rows), num_samples) for rows in sampled]))
-        res["sampled_acc"] = float(np.mean([s[1] for rows in sampled for s in rows]))
-        res["sampled_mean_L"] = float(np.mean([s[2] for rows in sampled for s in rows]))
-    return res
+    """LEGACY (issue 12): the old signature, until every training script calls common.evaluate."""
+    reasoning = functools.partial(method_file(cfg).reasoning, model, tokenizer, dict(cfg, noise_scale=noise_scale))
+    return common.evaluate(model, tokenizer, data, reasoning, num_samples, temperature, top_p, batch_size,
+                           max_new_tokens, d, disable_progress)
 
 
 def main(args):
-    common.seed_everything(args.seed)
+    set_seed(args.seed)
     torch.set_grad_enabled(False)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path)
     data = common.load_data(args.dataset, args.split, args.max_samples or None, seed=args.seed)
     cfg = cfg or {"mode": "cot", **common.prompt_settings(args, None, data)}
-    # --- ATP-Latent (atp_latent.py): its decoder's reading of each latent pair --------------------
-    if args.show_latents:
-        if cfg["mode"] != "atp":
+    module = method_file(cfg)
+    if hasattr(module, "load_extras"):  # modules a method keeps beside the weights (ATP-Latent's heads)
+        module.load_extras(model, args.model_name_or_path, cfg)
+    cfg = dict(cfg, noise_scale=args.noise_scale)  # latent noise for sampled rollouts (mixture models)
+    if args.show_latents:  # a method that reads its latents back as text (ATP-Latent's step decoder)
+        if not hasattr(module, "show_latents"):
             common.die(f"--show_latents needs a checkpoint with a latent decoder (mode atp); this one is {cfg['mode']!r}")
-        import atp_latent
-        decoder = atp_latent.load_decoder(args.model_name_or_path, model.device, model.dtype)
-        for ex, (text, steps) in zip(data, atp_latent.decode_latents(model, tokenizer, cfg, [ex["question"] for ex in data[:args.show]], decoder)):
-            print(f"--- {ex['question']} (gold {ex['answer']})\n    latents read as: {' | '.join(steps)}\n    then: {text!r}")
-    # --- end ATP-Latent ----------------------------------------------------------------------------
+        module.show_latents(model, tokenizer, cfg, data[:args.show], args.model_name_or_path)
     t0 = time.time()
-    res = evaluate(model, tokenizer, data, cfg, args.num_samples, args.temperature, args.top_p, args.batch_size,
-                   args.max_completion_length, noise_scale=args.noise_scale)
+    res = common.evaluate(model, tokenizer, data, functools.partial(module.reasoning, model, tokenizer, cfg),
+                          args.num_samples, args.temperature, args.top_p, args.batch_size, args.max_completion_length)
     res.update(model=args.model_name_or_path, dataset=args.dataset, split=args.split, mode=cfg["mode"],
                seconds=round(time.time() - t0, 1))
     for ex in res["examples"][:args.show]:

@@ -319,6 +319,13 @@ def completion_logprobs(model, r, rows, hyb=None):
     return common.gather_logprobs(logits[:, :-1].float(), r.tokens[rows])
 
 
+def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
+    """LEGACY (issue 12) shim: (prompts(questions) -> ids, step function) for this file's modes."""
+    noise = cfg.get("noise_scale", 1.0) if temperature > 0 else 0.0
+    step = common.reasoning_step(cfg, tokenizer, temperature, top_p=top_p, model=model, noise_scale=noise)
+    return (lambda questions: common.reasoning_prompts(tokenizer, questions, cfg)), step
+
+
 def main(args):
     if args.num_generations < 2:
         common.die(f"--num_generations must be at least 2: the advantage compares rollouts within a group (got {args.num_generations})")

@@ -288,6 +288,13 @@ class TwoRoles:
         return self.peft.merge_and_unload()
 
 
+def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
+    """LEGACY (issue 12) shim: (prompts(questions) -> ids, step function) for this file's modes."""
+    noise = cfg.get("noise_scale", 1.0) if temperature > 0 else 0.0
+    step = common.reasoning_step(cfg, tokenizer, temperature, top_p=top_p, model=model, noise_scale=noise)
+    return (lambda questions: common.reasoning_prompts(tokenizer, questions, cfg)), step
+
+
 def main(args):
     if args.compression < 1 or args.top_k < 1:
         common.die(f"--compression and --top_k must be at least 1 (got {args.compression}, {args.top_k})")
