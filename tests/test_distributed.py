@@ -1,7 +1,6 @@
 """torchrun with 2 CPU processes (gloo): FSDP2 and DDP end with the same weights on every rank,
 and the same weights as one process training on the same global batches."""
 import json
-import sys
 
 import pytest
 import torch

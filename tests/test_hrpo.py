@@ -11,8 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import common
 import hrpo
-from conftest import ROOT, main_error, run_script
-from test_scripts import one_line_error
+from conftest import one_line_error, ROOT, main_error, run_script
 
 FAST = ["--max_steps", "2", "--train_batch_size", "4", "--num_generations", "4", "--max_eval_samples", "8",
         "--max_completion_length", "40", "--eval_every", "100"]

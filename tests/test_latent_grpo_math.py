@@ -309,3 +309,13 @@ def test_latent_sft_noisy_labels_and_support_kl():
     kl = latent_sft.support_kl(q, logits, torch.tensor([[0, 1, 2]]))
     hand = 0.7 * math.log(0.7 / 0.5) + 0.2 * math.log(0.2 / 0.25) + 0.1 * math.log(0.1 / 0.15)
     assert kl.item() == pytest.approx(hand, abs=1e-6)
+
+
+def test_topk_mixture_by_hand():
+    E = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [5.0, 5.0]])
+    scores = torch.tensor([[0.0, torch.log(torch.tensor(3.0)).item(), -9.0, -8.0]])
+    vec, ids, w = common.topk_mixture(scores, E, k=2)
+    assert ids.tolist() == [[1, 0]] and torch.allclose(w, torch.tensor([[0.75, 0.25]]))
+    assert torch.allclose(vec, torch.tensor([[0.25, 0.75]]))
+    _, _, sharp = common.topk_mixture(scores, E, k=2, tau=0.1)   # a lower tau sharpens toward the top-1
+    assert sharp[0, 0] > 0.99

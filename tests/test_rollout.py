@@ -80,13 +80,3 @@ def test_rows_stop_at_eos_independently(toy):
     assert r.lengths.tolist() == [3, 6, 8] and r.finished.tolist() == [True, True, False]
     assert r.mask.sum(1).tolist() == [3, 6, 8]
     assert (r.tokens[0, 3:] == tok.pad_token_id).all() and r.tokens[0, 2] == eos
-
-
-def test_topk_mixture_by_hand():
-    E = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [5.0, 5.0]])
-    scores = torch.tensor([[0.0, torch.log(torch.tensor(3.0)).item(), -9.0, -8.0]])
-    vec, ids, w = common.topk_mixture(scores, E, k=2)
-    assert ids.tolist() == [[1, 0]] and torch.allclose(w, torch.tensor([[0.75, 0.25]]))
-    assert torch.allclose(vec, torch.tensor([[0.25, 0.75]]))
-    _, _, sharp = common.topk_mixture(scores, E, k=2, tau=0.1)   # a lower tau sharpens toward the top-1
-    assert sharp[0, 0] > 0.99

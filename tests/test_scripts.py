@@ -8,17 +8,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
-from conftest import ROOT, main_error, run_script
+from conftest import ROOT, main_error, one_line_error, run_script
 
 FAST = ["--max_steps", "2", "--train_batch_size", "8", "--micro_batch_size", "4", "--max_eval_samples", "8",
         "--max_train_samples", "64", "--max_completion_length", "24", "--log_every", "1"]
-
-
-def one_line_error(p, words):
-    assert p.returncode != 0
-    assert "Traceback" not in p.stderr, p.stderr[-2000:]
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and words in last, p.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
