@@ -68,9 +68,9 @@ def evaluate(model, tokenizer, data, cfg, num_samples=1, temperature=0.7, top_p=
                            max_new_tokens, d, disable_progress)
 
 
+@torch.no_grad()
 def main(args):
     set_seed(args.seed)
-    torch.set_grad_enabled(False)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path)
     data = common.load_data(args.dataset, args.split, args.max_samples or None, seed=args.seed)
     cfg = cfg or {"mode": "cot", **common.prompt_settings(args, None, data)}

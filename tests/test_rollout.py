@@ -2,10 +2,24 @@
 import torch
 
 import common
+import toy as toy_task
 
 
 def prompts_of(tok, start, n=3):
-    return [common.encode_prompt(tok, ex["question"]) + [start] for ex in common.toy_dataset("test")[:n]]
+    return [common.encode_prompt(tok, ex["question"]) + [start] for ex in toy_task.dataset("test")[:n]]
+
+
+def feedback_step(n_latents, latent_id, end_id, temperature=0.0):
+    """A step function of the Coconut kind, written here for the loop's tests: n_latents steps feed
+    the last hidden state back, then end_id is forced, then tokens are sampled."""
+    def step(t, logits, hidden, done):
+        full = lambda v, dtype=torch.long: torch.full(done.shape, v, dtype=dtype)  # noqa: E731
+        if t < n_latents:
+            return full(latent_id), hidden, full(common.LATENT_STEP, torch.int8)
+        if t == n_latents:
+            return full(end_id), None, full(common.FORCED, torch.int8)
+        return common.sample_token(logits, temperature), None, full(common.TOKEN, torch.int8)
+    return step
 
 
 def full_recompute_logprobs(model, r):
@@ -22,7 +36,7 @@ def full_recompute_logprobs(model, r):
 def test_cached_rollout_equals_full_recompute(toy):
     model, tok, (start, end, latent) = toy
     torch.manual_seed(0)
-    r = common.rollout(model, prompts_of(tok, start), common.coconut_step(4, latent, end, temperature=1.0), 24,
+    r = common.rollout(model, prompts_of(tok, start), feedback_step(4, latent, end, temperature=1.0), 24,
                        tok.eos_token_id, tok.pad_token_id, num_generations=2)
     assert (r.kinds[:, :4] == common.LATENT_STEP).all() and (r.kinds[:, 4] == common.FORCED).all()
     assert (r.tokens[:, :4] == latent).all() and r.latents.abs().sum() > 0
@@ -41,7 +55,7 @@ def test_group_expanded_cache_equals_separate_runs(toy):
     """One prefill repeated G times == prefilling every copy separately (same padding)."""
     model, tok, (start, end, latent) = toy
     prompts = prompts_of(tok, start, 2)
-    step = common.coconut_step(2, latent, end, temperature=0.0)
+    step = feedback_step(2, latent, end, temperature=0.0)
     grouped = common.rollout(model, prompts, step, 16, tok.eos_token_id, tok.pad_token_id, num_generations=3)
     copies = [p for p in prompts for _ in range(3)]
     separate = common.rollout(model, copies, step, 16, tok.eos_token_id, tok.pad_token_id)
@@ -56,7 +70,7 @@ def test_group_expanded_cache_equals_separate_runs(toy):
 @torch.no_grad()
 def test_greedy_cot_rollout_matches_generate(toy):
     model, tok, _ = toy
-    prompts = [common.encode_prompt(tok, ex["question"]) for ex in common.toy_dataset("test")[:3]]
+    prompts = [common.encode_prompt(tok, ex["question"]) for ex in toy_task.dataset("test")[:3]]
     r = common.rollout(model, prompts, common.sampling_step(0.0), 12, tok.eos_token_id, tok.pad_token_id)
     ids, mask = common.pad_left(prompts, tok.pad_token_id)
     from transformers import GenerationConfig
