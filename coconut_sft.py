@@ -208,6 +208,14 @@ def stage_schedule(args, start_cfg=None):
     return [end] * len(stages) if args.no_curriculum else stages
 
 
+def lr_schedule(optimizer, args, total):
+    """A stage's learning rates: --warmup_steps of linear warm-up from 0, then constant, or cosine
+    down to 0.1x of --learning_rate at the stage's last step (`total` steps)."""
+    if args.lr_scheduler_type == "cosine":
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, total, min_lr_rate=0.1)
+    return get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
+
+
 def check_continuing(args, start_cfg):
     """A Coconut checkpoint is continued with the latent settings it was trained with."""
     if (start_cfg or {}).get("mode") != "coconut":
@@ -297,10 +305,7 @@ def main(args):
         if steps_per_epoch == 0:
             common.die(f"the training set ({len(train)} examples) is smaller than one batch ({args.train_batch_size})")
         total = steps_per_epoch * epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * epochs)
-        if args.lr_scheduler_type == "cosine":  # per stage: warm-up, then cosine down to 0.1x
-            scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, total, min_lr_rate=0.1)
-        else:
-            scheduler = get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
+        scheduler = lr_schedule(optimizer, args, total)
         model.train()
         bar = tqdm(total=total, desc=f"stage {stage}", disable=not d.main)
         i, t0 = 0, time.time()
