@@ -36,7 +36,6 @@ Deviations and choices (numbered, so the README can refer to them):
    so eval.py and the RL scripts prompt as this run trained.
 8. Precision: fp32 master weights; --bf16 (default: on for a bf16-capable GPU) computes the
    forward in bf16; the checkpoint is saved in the start model's published dtype (--save_dtype).
-
 9. --lr_scheduler_type cosine is transformers' cosine to 0.1x of the learning rate (min_lr_rate
    0.1), per stage, after --warmup_steps of linear warm-up from 0 (as every transformers schedule).
 
