@@ -17,7 +17,8 @@ not help the latent model.
 Deviations and choices:
 1. `--loss_type` with TRL's values: `dapo` (the default: every token of the mini-batch weighs the
    same; verl's `token-mean`), `grpo` (the original GRPO: mean per sequence, then over sequences;
-   verl's `seq-mean-token-mean`), `dr_grpo` (token sum / (sequences x --max_completion_length)).
+   verl's `seq-mean-token-mean`), `dr_grpo` (token sum / (sequences x --max_completion_length),
+   a length that counts the latent positions too).
 2. `--scale_rewards` as in TRL: `group` (the default: divide by the group's std), `batch` (by the
    std of the whole batch's rewards), `none` (Dr. GRPO); `true`/`false` mean group/none.
 3. Defaults are sized for the toy task (learning rate 1e-4 on a 1M-parameter model, 16 prompts x
