@@ -36,6 +36,8 @@ Deviations and choices (numbered, so the README can refer to them):
    so eval.py and the RL scripts prompt as this run trained.
 8. Precision: fp32 master weights; --bf16 (default: on for a bf16-capable GPU) computes the
    forward in bf16; the checkpoint is saved in the start model's published dtype (--save_dtype).
+9. --lr_scheduler_type cosine is transformers' cosine to 0.1x of the learning rate (min_lr_rate
+   0.1), per stage, after --warmup_steps of linear warm-up from 0 (as every transformers schedule).
 
 Commands:
     python coconut_sft.py                                    # toy: CoT checkpoint -> stages 1..4
@@ -52,24 +54,29 @@ Commands:
         --output_dir runs/llama-instruct-coconut   # an instruct model: its chat template, a system turn, <|eot_id|>
     torchrun --nproc_per_node 8 coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl ...
 """
+import functools
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import DynamicCache
+from transformers import DynamicCache, get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
 import common
-from eval import evaluate
+import toy
+
+# Coconut's markers: the prompt ends with <|start-latent|>, each continuous thought sits in a
+# <|latent|> slot, and <|end-latent|> closes the thoughts before the language part of the answer.
+START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
 
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "start model: a plain causal LM (toy, a folder, a hub id or a .gguf file), a CoT checkpoint of this project, or a Coconut checkpoint (continued)"})
+    model_name_or_path: str = field(default=toy.COT, metadata={"aliases": ["--model"], "help": "start model: a plain causal LM (toy, a folder, a hub id or a .gguf file), a CoT checkpoint of this project, or a Coconut checkpoint (continued)"})
     dataset: str = field(default="", metadata={"help": "training data: whynlp/gsm8k-aug(-nl), openai/gsm8k, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
     eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
     output_dir: str = field(default="runs/coconut_sft", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
@@ -88,8 +95,8 @@ class Args:
     pause_as_thought: bool = field(default=False, metadata={"help": "feed the learnable <|latent|> embedding instead of the hidden state (ablation)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (1e-3 suits the toy model; 1e-4 for real ones)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "constant | cosine (to 0.1x, per stage)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps at the start of each stage"})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "constant | cosine (to 0.1x, per stage; transformers' get_cosine_with_min_lr_schedule_with_warmup)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps (from 0) at the start of each stage"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     train_batch_size: int = field(default=64, metadata={"help": "examples per optimizer step, all ranks together"})
     micro_batch_size: int = field(default=64, metadata={"help": "examples per forward pass on one rank"})
@@ -107,8 +114,16 @@ class Args:
 # ----------------------------------------------------------------------------------------------
 # the curriculum: which reasoning is replaced by how many latent slots at stage s
 
+class Example(NamedTuple):
+    """One training example at one stage; the sequence is prompt + tail."""
+    prompt: list     # token ids of the question (+ <|start-latent|>)
+    n_latent: int    # latent slots at the start of the tail
+    tail: list       # [<|latent|>] * n_latent + [<|end-latent|>] + the reasoning left + "### answer" + end
+    labels: list     # the tail's labels: -100 (no loss) on the latent slots and <|end-latent|>
+
+
 def build_example(tokenizer, ex, stage, args, special, tokens_per_stage, markers=True, prompting=None, end_id=None):
-    """(prompt ids, n_latent, tail ids, tail labels) for one example at one stage.
+    """The Example (prompt ids, n_latent, tail ids, tail labels) of one example at one stage.
 
     The full sequence is prompt + [<|start-latent|>] + [<|latent|>] * n_latent + [<|end-latent|>] + tail;
     tail = the reasoning left + "### answer" + `end_id` (default EOS), which is all the loss sees.
@@ -130,9 +145,9 @@ def build_example(tokenizer, ex, stage, args, special, tokens_per_stage, markers
         n_latent = args.c_thought * min(k, math.ceil(len(flat) / tokens_per_stage))
         reasoning = [] if stage > args.max_latent_stage else flat[k * tokens_per_stage:]
     if not markers:
-        return prompt, 0, reasoning + answer, reasoning + answer
+        return Example(prompt, 0, reasoning + answer, reasoning + answer)
     tail = [end] + reasoning + answer
-    return prompt + [start], n_latent, [latent] * n_latent + tail, [-100] * (n_latent + 1) + reasoning + answer
+    return Example(prompt + [start], n_latent, [latent] * n_latent + tail, [-100] * (n_latent + 1) + reasoning + answer)
 
 
 def collate(examples, pad_id, device):
@@ -192,6 +207,14 @@ def stage_schedule(args, start_cfg=None):
     return [end] * len(stages) if args.no_curriculum else stages
 
 
+def lr_schedule(optimizer, args, total):
+    """A stage's learning rates: --warmup_steps of linear warm-up from 0, then constant, or cosine
+    down to 0.1x of --learning_rate at the stage's last step (`total` steps)."""
+    if args.lr_scheduler_type == "cosine":
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, total, min_lr_rate=0.1)
+    return get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
+
+
 def check_continuing(args, start_cfg):
     """A Coconut checkpoint is continued with the latent settings it was trained with."""
     if (start_cfg or {}).get("mode") != "coconut":
@@ -202,11 +225,42 @@ def check_continuing(args, start_cfg):
                        f"continuing it needs the same (got {getattr(args, key)})")
 
 
+# ----------------------------------------------------------------------------------------------
+# inference: how a checkpoint of this file reasons (this file's evaluation, eval.py, and the RL
+# files that write the same few lines for their own rollouts)
+
+def coconut_step(n_latents, latent_id, end_id, temperature=0.0, top_p=1.0):
+    """The rollout step of a Coconut model whose prompt ends with <|start-latent|>: for the first
+    `n_latents` steps the last hidden state is fed back as the next input (recorded as <|latent|>),
+    then <|end-latent|> is forced, then language tokens are sampled (greedy at temperature 0)."""
+    def step(t, logits, hidden, done):
+        def full(value, dtype=torch.long):
+            return torch.full(done.shape, value, dtype=dtype, device=done.device)
+        if t < n_latents:
+            return full(latent_id), hidden, full(common.LATENT_STEP, torch.int8)
+        if t == n_latents:
+            return full(end_id), None, full(common.FORCED, torch.int8)
+        return common.sample_token(logits, temperature, 0, top_p), None, full(common.TOKEN, torch.int8)
+    return step
+
+
 def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
-    """LEGACY (issue 12) shim: (prompts(questions) -> ids, step function) for this file's modes."""
-    noise = cfg.get("noise_scale", 1.0) if temperature > 0 else 0.0
-    step = common.reasoning_step(cfg, tokenizer, temperature, top_p=top_p, model=model, noise_scale=noise)
-    return (lambda questions: common.reasoning_prompts(tokenizer, questions, cfg)), step
+    """(prompts(questions) -> token-id lists, rollout step) of a checkpoint of mode "cot" (plain
+    language sampling) or "coconut" (prompts end with <|start-latent|>; cfg["n_latents"] thoughts,
+    then <|end-latent|>, then language). Prompts are formatted as latent_config.json says."""
+    chat, system = cfg.get("prompt_format") == "chat", cfg.get("system_prompt", "")
+    if cfg["mode"] == "cot":
+        start, step = None, common.sampling_step(temperature, top_p=top_p)
+    elif cfg["mode"] == "coconut":
+        start, end, latent = common.require_tokens(tokenizer, [START_LATENT, END_LATENT, LATENT], "a Coconut model")
+        step = coconut_step(cfg["n_latents"], latent, end, temperature, top_p)
+    else:
+        common.die(f"coconut_sft.py defines the modes cot and coconut, not {cfg['mode']!r}")
+
+    def prompts(questions):
+        ids = [common.encode_prompt(tokenizer, q, chat, system) for q in questions]
+        return ids if start is None else [p + [start] for p in ids]
+    return prompts, step
 
 
 def main(args):
@@ -216,8 +270,9 @@ def main(args):
         common.die(f"--max_latent_stage must be >= 0 (got {args.max_latent_stage})")
     if args.removal not in ("step", "token"):
         common.die(f"--removal must be step or token (got {args.removal!r})")
-    d = common.setup_distributed()
-    common.seed_everything(args.seed, d.rank)
+    if args.lr_scheduler_type not in ("constant", "cosine"):
+        common.die(f"--lr_scheduler_type must be constant or cosine (got {args.lr_scheduler_type!r})")
+    d = common.setup_distributed(args.seed)
     if d.world > 1 and args.train_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} is not divisible by {d.world} processes")
     model, tokenizer, start_cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
@@ -228,7 +283,7 @@ def main(args):
     train, test = common.load_train_eval(args, data_cfg)
     prompting = common.prompt_settings(args, start_cfg, train)   # recorded in latent_config.json
     cot_only = max(stages) == 0
-    special = common.add_special_tokens(model, tokenizer, [common.START_LATENT, common.END_LATENT, common.LATENT],
+    special = common.add_special_tokens(model, tokenizer, [START_LATENT, END_LATENT, LATENT],
                                         init_from="<<")  # as Coconut's code does
     bf16, end_id = common.use_bf16(args.bf16, d.device), common.answer_end_id(tokenizer, prompting, common.stop_ids(model, tokenizer))
     tokens_per_stage = args.tokens_per_stage or max(1, round(
@@ -249,13 +304,7 @@ def main(args):
         if steps_per_epoch == 0:
             common.die(f"the training set ({len(train)} examples) is smaller than one batch ({args.train_batch_size})")
         total = steps_per_epoch * epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * epochs)
-
-        def lr_at(i):
-            warm = min(1.0, (i + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-            if args.lr_scheduler_type == "cosine":
-                return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(1, total))))
-            return warm
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+        scheduler = lr_schedule(optimizer, args, total)
         model.train()
         bar = tqdm(total=total, desc=f"stage {stage}", disable=not d.main)
         i, t0 = 0, time.time()
@@ -271,7 +320,7 @@ def main(args):
                        for j, s in zip(batch, sizes)]
                 # every labelled token of the global batch weighs the same, however it is split into
                 # ranks and micro-batches (the gradients are averaged over ranks, hence * world)
-                n_tokens = common.all_sum(sum(sum(y != -100 for y in ex[3]) for ex in exs), d)
+                n_tokens = common.all_sum(sum(sum(y != -100 for y in ex.labels) for ex in exs), d)
                 stats = {"loss": 0.0, "thought_norm": 0.0, "n_thoughts": 0}
                 for m in range(0, len(exs), micro):
                     ids, mask, labels, n_latent, c0 = collate(exs[m:m + micro], tokenizer.pad_token_id, d.device)
@@ -307,16 +356,13 @@ def main(args):
                 "removal": args.removal, "pause_as_thought": args.pause_as_thought})
         cfg.update(prompting, method="coconut_sft", base_model=args.model_name_or_path, dataset=data_cfg["dataset"])
         with torch.no_grad():
-            res = evaluate(model, tokenizer, test, cfg,
-                           max_new_tokens=args.max_completion_length, d=d)
+            res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                                  max_new_tokens=args.max_completion_length, d=d)
         logger.log({"stage": stage, "eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
         if d.main:
             print(f"stage {stage}: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}  ({len(test)} test questions)")
         model.train()
-    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d, save_dtype=args.save_dtype)
-    if d.main:
-        common.plot_metrics(args.output_dir, ["loss", "thought_norm", "eval_acc", "eval_mean_L"])
-        print(f"saved {args.output_dir}")
+    common.finish(model, tokenizer, cfg, args, d, res, plot_keys=["loss", "thought_norm", "eval_acc", "eval_mean_L"])
     return model
 
 

@@ -15,8 +15,12 @@ through the answer tokens' attention to them, which is seed 000's explanation of
 not help the latent model.
 
 Deviations and choices:
-1. `--loss_type token-mean` (DAPO/verl, the default) or `seq-mean-token-mean` (the original GRPO).
-2. `--scale_rewards false` drops the division by the group std (Dr. GRPO).
+1. `--loss_type` with TRL's values: `dapo` (the default: every token of the mini-batch weighs the
+   same; verl's `token-mean`), `grpo` (the original GRPO: mean per sequence, then over sequences;
+   verl's `seq-mean-token-mean`), `dr_grpo` (token sum / (sequences x --max_completion_length),
+   a length that counts the latent positions too).
+2. `--scale_rewards` as in TRL: `group` (the default: divide by the group's std), `batch` (by the
+   std of the whole batch's rewards), `none` (Dr. GRPO); `true`/`false` mean group/none.
 3. Defaults are sized for the toy task (learning rate 1e-4 on a 1M-parameter model, 16 prompts x
    8 rollouts, 60 steps); the real-model command below uses the usual 1e-6.
 4. `--n_latents` overrides the number of latent steps of a Coconut checkpoint (seed 000 varied it
@@ -30,22 +34,27 @@ Commands:
     torchrun --nproc_per_node 8 grpo_latent.py --model runs/qwen-coconut --dataset openai/gsm8k ...
 """
 import copy
-import json
+import functools
 import random
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm import tqdm
+
 import common
-from eval import evaluate
+import toy
+
+# Coconut's markers (as coconut_sft.py writes them): prompts of a Coconut model end with
+# <|start-latent|>, its thoughts are recorded as <|latent|>, <|end-latent|> closes them.
+START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
+LOSS_TYPES = {"dapo": "dapo", "grpo": "grpo", "dr_grpo": "dr_grpo",            # TRL's names
+              "token-mean": "dapo", "seq-mean-token-mean": "grpo"}              # verl's names for the first two
 
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_COCONUT, metadata={"aliases": ["--model"], "help": "a checkpoint of this project (or any causal LM: language CoT)"})
+    model_name_or_path: str = field(default=toy.COCONUT, metadata={"aliases": ["--model"], "help": "a checkpoint of this project (or any causal LM: language CoT)"})
     dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
     eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
     output_dir: str = field(default="runs/grpo_latent", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
@@ -59,10 +68,10 @@ class Args:
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
     num_iterations: int = field(default=1, metadata={"help": "passes over each batch (mu)"})
     epsilon: float = field(default=0.2, metadata={"help": "PPO clip range (lower, and upper unless --epsilon_high)"})
-    epsilon_high: float = field(default=-1.0, metadata={"help": "upper clip; -1 = epsilon"})
+    epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper clip range (DAPO's clip-higher); default: --epsilon"})
     beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the frozen start model"})
-    loss_type: str = field(default="token-mean", metadata={"help": "token-mean | seq-mean-token-mean"})
-    scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group std (false: Dr. GRPO)"})
+    loss_type: str = field(default="dapo", metadata={"help": "dapo (token mean over the mini-batch) | grpo (mean per sequence, then over sequences) | dr_grpo (token sum / (sequences x max_completion_length)); verl's token-mean and seq-mean-token-mean are dapo and grpo"})
+    scale_rewards: str = field(default="group", metadata={"help": "divide advantages by the std of: group (each group's) | batch (the whole batch's rewards) | none (Dr. GRPO); true/false = group/none"})
     mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions without EOS out of the loss"})
     temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "rollout nucleus sampling"})
@@ -74,7 +83,7 @@ class Args:
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
     max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
     eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
-    log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt to completions.jsonl"})
+    log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt and step to completions.jsonl"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
     save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
     distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
@@ -84,12 +93,18 @@ class Args:
 # ----------------------------------------------------------------------------------------------
 # the algorithm: group advantages, the clipped surrogate, the KL, the aggregation
 
-def group_advantages(rewards, G, scale_rewards=True, eps=1e-4):
-    """A_i = (R_i - mean_group) / (std_group + eps); all-equal groups give 0 (no signal)."""
+def group_advantages(rewards, G, scale_rewards="group", eps=1e-4, batch_rewards=None):
+    """A_i = R_i - the mean of its group, divided by (std + eps) of the group's rewards ("group",
+    GRPO), of the whole batch's rewards ("batch": `batch_rewards`, every rank's, default
+    `rewards`), or not divided ("none", Dr. GRPO). All-equal groups give 0 (no signal)."""
     r = rewards.view(-1, G)
     adv = r - r.mean(1, keepdim=True)
-    if scale_rewards:
+    if scale_rewards == "group":
         adv = adv / (r.std(1, keepdim=True) + eps)
+    elif scale_rewards == "batch":
+        adv = adv / ((rewards if batch_rewards is None else batch_rewards).std() + eps)
+    elif scale_rewards != "none":
+        common.die(f"--scale_rewards must be group, batch or none (or true/false; got {scale_rewards!r})")
     return adv.flatten()
 
 
@@ -106,24 +121,67 @@ def k3_kl(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def aggregate(per_token, mask, loss_type, n_tokens, n_seqs):
-    """Sum of this micro-batch's share of the mini-batch loss. token-mean: every token of the
-    mini-batch weighs the same (n_tokens of them); seq-mean-token-mean: mean per sequence, then
-    mean over the n_seqs sequences."""
-    if loss_type == "token-mean":
-        return (per_token * mask).sum() / n_tokens
-    if loss_type == "seq-mean-token-mean":
-        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
-    common.die(f"unknown --loss_type {loss_type!r} (token-mean | seq-mean-token-mean)")
+def aggregate(per_token, loss_mask, loss_type, n_tokens, n_seqs, max_completion_length=None):
+    """Sum of this micro-batch's share of the mini-batch loss (TRL's loss types; verl's names too):
+    dapo / token-mean: every token of the mini-batch weighs the same (n_tokens of them);
+    grpo / seq-mean-token-mean: the mean over each sequence's tokens, then over the n_seqs sequences;
+    dr_grpo: the token sum divided by n_seqs x max_completion_length (a constant: no length bias)."""
+    kind = LOSS_TYPES.get(loss_type)
+    if kind == "dapo":
+        return (per_token * loss_mask).sum() / n_tokens
+    if kind == "grpo":
+        return ((per_token * loss_mask).sum(1) / loss_mask.sum(1).clamp(min=1)).sum() / n_seqs
+    if kind == "dr_grpo":
+        return (per_token * loss_mask).sum() / (n_seqs * max_completion_length)
+    common.die(f"unknown --loss_type {loss_type!r} ({' | '.join(LOSS_TYPES)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# the rollouts: the checkpoint's own reasoning (the same lines as coconut_sft.py's, which defines it)
+
+def coconut_step(n_latents, latent_id, end_id, temperature=0.0, top_p=1.0):
+    """A Coconut model's rollout step (its prompt ends with <|start-latent|>): for the first
+    `n_latents` steps the last hidden state is fed back as the next input (recorded as <|latent|>,
+    an input, not an action: no log-prob of it enters the loss), then <|end-latent|> is forced,
+    then language tokens are sampled (greedy at temperature 0)."""
+    def step(t, logits, hidden, done):
+        def full(value, dtype=torch.long):
+            return torch.full(done.shape, value, dtype=dtype, device=done.device)
+        if t < n_latents:
+            return full(latent_id), hidden, full(common.LATENT_STEP, torch.int8)
+        if t == n_latents:
+            return full(end_id), None, full(common.FORCED, torch.int8)
+        return common.sample_token(logits, temperature, 0, top_p), None, full(common.TOKEN, torch.int8)
+    return step
+
+
+def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
+    """(prompts(questions) -> token-id lists, rollout step) for a "cot" checkpoint (plain sampling:
+    plain GRPO) or a "coconut" one (prompts end with <|start-latent|>, cfg["n_latents"] thoughts)."""
+    chat, system = cfg.get("prompt_format") == "chat", cfg.get("system_prompt", "")
+    if cfg["mode"] == "cot":
+        start, step = None, common.sampling_step(temperature, top_p=top_p)
+    elif cfg["mode"] == "coconut":
+        start, end, latent = common.require_tokens(tokenizer, [START_LATENT, END_LATENT, LATENT], "a Coconut model")
+        step = coconut_step(cfg["n_latents"], latent, end, temperature, top_p)
+    else:
+        common.die(f"grpo_latent.py trains cot and coconut checkpoints, not {cfg['mode']!r}")
+
+    def prompts(questions):
+        ids = [common.encode_prompt(tokenizer, q, chat, system) for q in questions]
+        return ids if start is None else [p + [start] for p in ids]
+    return prompts, step
 
 
 def main(args):
     if args.num_generations < 2:
         common.die(f"--num_generations must be at least 2: GRPO compares rollouts within a group (got {args.num_generations})")
-    if args.loss_type not in ("token-mean", "seq-mean-token-mean"):
-        common.die(f"unknown --loss_type {args.loss_type!r} (token-mean | seq-mean-token-mean)")
-    d = common.setup_distributed()
-    common.seed_everything(args.seed, d.rank)
+    if args.loss_type not in LOSS_TYPES:
+        common.die(f"unknown --loss_type {args.loss_type!r} ({' | '.join(LOSS_TYPES)})")
+    scale_rewards = {"true": "group", "false": "none"}.get(args.scale_rewards.lower(), args.scale_rewards.lower())
+    if scale_rewards not in ("group", "batch", "none"):
+        common.die(f"--scale_rewards must be group, batch or none (or true/false; got {args.scale_rewards!r})")
+    d = common.setup_distributed(args.seed)
     if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of --mini_batch_size "
                    f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
@@ -134,7 +192,7 @@ def main(args):
     cfg.update(common.prompt_settings(args, cfg, train))
     if args.n_latents >= 0:
         cfg.update(mode="coconut" if args.n_latents > 0 else cfg["mode"], n_latents=args.n_latents)
-    common.reasoning_prompts(tokenizer, ["check"], cfg)  # one-line error if a latent mode lacks its tokens
+    prompts_of, step_fn = reasoning(model, tokenizer, cfg, args.temperature, args.top_p)  # one line if tokens lack
     bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
     ref = None
     if args.beta > 0:  # frozen: kept in bf16 when computing in bf16
@@ -144,15 +202,12 @@ def main(args):
     model = common.wrap_model(model, d, args.distributed, bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     logger = common.Logger(args.output_dir, args, d, args.track)
-    step_fn = common.reasoning_step(cfg, tokenizer, args.temperature, top_p=args.top_p, model=model)
-    G, eps_high = args.num_generations, args.epsilon if args.epsilon_high < 0 else args.epsilon_high
-    prompts_per_rank = args.train_batch_size // d.world
+    G, eps_high = args.num_generations, args.epsilon if args.epsilon_high is None else args.epsilon_high
     rng = random.Random(args.seed)
-    completions_file = Path(args.output_dir) / "completions.jsonl"
 
     def run_eval(step):
-        res = evaluate(model, tokenizer, test, cfg,
-                       max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+        res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                              max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
         logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
         return res
 
@@ -164,12 +219,12 @@ def main(args):
         batch = [train[i] for i in picks]
         model.eval()
         with common.timer(times, "rollout_s"):
-            prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in batch], cfg)
-            r = common.rollout(model, prompts, step_fn, args.max_completion_length, stop, tokenizer.pad_token_id,
+            r = common.rollout(model, prompts_of([ex["question"] for ex in batch]), step_fn, args.max_completion_length, stop, tokenizer.pad_token_id,
                                num_generations=G)
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         rewards = torch.tensor([float(common.is_correct(t, batch[i // G]["answer"])) for i, t in enumerate(texts)], device=d.device)
-        adv = group_advantages(rewards, G, args.scale_rewards)
+        adv = group_advantages(rewards, G, scale_rewards,
+                               batch_rewards=common.all_gather(rewards, d) if scale_rewards == "batch" else None)
         loss_mask = ((r.kinds == common.TOKEN) & r.mask.bool()).float()  # latents and forced markers: inputs only
         if args.mask_truncated_completions:
             loss_mask = loss_mask * r.finished[:, None].float()
@@ -202,7 +257,7 @@ def main(args):
                             kl = k3_kl(logp, ref_logp[rows])
                             per_tok = per_tok + args.beta * kl
                             stats["kl"] += ((kl * loss_mask[rows]).sum() / n_tok).item()
-                        loss = aggregate(per_tok, loss_mask[rows], args.loss_type, n_tok, len(mini))
+                        loss = aggregate(per_tok, loss_mask[rows], args.loss_type, n_tok, len(mini), args.max_completion_length)
                         loss.backward()
                         stats["loss"] += loss.item()
                         clipped = ((ratio - 1).abs() > args.epsilon).float()
@@ -223,21 +278,16 @@ def main(args):
         if ref is not None:
             row["kl"] = stats["kl"] / stats["n"]
         logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)
-        if args.log_completions and d.main:
-            with completions_file.open("a") as f:
-                for i in range(0, len(texts), G):
-                    f.write(json.dumps({"step": step, "question": batch[i // G]["question"], "completion": texts[i],
-                                        "reward": rewards[i].item()}) + "\n")
-            tqdm.write(f"  e.g. {texts[0]!r} -> reward {rewards[0].item():.0f}")
+        if args.log_completions:  # the first rollout of each group
+            common.write_completions(args.output_dir, step, [
+                {"question": batch[i // G]["question"], "completion": texts[i], "reward": rewards[i].item()}
+                for i in range(0, len(texts), G)], d)
         if step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
     final = run_eval(args.max_steps)
     cfg.update(method="grpo_latent", base_model=args.model_name_or_path)
-    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d, save_dtype=args.save_dtype)
-    if d.main:
-        common.plot_metrics(args.output_dir, ["reward", "eval_acc", "completion_length", "kl", "clip_frac"])
-        print(f"pass@1 {start['pass@1']:.3f} -> {final['pass@1']:.3f}   #L {start['mean_L']:.1f} -> {final['mean_L']:.1f}"
-              f"   saved {args.output_dir}")
+    common.finish(model, tokenizer, cfg, args, d, final, start,
+                  plot_keys=["reward", "eval_acc", "completion_length", "kl", "clip_frac"])
     return model
 
 

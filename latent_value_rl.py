@@ -11,7 +11,7 @@ Phase 1 pretrains V on collected (h_t, correct) pairs with BCE (pos_weight 20). 
 step: a greedy rollout; the latent states recomputed with gradients (the Coconut chain);
 v_t = sigmoid(V(h_t)); the policy loss -mean_t v_t updates the language model only; the value
 loss BCE(V(h_t), correct) updates the head only (on detached states); two AdamW optimizers,
-cosine to 0.1x. The seed reports oscillating losses and reward hacking (the model learns latents
+cosine to 0.1x (transformers' get_cosine_with_min_lr_schedule_with_warmup, no warm-up). The seed reports oscillating losses and reward hacking (the model learns latents
 that V scores high without getting more answers right): the log shows mean predicted value next
 to real accuracy, and the head's ROC-AUC and F1, so that is visible, not hidden.
 
@@ -42,7 +42,7 @@ Commands:
         --learning_rate 5e-6 --value_learning_rate 5e-6 --train_batch_size 32 --max_completion_length 256
     torchrun --nproc_per_node 8 latent_value_rl.py --model runs/qwen-coconut --dataset openai/gsm8k ...
 """
-import math
+import functools
 import random
 from dataclasses import dataclass, field
 from typing import Optional
@@ -51,15 +51,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import DynamicCache
+from transformers import DynamicCache, get_cosine_with_min_lr_schedule_with_warmup
 
 import common
-from eval import evaluate
+import toy
+
+# Coconut's markers (as coconut_sft.py writes them): prompts of a Coconut model end with
+# <|start-latent|>, its thoughts are recorded as <|latent|>, <|end-latent|> closes them.
+START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
 
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_COCONUT, metadata={"aliases": ["--model"], "help": "a Coconut checkpoint of this project (made by coconut_sft.py)"})
+    model_name_or_path: str = field(default=toy.COCONUT, metadata={"aliases": ["--model"], "help": "a Coconut checkpoint of this project (made by coconut_sft.py)"})
     dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
     eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
     output_dir: str = field(default="runs/latent_value_rl", metadata={"help": "where the checkpoint, value head, metrics.jsonl and plots go"})
@@ -70,8 +74,8 @@ class Args:
     pretrain_epochs: int = field(default=20, metadata={"help": "phase 1: epochs of head pretraining on those pairs"})
     pos_weight: float = field(default=20.0, metadata={"help": "BCE weight of the correct (rare) class"})
     train_batch_size: int = field(default=32, metadata={"help": "prompts per step, all ranks together"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the language model (policy); 5e-6 for real models"})
-    value_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the value head in phase 2"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the language model (policy), cosine to 0.1x over the steps; 5e-6 for real models"})
+    value_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the value head in phase 2, cosine to 0.1x (phase 1: a constant 1e-3)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (both optimizers)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping of the language model"})
     freeze_value_head: bool = field(default=False, metadata={"help": "keep the head fixed in phase 2 (the seed's ablation)"})
@@ -179,12 +183,44 @@ def backward_both(head, h, correct, pos_weight, train_head=True, anchor=0.0):
     return v.detach(), policy_loss.detach(), value_loss.detach()
 
 
+# ----------------------------------------------------------------------------------------------
+# the rollouts: the Coconut model's own reasoning (the same lines as coconut_sft.py's, which defines it)
+
+def coconut_step(n_latents, latent_id, end_id, temperature=0.0, top_p=1.0):
+    """A Coconut model's rollout step (its prompt ends with <|start-latent|>): for the first
+    `n_latents` steps the last hidden state is fed back as the next input (recorded as <|latent|>:
+    these are the thoughts the head reads), then <|end-latent|> is forced, then language tokens
+    are sampled (greedy at temperature 0)."""
+    def step(t, logits, hidden, done):
+        def full(value, dtype=torch.long):
+            return torch.full(done.shape, value, dtype=dtype, device=done.device)
+        if t < n_latents:
+            return full(latent_id), hidden, full(common.LATENT_STEP, torch.int8)
+        if t == n_latents:
+            return full(end_id), None, full(common.FORCED, torch.int8)
+        return common.sample_token(logits, temperature, 0, top_p), None, full(common.TOKEN, torch.int8)
+    return step
+
+
+def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
+    """(prompts(questions) -> token-id lists ending with <|start-latent|>, rollout step) of a
+    Coconut checkpoint with cfg["n_latents"] thoughts, prompted as latent_config.json says."""
+    if cfg["mode"] != "coconut":
+        common.die(f"latent_value_rl.py trains coconut checkpoints, not {cfg['mode']!r}")
+    chat, system = cfg.get("prompt_format") == "chat", cfg.get("system_prompt", "")
+    start, end, latent = common.require_tokens(tokenizer, [START_LATENT, END_LATENT, LATENT], "a Coconut model")
+
+    def prompts(questions):
+        return [common.encode_prompt(tokenizer, q, chat, system) + [start] for q in questions]
+    return prompts, coconut_step(cfg["n_latents"], latent, end, temperature, top_p)
+
+
 def rollout_and_score(model, tokenizer, batch, cfg, max_new_tokens, stop):
     """Greedy Coconut rollouts that end at any id of `stop` (common.stop_ids); returns (stored
     thoughts (B, n, d), correct (B,), prompts)."""
-    prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in batch], cfg)
-    r = common.rollout(model, prompts, common.reasoning_step(cfg, tokenizer, 0.0), max_new_tokens,
-                       stop, tokenizer.pad_token_id)
+    prompts_of, step = reasoning(model, tokenizer, cfg)
+    prompts = prompts_of([ex["question"] for ex in batch])
+    r = common.rollout(model, prompts, step, max_new_tokens, stop, tokenizer.pad_token_id)
     correct = torch.tensor([float(common.is_correct(common.decode_completion(tokenizer, r, i), ex["answer"]))
                             for i, ex in enumerate(batch)], device=r.tokens.device)
     n = cfg["n_latents"]
@@ -192,8 +228,7 @@ def rollout_and_score(model, tokenizer, batch, cfg, max_new_tokens, stop):
 
 
 def main(args):
-    d = common.setup_distributed()
-    common.seed_everything(args.seed, d.rank)
+    d = common.setup_distributed(args.seed)
     if args.train_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} is not divisible by {d.world} processes")
     if args.pretrain_questions < max(2, d.world):
@@ -217,8 +252,8 @@ def main(args):
     n = cfg["n_latents"]
 
     def run_eval(step):
-        res = evaluate(model, tokenizer, test, cfg,
-                       max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+        res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                              max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
         logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
         return res
 
@@ -262,9 +297,8 @@ def main(args):
     # ---- phase 2: the policy maximises the head's predictions, the head keeps learning
     lm_opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     head_opt = torch.optim.AdamW(head.parameters(), lr=args.value_learning_rate, weight_decay=args.weight_decay)
-    cosine = lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / args.max_steps))  # noqa: E731
-    lm_sched = torch.optim.lr_scheduler.LambdaLR(lm_opt, cosine)
-    head_sched = torch.optim.lr_scheduler.LambdaLR(head_opt, cosine)
+    lm_sched = get_cosine_with_min_lr_schedule_with_warmup(lm_opt, 0, args.max_steps, min_lr_rate=0.1)   # cosine to 0.1x
+    head_sched = get_cosine_with_min_lr_schedule_with_warmup(head_opt, 0, args.max_steps, min_lr_rate=0.1)
     start, noted = run_eval(0), False
     for step in tqdm(range(1, args.max_steps + 1), desc="latent rl", disable=not d.main):
         batch = [train[i] for i in rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]]
@@ -299,11 +333,8 @@ def main(args):
     final = run_eval(args.max_steps)
     cfg = {**cfg, "method": "latent_value_rl", "base_model": args.model_name_or_path,
            "value_head": {"file": "value_head.safetensors", "dims": [common.unwrap(model).config.hidden_size, 128, 32, 8, 1]}}
-    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, extra_modules={"value_head": head}, d=d,
-                           save_dtype=args.save_dtype)
-    if d.main:
-        common.plot_metrics(args.output_dir, ["acc", "mean_value", "value_loss", "policy_loss", "auc", "eval_acc"])
-        print(f"pass@1 {start['pass@1']:.3f} -> {final['pass@1']:.3f}   saved {args.output_dir}")
+    common.finish(model, tokenizer, cfg, args, d, final, start, extra_modules={"value_head": head},
+                  plot_keys=["acc", "mean_value", "value_loss", "policy_loss", "auc", "eval_acc"])
     return model, head
 
 

