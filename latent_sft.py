@@ -70,7 +70,6 @@ Commands:
 """
 import copy
 import functools
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -79,6 +78,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 import common
 import toy
@@ -102,7 +102,7 @@ class Args:
     lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (with --lora_r)"})
     stage1_steps: int = field(default=300, metadata={"help": "optimizer steps of stage 1 (encoder and decoder)"})
     stage2_steps: int = field(default=500, metadata={"help": "optimizer steps of stage 2 (the decoder learns to produce the chain)"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (warmup, then cosine to a tenth)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (linear warmup from 0, then cosine to a tenth)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on the marker rows of a LoRA run)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps of each stage"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
@@ -404,8 +404,7 @@ def main(args):
         params = roles.parameters(stage)
         groups = [{"params": params}] + ([{"params": roles.tables, "weight_decay": 0.0}] if roles.tables else [])
         optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_steps))
-                                                      * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(1, total)))))
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, total, min_lr_rate=0.1)
         t0 = time.time()
         for i in tqdm(range(total), desc=f"latent-sft stage {stage}", disable=not d.main):
             picks = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
