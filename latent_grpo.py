@@ -32,7 +32,8 @@ its own flag so the seed's ablation runs:
    averages them into a state that is no path at all). Later tokens keep their advantages.
 
 The rest: PPO clip (0.8, 1.2) with dual clip 3 for negative advantages, token-mean over latent
-and answer positions, optional k3 KL; input embedding and LM head frozen (but for the marker rows
+and answer positions, optional k3 KL (TRL's knobs and names: `--loss_type dapo` | grpo | dr_grpo,
+`--scale_rewards group` | batch | none over the valid rollouts, `--epsilon_high`); input embedding and LM head frozen (but for the marker rows
 this run adds, deviation 6); groups with no signal (all advantages 0) are dropped and sampling
 continues until the batch is full (DAPO-style, at most `--max_num_gen_batches` rounds); the
 fraction of latent tokens is logged, since RL can drift back toward explicit text (the authors'

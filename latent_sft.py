@@ -22,7 +22,8 @@ answer EOS`; slot j is fed the stage-1 soft label q_j with Gumbel noise,
 q~ = softmax((log(q + 1e-10) + clamp(g, -1.5, 3)) / tau) on q's top-k support. Loss: cross-entropy
 on </think> + answer + EOS, plus KL(q~ || softmax(z)) over that support at each slot, where z are
 the logits of the position before the slot. At inference the model feeds back the top-k mixture
-of its own log-probabilities until their argmax is </think> (eval.py's "mixture" mode).
+of its own log-probabilities until their argmax is </think>: the "mixture" mode, defined here
+(`reasoning`; eval.py asks this file), with Gumbel noise on the latent scores for sampled pass@k.
 
 Deviations and choices:
 1. Stage 1 trains one schedule instead of the public repository's three steps (encoder, decoder,
@@ -38,8 +39,10 @@ Deviations and choices:
 3. The stage-1 soft labels are recomputed by the frozen encoder for each stage-2 batch instead of
    being stored on disk (same values; no cache files).
 4. Step counts instead of epochs (`--stage1_steps`, `--stage2_steps`); the paper trains 10 epochs
-   per stage-1 step and 70 epochs in stage 2 on GSM8K-Aug. Defaults and learning rates are sized
-   for the toy task; the real-model command below uses the paper's LoRA setting.
+   per stage-1 step and 70 epochs in stage 2 on GSM8K-Aug. Each stage warms the learning rate up
+   linearly from 0 over `--warmup_steps`, then decays it on a cosine to a tenth (transformers'
+   get_cosine_with_min_lr_schedule_with_warmup). Defaults and learning rates are sized for the toy
+   task; the real-model command below uses the paper's LoRA setting.
 5. <think>, </think> and the compress marker <|compress|> are added when the tokenizer lacks them
    (Qwen2.5, Llama-3.2, SmolLM2 do), as rows of their own: the table's mean plus small noise, since
    a copy of an existing token ties its logit for as long as the row cannot move. With LoRA the

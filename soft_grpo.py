@@ -23,8 +23,9 @@ components. At the rollout policy the paper reading returns the drawn noise's de
 1e-6), while the code's gives a different value for a token whose top-p set dropped entries or
 that has a kept component below e^-3; after an update the paper reading's gradient grows like
 exp(-r) where r < -1.5. Answer tokens use ordinary log-probs. Then plain GRPO: group advantages,
-PPO clip 0.2, k3 KL 0.001 to the start model, token-mean. Rollouts and training use the same T,
-k, p and tau_g.
+PPO clip 0.2, k3 KL 0.001 to the start model, token-mean (TRL's knobs and names: `--loss_type dapo`
+| grpo | dr_grpo, `--scale_rewards group` | batch | none, `--epsilon_high`). Rollouts and
+training use the same T, k, p and tau_g.
 
 Deviations and choices:
 1. The </think> token that ends a think span is scored as an ordinary token (log-prob at T).

@@ -303,8 +303,9 @@ def test_latent_grpo_with_every_design_switched_off_runs(tmp_path):
 
 def test_trl_knobs_run(tmp_path):
     out = tmp_path / "knobs"
-    run_main("latent_grpo", *RL_FAST, "--max_steps", "1", "--loss_type", "seq-mean-token-mean", "--scale_rewards", "batch",
-             "--epsilon_high", "0.28", "--output_dir", out)
+    run_main("latent_grpo", "--max_steps", "1", "--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
+             "--max_num_gen_batches", "1", "--max_eval_samples", "2", "--max_completion_length", "16",
+             "--loss_type", "seq-mean-token-mean", "--scale_rewards", "batch", "--epsilon_high", "0.28", "--output_dir", out)
     assert finite([r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r], ["loss", "grad_norm"])
 
 
