@@ -222,7 +222,7 @@ def test_soft_grpo_runs_and_saves(tmp_path):
     assert all(r["n_latents"] > 0 for r in rows)
     assert json.loads((out / "latent_config.json").read_text())["method"] == "soft_grpo"
     assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.float32}   # bf16 compute, fp32 weights
-    assert (out / "completions.jsonl").read_text().count("\n") == 4                               # 2 steps x 2 prompts
+    assert (out / "completions.jsonl").read_text().count("\n") == 8                               # 2 steps x 4 prompts
     AutoModelForCausalLM.from_pretrained(out)
 
 
