@@ -32,7 +32,8 @@ its own flag so the seed's ablation runs:
    averages them into a state that is no path at all). Later tokens keep their advantages.
 
 The rest: PPO clip (0.8, 1.2) with dual clip 3 for negative advantages, token-mean over latent
-and answer positions, optional k3 KL; input embedding and LM head frozen (but for the marker rows
+and answer positions, optional k3 KL (TRL's knobs and names: `--loss_type dapo` | grpo | dr_grpo,
+`--scale_rewards group` | batch | none over the valid rollouts, `--epsilon_high`); input embedding and LM head frozen (but for the marker rows
 this run adds, deviation 6); groups with no signal (all advantages 0) are dropped and sampling
 continues until the batch is full (DAPO-style, at most `--max_num_gen_batches` rounds); the
 fraction of latent tokens is logged, since RL can drift back toward explicit text (the authors'
@@ -85,23 +86,24 @@ Commands:
         --learning_rate 1e-6 --max_completion_length 256       # an instruct model without Latent-SFT: warned, capped
 """
 import copy
-import json
+import functools
 import random
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 
 import common
-from eval import evaluate
+import toy
+
+START_THINK, END_THINK = "<think>", "</think>"   # the think span: prompts end with <think>
 
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_LATENT_SFT, metadata={"aliases": ["--model"], "help": "a Latent-SFT checkpoint (or a plain model or CoT checkpoint, with a warning and a latent cap)"})
+    model_name_or_path: str = field(default=toy.LATENT_SFT, metadata={"aliases": ["--model"], "help": "a Latent-SFT checkpoint (or a plain model or CoT checkpoint, with a warning and a latent cap)"})
     dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
     eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
     output_dir: str = field(default="runs/latent_grpo", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
@@ -115,8 +117,10 @@ class Args:
     num_iterations: int = field(default=1, metadata={"help": "passes over each batch"})
     max_num_gen_batches: int = field(default=4, metadata={"help": "rollout rounds per step to fill the batch with groups that carry signal"})
     epsilon: float = field(default=0.2, metadata={"help": "PPO clip range (lower, and upper unless --epsilon_high)"})
-    epsilon_high: float = field(default=-1.0, metadata={"help": "upper clip; -1 = epsilon"})
+    epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper clip range (TRL's epsilon_high, DAPO's clip-higher); default: --epsilon"})
     dual_clip: float = field(default=3.0, metadata={"help": "c of the dual clip for negative advantages (0 = off)"})
+    loss_type: str = field(default="dapo", metadata={"help": "loss aggregation (TRL's names): dapo (token mean over the mini-batch; verl's token-mean) | grpo (mean over rollouts of each rollout's token mean; verl's seq-mean-token-mean) | dr_grpo (token sum / (rollouts x max_completion_length))"})
+    scale_rewards: str = field(default="group", metadata={"help": "divide the advantage R - (valid) group mean by (TRL's names): group (the group's std over its valid rollouts) | batch (the std over the batch's valid rollouts) | none; true/false = group/none"})
     beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the frozen start model (paper: 0 / 0.001)"})
     top_k: int = field(default=10, metadata={"help": "vocabulary entries per latent token"})
     tau_g: float = field(default=1.0, metadata={"help": "temperature of the latent mixture weights"})
@@ -146,21 +150,103 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------
-# the algorithm: noise, surrogate log-likelihood, straight-through rules, advantages, selection
+# the algorithm: the latent token and its noise, the think span, the surrogate log-likelihood,
+# straight-through rules, advantages, first-token selection, the loss
+
+def gumbel(x):
+    """Standard Gumbel noise -log(-log U) shaped like x."""
+    return torch.distributions.Gumbel(x.new_zeros(()), x.new_ones(())).sample(x.shape)
+
+
+def topk_mixture(scores, E, k, tau=1.0):
+    """A vocabulary-superposition latent: top-k of `scores`, weights softmax(top-k / tau), vector
+    sum_i w_i E[id_i]. Returns (vectors (N, d), ids (N, k), weights (N, k))."""
+    top, ids = scores.float().topk(k, dim=-1)
+    weights = (top / tau).softmax(-1)
+    return torch.einsum("nk,nkd->nd", weights.to(E.dtype), E[ids]), ids, weights
+
 
 def one_sided_latent(k, tau_g, noise_scale, end_id, one_sided=True, eps=1e-6):
-    """The rollout's latent_fn: noisy scores s = l + g, top-k of s, weights softmax(s_S / tau_g).
+    """The rollout's latent: noisy scores s = l + g, top-k of s, weights softmax(s_S / tau_g).
     Records the top-k ids and their scores s (the fixed targets of the surrogate)."""
     def latent(logits, E):
         l = logits.float().log_softmax(-1)
-        g = common.gumbel_like(l).clamp(-1.5, 3.0)
+        g = gumbel(l).clamp(-1.5, 3.0)
         if one_sided:
             g = g + 1.5 + eps
         g = (noise_scale * g).masked_fill((l.argmax(-1) == end_id)[:, None], 0.0)  # never delay </think>
         s = l + g
-        vec, ids, _ = common.topk_mixture(s, E, k, tau_g)
+        vec, ids, _ = topk_mixture(s, E, k, tau_g)
         return vec, ids[:, 0], {"ids": ids, "scores": s.gather(-1, ids)}
     return latent
+
+
+def mixture_latent(k, noise_scale=0.0):
+    """The latent of evaluation (the "mixture" mode eval.py runs, as latent_sft.py defines it): top-k
+    of l = log_softmax(z), weights softmax over those k, recorded id the top-1; `noise_scale` > 0
+    adds noise_scale * clamp(Gumbel, -1.5, 3) to l first (two-sided: sampled pass@k)."""
+    def latent(logits, E):
+        scores = logits.float().log_softmax(-1)
+        if noise_scale > 0:
+            scores = scores + noise_scale * gumbel(scores).clamp(-1.5, 3.0)
+        vec, ids, _ = topk_mixture(scores, E, k)
+        return vec, ids[:, 0], {}
+    return latent
+
+
+class ThinkStep:
+    """The rollout step (common.rollout) of a prompt ending with <think>. While a row thinks,
+    `latent(logits, E)` (E: the input-embedding table) gives (vectors (N, d), recorded ids (N,),
+    record {name: (N, ...)}): the row is fed its vector, and the record is kept for the loss
+    (`extras()` stacks it over steps; zeros where a row did not think). A row stops thinking when
+    its recorded id is </think> (fed, and scored, as an ordinary token) or after
+    `max_latent_steps` latents (</think> forced, not scored). Its answer tokens are then sampled
+    at `temperature` and `top_p` (greedy at temperature 0)."""
+
+    def __init__(self, model, latent, end_id, max_latent_steps, temperature=0.0, top_p=1.0):
+        self.embedding = common.unwrap(model).get_input_embeddings()
+        self.latent, self.end_id, self.max_latent_steps = latent, end_id, max_latent_steps
+        self.temperature, self.top_p = temperature, top_p
+        self.records, self.thinking = [], None
+
+    def __call__(self, t, logits, hidden, done):
+        if t == 0:
+            self.records, self.thinking = [], torch.ones_like(done)
+        # .weight read at each step: under FSDP2 it is the gathered table only during the rollout
+        vec, ids, record = self.latent(logits, self.embedding.weight)
+        ends = self.thinking & (ids == self.end_id)
+        forced = self.thinking & ~ends & (t >= self.max_latent_steps)
+        latent = self.thinking & ~ends & ~forced
+        tokens = torch.where(latent | ends, ids, common.sample_token(logits, self.temperature, 0, self.top_p))
+        tokens = tokens.masked_fill(forced, self.end_id)
+        kinds = torch.full_like(tokens, common.TOKEN, dtype=torch.int8)
+        kinds = kinds.masked_fill(latent, common.LATENT_STEP).masked_fill(forced, common.FORCED)
+        self.records.append({k: v * latent.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in record.items()})
+        self.thinking = latent
+        return tokens, vec, kinds
+
+    def extras(self):
+        if not self.records or not self.records[0]:
+            return {}
+        return {k: torch.stack([r[k] for r in self.records], 1) for k in self.records[0]}
+
+
+def think_prompts(tokenizer, cfg, questions):
+    """The prompts as the checkpoint was trained with (latent_config.json), ending with <think>."""
+    start = common.require_tokens(tokenizer, [START_THINK, END_THINK], "a latent (mixture) model")[0]
+    chat = cfg.get("prompt_format") == "chat"
+    return [common.encode_prompt(tokenizer, q, chat, cfg.get("system_prompt", "")) + [start] for q in questions]
+
+
+def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
+    """How this file's checkpoints reason in its evaluations ("mixture" mode, as eval.py runs them
+    through latent_sft.py): (prompts(questions) -> token ids, the rollout step). Deterministic
+    latents at temperature 0; at temperature > 0 Gumbel noise of scale cfg["noise_scale"] (1.0)."""
+    end = common.require_tokens(tokenizer, [START_THINK, END_THINK], "a latent (mixture) model")[1]
+    noise = cfg.get("noise_scale", 1.0) if temperature > 0 else 0.0
+    step = ThinkStep(model, mixture_latent(cfg.get("top_k", 10), noise), end, cfg.get("max_latent_steps", 10 ** 9),
+                     temperature, top_p)
+    return functools.partial(think_prompts, tokenizer, cfg), step
 
 
 def gumbel_logdensity(r):
@@ -182,18 +268,24 @@ def latent_logprob(logp_S, scores, ste="paper", adv=None):
     return f.mean(-1)
 
 
-def valid_group_advantages(rewards, valid, G, eps=1e-6, single_valid="reward"):
+def valid_group_advantages(rewards, valid, G, eps=1e-6, single_valid="reward", scale="group", batch_std=None):
     """Invalid-sample advantage masking: mean and std over the valid rollouts of each group only;
     invalid rollouts get 0; groups with no valid rollout or std 0 get 0 everywhere. A group with
     exactly one valid rollout: "reward" gives it A = R (mean 0, std 1, the authors' code), "zero"
-    gives it 0 (the paper: no signal from fewer than two valid rollouts)."""
+    gives it 0 (the paper: no signal from fewer than two valid rollouts). `scale` (TRL's
+    scale_rewards): divide R - mean by the group's std ("group"), by `batch_std` (the std over the
+    batch's valid rollouts, "batch"; a lone valid rollout keeps A = R) or by nothing ("none")."""
     r, v = rewards.view(-1, G), valid.view(-1, G).float()
     n = v.sum(1, keepdim=True)
     mean = (r * v).sum(1, keepdim=True) / n.clamp(min=1)
     std = (((r - mean) ** 2 * v).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()  # unbiased, as torch.std
     if single_valid == "reward":
         mean, std = mean.masked_fill(n == 1, 0.0), std.masked_fill(n == 1, 1.0)
-    adv = (r - mean) / (std + eps) * v
+    if scale == "none":
+        adv = (r - mean) * v
+    else:
+        denom = std if scale == "group" else torch.where(n == 1, std, batch_std)
+        adv = (r - mean) / (denom + eps) * v
     return (adv * ((n >= 1) & (std > 0))).flatten()
 
 
@@ -236,6 +328,65 @@ def position_logprobs(model, r, rows, temperature, ste="none", adv_tokens=None):
     return torch.where(is_latent, lat_lp, tok_lp), crossed.item()
 
 
+LOSS_TYPES = {"dapo": "dapo", "grpo": "grpo", "dr_grpo": "dr_grpo", "token-mean": "dapo", "seq-mean-token-mean": "grpo"}
+SCALE_REWARDS = {"group": "group", "batch": "batch", "none": "none", "true": "group", "false": "none"}
+
+
+def aggregate_loss(per_tok, loss_mask, loss_type, n_tokens, n_rows, max_len):
+    """A micro-batch's share of its mini-batch's loss (TRL's loss types): "dapo" sums the masked
+    per-token losses over n_tokens (the mini-batch's scored tokens), "grpo" sums each rollout's
+    token mean over n_rows (the mini-batch's rollouts), "dr_grpo" sums the masked per-token losses
+    over n_rows x max_len (max_completion_length). Per rank; gradients are averaged over ranks."""
+    if loss_type == "grpo":
+        return ((per_tok * loss_mask).sum(1) / loss_mask.sum(1).clamp(min=1)).sum() / n_rows
+    if loss_type == "dr_grpo":
+        return (per_tok * loss_mask).sum() / (n_rows * max_len)
+    return (per_tok * loss_mask).sum() / n_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# dynamic sampling: groups with signal are kept, rounds of rollouts are joined into one batch
+
+@dataclass
+class Group:
+    """One prompt's G rollouts, as dynamic sampling keeps or drops them."""
+    rollout: common.Rollout     # its G rows
+    correct: torch.Tensor       # (G,) bool: the reward of each rollout
+    advantages: torch.Tensor    # (G,)
+    example: dict               # the question and its answer
+    completion: str             # the first rollout's text (--log_completions)
+
+
+def take_rows(r, rows):
+    """The rollout `r` restricted to the rows `rows` (a list of indices)."""
+    rows = torch.as_tensor(rows, dtype=torch.long, device=r.tokens.device)
+    fields = {k: (v[rows] if torch.is_tensor(v) else v) for k, v in vars(r).items() if k != "extras"}
+    return common.Rollout(**fields, extras={k: v[rows] for k, v in r.extras.items()})
+
+
+def concat_rollouts(rs, pad_id):
+    """One Rollout from several (the rounds of dynamic sampling): prompts re-padded on the left,
+    completions and per-position extras on the right."""
+    def pad(x, width, value=0, left=False):
+        extra = x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), value)
+        return torch.cat([extra, x] if left else [x, extra], 1)
+    P, T = max(r.prompt_ids.shape[1] for r in rs), max(r.tokens.shape[1] for r in rs)
+    d = next((r.latents.shape[-1] for r in rs if r.latents is not None), None)
+    latents = None
+    if d is not None:
+        latents = torch.cat([pad(r.latents if r.latents is not None else r.tokens.new_zeros(r.tokens.shape + (d,), dtype=torch.float),
+                                 T) for r in rs])
+    return common.Rollout(
+        prompt_ids=torch.cat([pad(r.prompt_ids, P, pad_id, left=True) for r in rs]),
+        prompt_mask=torch.cat([pad(r.prompt_mask, P, 0, left=True) for r in rs]),
+        tokens=torch.cat([pad(r.tokens, T, pad_id) for r in rs]),
+        kinds=torch.cat([pad(r.kinds, T, common.TOKEN) for r in rs]),
+        mask=torch.cat([pad(r.mask, T) for r in rs]),
+        lengths=torch.cat([r.lengths for r in rs]), finished=torch.cat([r.finished for r in rs]),
+        latents=latents, logprobs=torch.cat([pad(r.logprobs, T) for r in rs]),
+        extras={k: torch.cat([pad(r.extras[k], T) for r in rs]) for k in rs[0].extras})
+
+
 def main(args):
     if args.num_generations < 2:
         common.die(f"--num_generations must be at least 2: GRPO compares rollouts within a group (got {args.num_generations})")
@@ -243,8 +394,11 @@ def main(args):
         common.die(f"--ste must be paper, code or none (got {args.ste!r})")
     if args.single_valid_advantage not in ("reward", "zero"):
         common.die(f"--single_valid_advantage must be reward or zero (got {args.single_valid_advantage!r})")
-    d = common.setup_distributed()
-    common.seed_everything(args.seed, d.rank)
+    if args.loss_type not in LOSS_TYPES or args.scale_rewards.lower() not in SCALE_REWARDS:
+        common.die(f"--loss_type must be one of {', '.join(LOSS_TYPES)} and --scale_rewards one of {', '.join(SCALE_REWARDS)} "
+                   f"(got {args.loss_type!r}, {args.scale_rewards!r})")
+    loss_type, scale_rewards = LOSS_TYPES[args.loss_type], SCALE_REWARDS[args.scale_rewards.lower()]
+    d = common.setup_distributed(args.seed)
     if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of --mini_batch_size "
                    f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
@@ -261,11 +415,11 @@ def main(args):
                   f"Latent-SFT model (latent_sft.py); expect the latent span to start as noise (capped at {cap} "
                   "latent steps, --max_latent_steps, then </think> is forced)", file=sys.stderr)
         had = set(tokenizer.get_vocab())
-        markers = common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK], init_from=None)
-        new_rows = [i for i, t in zip(markers, [common.START_THINK, common.END_THINK]) if t not in had]
+        markers = common.add_special_tokens(model, tokenizer, [START_THINK, END_THINK], init_from=None)
+        new_rows = [i for i, t in zip(markers, [START_THINK, END_THINK]) if t not in had]
         start_cfg["mode"] = "mixture"
     cfg = {**start_cfg, "top_k": args.top_k, **prompting, "max_latent_steps": cap}
-    end_think = common.require_tokens(tokenizer, [common.START_THINK, common.END_THINK], "Latent-GRPO")[1]
+    end_think = common.require_tokens(tokenizer, [START_THINK, END_THINK], "Latent-GRPO")[1]
     # frozen input embedding and LM head: the latent space stays the vocabulary's span. Rows this
     # run added (<think>, </think> of a model without latent SFT) must learn all the same: the
     # tables then keep requires_grad, train without weight decay, and `mask_row_grads` zeroes the
@@ -288,31 +442,39 @@ def main(args):
     optimizer = torch.optim.AdamW([{"params": body}] + ([{"params": rows, "weight_decay": 0.0}] if rows else []),
                                   lr=args.learning_rate, weight_decay=args.weight_decay)
     logger = common.Logger(args.output_dir, args, d, args.track)
-    G, eps_high = args.num_generations, args.epsilon if args.epsilon_high < 0 else args.epsilon_high
-    need = args.train_batch_size // d.world  # groups per rank
+    G, need = args.num_generations, args.train_batch_size // d.world  # groups per rank
+    eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     rng = random.Random(args.seed + 1000 * d.rank)
-    completions_file = Path(args.output_dir) / "completions.jsonl"
 
     def run_eval(step):
-        res = evaluate(model, tokenizer, test, cfg, max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+        res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                              max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
         logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
         return res
 
+    def batch_std(rewards, valid):
+        """--scale_rewards batch: the std of the valid rollouts' rewards on every rank."""
+        every = common.all_gather(rewards, d)[common.all_gather(valid.float(), d) > 0]
+        return every.std() if len(every) > 1 else rewards.new_ones(())
+
     def sample_groups():
-        """Roll out `need` prompts x G; returns the rollout and, per row: reward, correct, advantage."""
+        """Roll out `need` prompts x G: the round's rollout, its correct flags, and its groups."""
         batch = [train[i] for i in rng.sample(range(len(train)), need)]
-        step_fn = common.ThinkStep(model, one_sided_latent(args.top_k, args.tau_g, args.noise_scale, end_think,
-                                                           args.one_sided_noise, args.noise_eps),
-                                   end_think, cfg["max_latent_steps"], args.temperature, 0, args.top_p)
-        prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in batch], cfg)
-        r = common.rollout(model, prompts, step_fn, args.max_completion_length, stop, tokenizer.pad_token_id,
-                           num_generations=G)
+        step_fn = ThinkStep(model, one_sided_latent(args.top_k, args.tau_g, args.noise_scale, end_think,
+                                                    args.one_sided_noise, args.noise_eps),
+                            end_think, cfg["max_latent_steps"], args.temperature, args.top_p)
+        r = common.rollout(model, think_prompts(tokenizer, cfg, [ex["question"] for ex in batch]), step_fn,
+                           args.max_completion_length, stop, tokenizer.pad_token_id, num_generations=G)
         r.extras.update(step_fn.extras())
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         correct = torch.tensor([common.is_correct(t, batch[i // G]["answer"]) for i, t in enumerate(texts)], device=d.device)
         valid = r.finished if args.mask_invalid else torch.ones_like(r.finished)
-        adv = valid_group_advantages(correct.float(), valid, G, single_valid=args.single_valid_advantage)
-        return r, correct, adv, texts, batch
+        std = batch_std(correct.float(), valid) if scale_rewards == "batch" else None
+        adv = valid_group_advantages(correct.float(), valid, G, single_valid=args.single_valid_advantage,
+                                     scale=scale_rewards, batch_std=std)
+        rows = [list(range(g * G, (g + 1) * G)) for g in range(len(batch))]
+        return r, correct, [Group(take_rows(r, rows[g]), correct[rows[g]], adv[rows[g]], ex, texts[g * G])
+                            for g, ex in enumerate(batch)]
 
     start = run_eval(0)
     for step in tqdm(range(1, args.max_steps + 1), desc="latent-grpo", disable=not d.main):
@@ -322,19 +484,18 @@ def main(args):
         kept, dropped, seen = [], [], []
         with common.timer(times, "rollout_s"):
             for rounds in range(1, args.max_num_gen_batches + 1):
-                r, correct, adv, texts, batch = sample_groups()
+                r, correct, round_groups = sample_groups()
                 seen.append((r, correct))
-                signal = adv.view(-1, G).abs().sum(1) > 0
-                for g in range(len(batch)):
-                    rows = list(range(g * G, (g + 1) * G))
-                    (kept if signal[g] else dropped).append((r.select(rows), correct[rows], adv[rows], texts[g * G], batch[g]))
+                for g in round_groups:
+                    (kept if g.advantages.abs().sum() > 0 else dropped).append(g)
                 if common.all_sum(float(len(kept) >= need), d) == d.world:
                     break
         groups = (kept + dropped)[:need]
-        r = common.concat_rollouts([g[0] for g in groups], tokenizer.pad_token_id)
-        correct, adv = torch.cat([g[1] for g in groups]), torch.cat([g[2] for g in groups])
+        r = concat_rollouts([g.rollout for g in groups], tokenizer.pad_token_id)
+        correct, adv = torch.cat([g.correct for g in groups]), torch.cat([g.advantages for g in groups])
         valid = r.finished if args.mask_invalid else torch.ones_like(r.finished)
-        scored = (((r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP)) & r.mask.bool()).float()
+        # the positions the loss scores: latents and sampled tokens (not a forced </think>, not padding)
+        loss_mask = (((r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP)) & r.mask.bool()).float()
         # ---- old log-probs (rollout policy), first-token selection, reference log-probs
         N, micro = len(r.tokens), args.micro_batch_size
         with common.timer(times, "update_s"):
@@ -342,9 +503,9 @@ def main(args):
                 old_logp = torch.cat([position_logprobs(model, r, slice(i, i + micro), args.temperature)[0] for i in range(0, N, micro)])
                 ref_logp = None if ref is None else torch.cat(
                     [position_logprobs(ref, r, slice(i, i + micro), args.temperature)[0] for i in range(0, N, micro)])
-            adv_tok = adv[:, None].expand_as(scored).clone()
+            adv_tok = adv[:, None].expand_as(loss_mask).clone()
             if args.first_token_selection:
-                seq_score = (old_logp * scored).sum(1) / scored.sum(1).clamp(min=1)
+                seq_score = (old_logp * loss_mask).sum(1) / loss_mask.sum(1).clamp(min=1)
                 adv_tok = first_token_selection(adv_tok, seq_score, correct.bool(), valid, G)
             # ---- the update: mini-batches of whole groups, micro-batches of rows
             model.train()
@@ -353,7 +514,7 @@ def main(args):
             for _ in range(args.num_iterations):
                 for m0 in range(0, N, rows_per_mini):
                     mini = range(m0, min(N, m0 + rows_per_mini))
-                    n_tok = common.all_mean(scored[mini].sum().item(), d) or 1.0
+                    n_tok = common.all_mean(loss_mask[mini].sum().item(), d) or 1.0
                     for i in range(mini.start, mini.stop, micro):
                         rows = slice(i, min(i + micro, mini.stop))
                         logp, crossed = position_logprobs(model, r, rows, args.temperature, args.ste, adv_tok[rows])
@@ -362,11 +523,11 @@ def main(args):
                             d_ref = ref_logp[rows] - logp
                             kl = torch.exp(d_ref) - d_ref - 1
                             per_tok = per_tok + args.beta * kl
-                            stats["kl"] += ((kl * scored[rows]).sum() / n_tok).item()
-                        loss = (per_tok * scored[rows]).sum() / n_tok
+                            stats["kl"] += ((kl * loss_mask[rows]).sum() / n_tok).item()
+                        loss = aggregate_loss(per_tok, loss_mask[rows], loss_type, n_tok, len(mini), args.max_completion_length)
                         loss.backward()
                         stats["loss"] += loss.item()
-                        stats["clip_frac"] += (((ratio - 1).abs() > args.epsilon).float() * scored[rows]).sum().item() / n_tok
+                        stats["clip_frac"] += (((ratio - 1).abs() > args.epsilon).float() * loss_mask[rows]).sum().item() / n_tok
                         stats["crossed_frac"] += crossed
                         stats["m"] += 1
                     if new_rows:
@@ -382,27 +543,21 @@ def main(args):
         row = {"reward": all_correct.mean().item(), "valid_frac": all_finished.mean().item(),
                "frac_groups_kept": len(kept) / (len(seen) * need), "gen_rounds": rounds,
                "completion_length": r.mask.sum(1).float().mean().item(), "n_latents": is_lat.sum(1).mean().item(),
-               "latent_frac": (is_lat.sum() / scored.sum().clamp(min=1)).item(),
+               "latent_frac": (is_lat.sum() / loss_mask.sum().clamp(min=1)).item(),
                "loss": stats["loss"] / stats["n"], "clip_frac": stats["clip_frac"] / stats["n"],
                "crossed_frac": stats["crossed_frac"] / max(1, stats["m"]), "grad_norm": stats["grad_norm"] / stats["n"], **times}
         if ref is not None:
             row["kl"] = stats["kl"] / stats["n"]
         logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)
-        if args.log_completions and d.main:
-            with completions_file.open("a") as f:
-                for g in groups:
-                    f.write(json.dumps({"step": step, "question": g[4]["question"], "completion": g[3],
-                                        "reward": g[1][0].item()}) + "\n")
-            tqdm.write(f"  e.g. {groups[0][3]!r} -> reward {groups[0][1][0].item():.0f}")
+        if args.log_completions:
+            common.write_completions(args.output_dir, step, [{"question": g.example["question"], "completion": g.completion,
+                                                              "reward": float(g.correct[0])} for g in groups], d)
         if step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
     final = run_eval(args.max_steps)
     cfg.update(method="latent_grpo", base_model=args.model_name_or_path)
-    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d, save_dtype=args.save_dtype)
-    if d.main:
-        common.plot_metrics(args.output_dir, ["reward", "eval_acc", "eval_mean_L", "completion_length", "latent_frac", "crossed_frac"])
-        print(f"pass@1 {start['pass@1']:.3f} -> {final['pass@1']:.3f}   #L {start['mean_L']:.1f} -> {final['mean_L']:.1f}"
-              f"   saved {args.output_dir}")
+    common.finish(model, tokenizer, cfg, args, d, final, start,
+                  plot_keys=["reward", "eval_acc", "eval_mean_L", "completion_length", "latent_frac", "crossed_frac"])
     return model
 
 

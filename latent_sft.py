@@ -22,7 +22,8 @@ answer EOS`; slot j is fed the stage-1 soft label q_j with Gumbel noise,
 q~ = softmax((log(q + 1e-10) + clamp(g, -1.5, 3)) / tau) on q's top-k support. Loss: cross-entropy
 on </think> + answer + EOS, plus KL(q~ || softmax(z)) over that support at each slot, where z are
 the logits of the position before the slot. At inference the model feeds back the top-k mixture
-of its own log-probabilities until their argmax is </think> (eval.py's "mixture" mode).
+of its own log-probabilities until their argmax is </think>: the "mixture" mode, defined here
+(`reasoning`; eval.py asks this file), with Gumbel noise on the latent scores for sampled pass@k.
 
 Deviations and choices:
 1. Stage 1 trains one schedule instead of the public repository's three steps (encoder, decoder,
@@ -38,8 +39,10 @@ Deviations and choices:
 3. The stage-1 soft labels are recomputed by the frozen encoder for each stage-2 batch instead of
    being stored on disk (same values; no cache files).
 4. Step counts instead of epochs (`--stage1_steps`, `--stage2_steps`); the paper trains 10 epochs
-   per stage-1 step and 70 epochs in stage 2 on GSM8K-Aug. Defaults and learning rates are sized
-   for the toy task; the real-model command below uses the paper's LoRA setting.
+   per stage-1 step and 70 epochs in stage 2 on GSM8K-Aug. Each stage warms the learning rate up
+   linearly from 0 over `--warmup_steps`, then decays it on a cosine to a tenth (transformers'
+   get_cosine_with_min_lr_schedule_with_warmup). Defaults and learning rates are sized for the toy
+   task; the real-model command below uses the paper's LoRA setting.
 5. <think>, </think> and the compress marker <|compress|> are added when the tokenizer lacks them
    (Qwen2.5, Llama-3.2, SmolLM2 do), as rows of their own: the table's mean plus small noise, since
    a copy of an existing token ties its logit for as long as the row cannot move. With LoRA the
@@ -69,7 +72,7 @@ Commands:
     torchrun --nproc_per_node 8 latent_sft.py --model runs/llama-cot --dataset whynlp/gsm8k-aug ...   # DDP, full copies
 """
 import copy
-import math
+import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -78,16 +81,18 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 import common
-from eval import evaluate
+import toy
 
-COMPRESS = "<|compress|>"
+START_THINK, END_THINK = "<think>", "</think>"   # the latent span: prompts end with <think>
+COMPRESS = "<|compress|>"                          # stage 1's marker after every chunk of CoT tokens
 
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "start model: a plain causal LM or a CoT checkpoint (ideally one trained on explicit CoT)"})
+    model_name_or_path: str = field(default=toy.COT, metadata={"aliases": ["--model"], "help": "start model: a plain causal LM or a CoT checkpoint (ideally one trained on explicit CoT)"})
     dataset: str = field(default="", metadata={"help": "training data with reasoning steps: whynlp/gsm8k-aug, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
     eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
     output_dir: str = field(default="runs/latent_sft", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
@@ -100,7 +105,7 @@ class Args:
     lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (with --lora_r)"})
     stage1_steps: int = field(default=300, metadata={"help": "optimizer steps of stage 1 (encoder and decoder)"})
     stage2_steps: int = field(default=500, metadata={"help": "optimizer steps of stage 2 (the decoder learns to produce the chain)"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (warmup, then cosine to a tenth)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (linear warmup from 0, then cosine to a tenth)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on the marker rows of a LoRA run)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps of each stage"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
@@ -170,23 +175,24 @@ def encoder_batch(parts, marker_id, pad_id, device):
 
 
 def decoder_batch(parts, think, pad_id, device):
-    """`prompt L1 c3 c4 L2 ... Lm </think> answer`: ids, mask, latent-slot flags, CE-target flags."""
+    """`prompt L1 c3 c4 L2 ... Lm </think> answer`: ids, mask, latent-slot flags, loss mask (the
+    tokens the cross-entropy scores)."""
     rows = []
     for prompt, chunks, answer in parts:
-        ids, slot, target = list(prompt), [False] * len(prompt), [False] * len(prompt)
+        ids, slot, loss_mask = list(prompt), [False] * len(prompt), [False] * len(prompt)
         for j in range(len(chunks)):
             nxt = chunks[j + 1] if j + 1 < len(chunks) else []
             ids += [pad_id] + nxt
             slot += [True] + [False] * len(nxt)
-            target += [False] + [True] * len(nxt)
+            loss_mask += [False] + [True] * len(nxt)
         tail = [think[1]] + answer
-        ids, slot, target = ids + tail, slot + [False] * len(tail), target + [True] * len(tail)
-        rows.append((ids, slot, target))
+        ids, slot, loss_mask = ids + tail, slot + [False] * len(tail), loss_mask + [True] * len(tail)
+        rows.append((ids, slot, loss_mask))
     return pad_batch(rows, pad_id, device)
 
 
 def student_batch(parts, think, pad_id, device):
-    """Stage 2: `prompt [m slots] </think> answer`: ids, mask, slot flags, CE-target flags."""
+    """Stage 2: `prompt [m slots] </think> answer`: ids, mask, slot flags, loss mask."""
     rows = []
     for prompt, chunks, answer in parts:
         m, tail = len(chunks), [think[1]] + answer
@@ -218,9 +224,14 @@ def scatter_slots(vectors, slot):
     return out.index_put(tuple(slot.nonzero().T), vectors)
 
 
+def gumbel(x):
+    """Standard Gumbel noise -log(-log U) shaped like x."""
+    return torch.distributions.Gumbel(x.new_zeros(()), x.new_ones(())).sample(x.shape)
+
+
 def noisy_soft_labels(q, noise, tau):
     """Stage 2's Gumbel-perturbed targets: softmax((log(q + 1e-10) + noise * clamp(g, -1.5, 3)) / tau)."""
-    g = common.gumbel_like(q).clamp(-1.5, 3.0)
+    g = gumbel(q).clamp(-1.5, 3.0)
     return ((torch.log(q + 1e-10) + noise * g) / tau).softmax(-1)
 
 
@@ -230,9 +241,9 @@ def support_kl(target, logits, ids):
     return (target * (torch.log(target + 1e-10) - logp)).sum(-1)
 
 
-def token_ce(logits, ids, target, n_tokens):
-    """Summed cross-entropy of the flagged positions' tokens, / n_tokens (position t predicts t+1)."""
-    pred = target[:, 1:]
+def token_ce(logits, ids, loss_mask, n_tokens):
+    """Summed cross-entropy of the tokens in `loss_mask`, / n_tokens (position t predicts t+1)."""
+    pred = loss_mask[:, 1:]
     return F.cross_entropy(logits[:, :-1][pred].float(), ids[:, 1:][pred], reduction="sum") / n_tokens
 
 
@@ -288,20 +299,66 @@ class TwoRoles:
         return self.peft.merge_and_unload()
 
 
+# ----------------------------------------------------------------------------------------------
+# inference: the model produces its own latent chain (eval.py's "mixture" mode, defined here)
+
+def latent_token(logits, E, k, noise_scale=0.0):
+    """The latent fed back at inference: top-k of l = log_softmax(z), weights softmax over those k,
+    vector sum_i w_i E[id_i]; the recorded id is the top-1. `noise_scale` > 0 adds
+    noise_scale * clamp(Gumbel, -1.5, 3) to l first: Gumbel sampling of the latents for pass@k
+    (seed 001 section 4.4). Returns (vectors (N, d), ids (N,))."""
+    scores = logits.float().log_softmax(-1)
+    if noise_scale > 0:
+        scores = scores + noise_scale * gumbel(scores).clamp(-1.5, 3.0)
+    top, ids = scores.topk(k, dim=-1)
+    return mixture(ids, top.softmax(-1), E), ids[:, 0]
+
+
+def think_step(model, end_id, k, max_latent_steps, noise_scale=0.0, temperature=0.0, top_p=1.0):
+    """The rollout step (common.rollout) of a model whose prompt ends with <think>. While a row
+    thinks it is fed `latent_token`; it stops thinking when the recorded id is </think> (fed as
+    an ordinary token) or after `max_latent_steps` latents (</think> forced). Then its tokens are
+    sampled (greedy at temperature 0)."""
+    embedding = common.unwrap(model).get_input_embeddings()
+    thinking = None
+
+    def step(t, logits, hidden, done):
+        nonlocal thinking
+        if t == 0:
+            thinking = torch.ones_like(done)
+        # .weight read at each step: under FSDP2 it is the gathered table only during the rollout
+        vec, ids = latent_token(logits, embedding.weight, k, noise_scale)
+        ends = thinking & (ids == end_id)
+        forced = thinking & ~ends & (t >= max_latent_steps)
+        latent = thinking & ~ends & ~forced
+        tokens = torch.where(latent | ends, ids, common.sample_token(logits, temperature, 0, top_p))
+        tokens = tokens.masked_fill(forced, end_id)
+        kinds = torch.full_like(tokens, common.TOKEN, dtype=torch.int8)
+        kinds = kinds.masked_fill(latent, common.LATENT_STEP).masked_fill(forced, common.FORCED)
+        thinking = latent
+        return tokens, vec, kinds
+    return step
+
+
 def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
-    """LEGACY (issue 12) shim: (prompts(questions) -> ids, step function) for this file's modes."""
+    """How a "mixture" checkpoint reasons (eval.py asks this file): (prompts(questions) -> token
+    ids ending with <think>, the rollout step). Deterministic latents at temperature 0; sampled
+    rollouts (temperature > 0) add Gumbel noise of scale cfg["noise_scale"] (default 1.0)."""
+    start, end = common.require_tokens(tokenizer, [START_THINK, END_THINK], "a latent (mixture) model")
+    chat, system = cfg.get("prompt_format") == "chat", cfg.get("system_prompt", "")
+
+    def prompts(questions):
+        return [common.encode_prompt(tokenizer, q, chat, system) + [start] for q in questions]
     noise = cfg.get("noise_scale", 1.0) if temperature > 0 else 0.0
-    step = common.reasoning_step(cfg, tokenizer, temperature, top_p=top_p, model=model, noise_scale=noise)
-    return (lambda questions: common.reasoning_prompts(tokenizer, questions, cfg)), step
+    return prompts, think_step(model, end, cfg.get("top_k", 10), cfg.get("max_latent_steps", 10 ** 9), noise, temperature, top_p)
 
 
 def main(args):
     if args.compression < 1 or args.top_k < 1:
         common.die(f"--compression and --top_k must be at least 1 (got {args.compression}, {args.top_k})")
-    d = common.setup_distributed()
+    d = common.setup_distributed(args.seed)
     if args.lora_r and d.world > 1:
         common.die("--lora_r runs on one device (two switching adapters in one DDP model are not supported); drop torchrun or use --lora_r 0")
-    common.seed_everything(args.seed, d.rank)
     if args.train_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} is not divisible by {d.world} processes")
     model, tokenizer, start_cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
@@ -315,7 +372,7 @@ def main(args):
     cfg = {"mode": "mixture", "top_k": args.top_k, "max_latent_steps": args.max_latent_steps, **prompting,
            "method": "latent_sft", "compression": args.compression, "base_model": args.model_name_or_path, **data}
     # new rows of their own (table mean + noise): a copy of an existing token would tie it
-    think = common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK], init_from=None)
+    think = common.add_special_tokens(model, tokenizer, [START_THINK, END_THINK], init_from=None)
     marker = common.add_special_tokens(model, tokenizer, [COMPRESS], init_from=None)[0]
     # the rows a LoRA run trains: all three markers in stage 1; in stage 2 only </think>, since the
     # frozen encoder (the teacher) reads <think> and the compress marker from the same shared rows
@@ -338,7 +395,8 @@ def main(args):
     def run_eval(stage_step):
         model_now = roles.use("decoder")
         with torch.no_grad():
-            res = evaluate(model_now, tokenizer, test, cfg, max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+            res = common.evaluate(model_now, tokenizer, test, functools.partial(reasoning, model_now, tokenizer, cfg),
+                                  max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
         model_now.train()
         logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, stage_step)
         if d.main:
@@ -349,8 +407,7 @@ def main(args):
         params = roles.parameters(stage)
         groups = [{"params": params}] + ([{"params": roles.tables, "weight_decay": 0.0}] if roles.tables else [])
         optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_steps))
-                                                      * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(1, total)))))
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, total, min_lr_rate=0.1)
         t0 = time.time()
         for i in tqdm(range(total), desc=f"latent-sft stage {stage}", disable=not d.main):
             picks = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
@@ -367,25 +424,25 @@ def main(args):
                 if stage == 1:
                     # encoder -> latent tokens -> decoder with CE on the next chunks and the answer
                     lat_ids, w = encode_latents(roles.use("encoder"), ids, mask, is_marker, attn, E, args.top_k)
-                    dids, dmask, slot, target = decoder_batch(mb, think, pad, d.device)
+                    dids, dmask, slot, loss_mask = decoder_batch(mb, think, pad, d.device)
                     latents = mixture(lat_ids, w, E)
                     logits, _ = common.lm_forward(roles.use("decoder"), dids, dmask, common.positions(dmask), latent_mask=slot,
                                                   latent_vectors=scatter_slots(latents, slot))
-                    ce, kl = token_ce(logits, dids, target, n_ce), torch.zeros(())
+                    ce, kl = token_ce(logits, dids, loss_mask, n_ce), torch.zeros(())
                     if args.latent_only_pass:  # the same latents, no text between them: the answer must come from them
-                        sids, smask, sslot, starget = student_batch(mb, think, pad, d.device)
+                        sids, smask, sslot, sloss_mask = student_batch(mb, think, pad, d.device)
                         logits, _ = common.lm_forward(roles.decoder, sids, smask, common.positions(smask), latent_mask=sslot,
                                                       latent_vectors=scatter_slots(latents, sslot))
-                        ce = ce + token_ce(logits, sids, starget, n_answer)
+                        ce = ce + token_ce(logits, sids, sloss_mask, n_answer)
                 else:
                     # the frozen encoder's soft labels, noised, fed to the student; CE + KL on the slots
                     with torch.no_grad():
                         lat_ids, q = encode_latents(roles.use("encoder"), ids, mask, is_marker, attn, E, args.top_k)
                     q_noisy = noisy_soft_labels(q, args.gumbel_noise, args.gumbel_tau)
-                    sids, smask, slot, target = student_batch(mb, think, pad, d.device)
+                    sids, smask, slot, loss_mask = student_batch(mb, think, pad, d.device)
                     logits, _ = common.lm_forward(roles.use("decoder"), sids, smask, common.positions(smask), latent_mask=slot,
                                                   latent_vectors=scatter_slots(mixture(lat_ids, q_noisy, E), slot))
-                    ce = token_ce(logits, sids, target, n_ce)
+                    ce = token_ce(logits, sids, loss_mask, n_ce)
                     before_slot = torch.roll(slot, -1, dims=1)  # the position whose logits predict each slot
                     kl = support_kl(q_noisy, logits[before_slot], lat_ids).sum() / n_slots
                     w = q
@@ -412,10 +469,7 @@ def main(args):
             roles.use("encoder").eval()  # frozen teacher from here on
     final = run_eval(step)
     out_model = roles.final_model()
-    common.save_checkpoint(out_model, tokenizer, args.output_dir, cfg, d=d, save_dtype=args.save_dtype)
-    if d.main:
-        common.plot_metrics(args.output_dir, ["ce", "kl", "top1_weight", "eval_acc", "eval_mean_L"])
-        print(f"Latent-SFT: pass@1 {final['pass@1']:.3f}  #L {final['mean_L']:.1f}   saved {args.output_dir}")
+    common.finish(out_model, tokenizer, cfg, args, d, final, plot_keys=["ce", "kl", "top1_weight", "eval_acc", "eval_mean_L"])
     return out_model
 
 

@@ -23,8 +23,9 @@ components. At the rollout policy the paper reading returns the drawn noise's de
 1e-6), while the code's gives a different value for a token whose top-p set dropped entries or
 that has a kept component below e^-3; after an update the paper reading's gradient grows like
 exp(-r) where r < -1.5. Answer tokens use ordinary log-probs. Then plain GRPO: group advantages,
-PPO clip 0.2, k3 KL 0.001 to the start model, token-mean. Rollouts and training use the same T,
-k, p and tau_g.
+PPO clip 0.2, k3 KL 0.001 to the start model, token-mean (TRL's knobs and names: `--loss_type dapo`
+| grpo | dr_grpo, `--scale_rewards group` | batch | none, `--epsilon_high`). Rollouts and
+training use the same T, k, p and tau_g.
 
 Deviations and choices:
 1. The </think> token that ends a think span is scored as an ordinary token (log-prob at T).
@@ -58,6 +59,7 @@ Commands:
         --learning_rate 1e-6 --max_completion_length 512 --max_latent_steps 256   # no Latent-SFT: warned, capped
 """
 import copy
+import functools
 import random
 import sys
 from dataclasses import dataclass, field
@@ -67,12 +69,14 @@ import torch
 from tqdm import tqdm
 
 import common
-from eval import evaluate
+import toy
+
+START_THINK, END_THINK = "<think>", "</think>"   # the think span: prompts end with <think>
 
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_LATENT_SFT, metadata={"aliases": ["--model"], "help": "a latent (mixture) checkpoint, or a plain model or CoT checkpoint (with a warning and a latent cap)"})
+    model_name_or_path: str = field(default=toy.LATENT_SFT, metadata={"aliases": ["--model"], "help": "a latent (mixture) checkpoint, or a plain model or CoT checkpoint (with a warning and a latent cap)"})
     dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
     eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
     output_dir: str = field(default="runs/soft_grpo", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
@@ -83,7 +87,10 @@ class Args:
     train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
     mini_batch_size: int = field(default=8, metadata={"help": "prompts per optimizer update"})
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range"})
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range (lower, and upper unless --epsilon_high)"})
+    epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper clip range (TRL's epsilon_high, DAPO's clip-higher); default: --epsilon"})
+    loss_type: str = field(default="dapo", metadata={"help": "loss aggregation (TRL's names): dapo (token mean over the mini-batch; verl's token-mean) | grpo (mean over rollouts of each rollout's token mean; verl's seq-mean-token-mean) | dr_grpo (token sum / (rollouts x max_completion_length))"})
+    scale_rewards: str = field(default="group", metadata={"help": "advantage = (R - group mean) / std (TRL's names): group (the group's std) | batch (the whole batch's std) | none (no division); true/false = group/none"})
     beta: float = field(default=0.001, metadata={"help": "k3 KL coefficient to the frozen start model"})
     temperature: float = field(default=0.6, metadata={"help": "T of p = softmax(z / T), in the think span and after it"})
     top_k: int = field(default=5, metadata={"help": "k: vocabulary entries a soft token keeps before the top-p cut"})
@@ -102,11 +109,17 @@ class Args:
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
     save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
     distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
+    log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt to completions.jsonl"})
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
 # ----------------------------------------------------------------------------------------------
-# the algorithm: the truncated soft token with two-sided Gumbel noise, and its density
+# the algorithm: the truncated soft token with two-sided Gumbel noise, the think span, the density
+
+def gumbel(x):
+    """Standard Gumbel noise -log(-log U) shaped like x."""
+    return torch.distributions.Gumbel(x.new_zeros(()), x.new_ones(())).sample(x.shape)
+
 
 def truncated_logprobs(logits, T, ids, keep):
     """log p~ at `ids`: log softmax(z / T) renormalised over the entries where keep is 1."""
@@ -123,11 +136,80 @@ def soft_gumbel_latent(T, k, top_p, tau_g):
         p, ids = (logits.float() / T).softmax(-1).topk(k, dim=-1)
         keep = ((p.cumsum(-1) - p) < top_p).float()              # smallest prefix reaching top_p
         p_t = p * keep / (p * keep).sum(-1, keepdim=True)
-        s = torch.log(p_t + 1e-6) + common.gumbel_like(p_t).clamp(-1.5, 3.0)
+        s = torch.log(p_t + 1e-6) + gumbel(p_t).clamp(-1.5, 3.0)
         w = (s / tau_g).softmax(-1)
         vec = torch.einsum("nk,nkd->nd", w.to(E.dtype), E[ids])
         return vec, ids.gather(-1, s.argmax(-1, keepdim=True)).squeeze(-1), {"ids": ids, "scores": s, "keep": keep}
     return latent
+
+
+def mixture_latent(k, noise_scale=0.0):
+    """The latent of evaluation (the "mixture" mode eval.py runs, as latent_sft.py defines it): top-k
+    of l = log_softmax(z), weights softmax over those k, recorded id the top-1; `noise_scale` > 0
+    adds noise_scale * clamp(Gumbel, -1.5, 3) to l first (sampled pass@k)."""
+    def latent(logits, E):
+        scores = logits.float().log_softmax(-1)
+        if noise_scale > 0:
+            scores = scores + noise_scale * gumbel(scores).clamp(-1.5, 3.0)
+        top, ids = scores.topk(k, dim=-1)
+        vec = torch.einsum("nk,nkd->nd", top.softmax(-1).to(E.dtype), E[ids])
+        return vec, ids[:, 0], {}
+    return latent
+
+
+class ThinkStep:
+    """The rollout step (common.rollout) of a prompt ending with <think>. While a row thinks,
+    `latent(logits, E)` (E: the input-embedding table) gives (vectors (N, d), recorded ids (N,),
+    record {name: (N, ...)}): the row is fed its vector, and the record is kept for the loss
+    (`extras()` stacks it over steps; zeros where a row did not think). A row stops thinking when
+    its recorded id is </think> (fed, and scored, as an ordinary token) or after
+    `max_latent_steps` latents (</think> forced, not scored). Its answer tokens are then sampled
+    at `temperature` and `top_p` (greedy at temperature 0)."""
+
+    def __init__(self, model, latent, end_id, max_latent_steps, temperature=0.0, top_p=1.0):
+        self.embedding = common.unwrap(model).get_input_embeddings()
+        self.latent, self.end_id, self.max_latent_steps = latent, end_id, max_latent_steps
+        self.temperature, self.top_p = temperature, top_p
+        self.records, self.thinking = [], None
+
+    def __call__(self, t, logits, hidden, done):
+        if t == 0:
+            self.records, self.thinking = [], torch.ones_like(done)
+        # .weight read at each step: under FSDP2 it is the gathered table only during the rollout
+        vec, ids, record = self.latent(logits, self.embedding.weight)
+        ends = self.thinking & (ids == self.end_id)
+        forced = self.thinking & ~ends & (t >= self.max_latent_steps)
+        latent = self.thinking & ~ends & ~forced
+        tokens = torch.where(latent | ends, ids, common.sample_token(logits, self.temperature, 0, self.top_p))
+        tokens = tokens.masked_fill(forced, self.end_id)
+        kinds = torch.full_like(tokens, common.TOKEN, dtype=torch.int8)
+        kinds = kinds.masked_fill(latent, common.LATENT_STEP).masked_fill(forced, common.FORCED)
+        self.records.append({k: v * latent.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in record.items()})
+        self.thinking = latent
+        return tokens, vec, kinds
+
+    def extras(self):
+        if not self.records or not self.records[0]:
+            return {}
+        return {k: torch.stack([r[k] for r in self.records], 1) for k in self.records[0]}
+
+
+def think_prompts(tokenizer, cfg, questions):
+    """The prompts as the checkpoint was trained with (latent_config.json), ending with <think>."""
+    start = common.require_tokens(tokenizer, [START_THINK, END_THINK], "a latent (mixture) model")[0]
+    chat = cfg.get("prompt_format") == "chat"
+    return [common.encode_prompt(tokenizer, q, chat, cfg.get("system_prompt", "")) + [start] for q in questions]
+
+
+def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
+    """How this file's checkpoints reason in its evaluations ("mixture" mode, as eval.py runs them
+    through latent_sft.py): (prompts(questions) -> token ids, the rollout step). Deterministic
+    latents at temperature 0; at temperature > 0 Gumbel noise of scale cfg["noise_scale"] (1.0)."""
+    end = common.require_tokens(tokenizer, [START_THINK, END_THINK], "a latent (mixture) model")[1]
+    noise = cfg.get("noise_scale", 1.0) if temperature > 0 else 0.0
+    step = ThinkStep(model, mixture_latent(cfg.get("top_k", 10), noise), end, cfg.get("max_latent_steps", 10 ** 9),
+                     temperature, top_p)
+    return functools.partial(think_prompts, tokenizer, cfg), step
 
 
 def gumbel_logdensity(r):
@@ -168,6 +250,34 @@ def position_logprobs(model, r, rows, T, density="code"):
     return torch.where(r.kinds[rows] == common.LATENT_STEP, lat_lp, tok_lp)
 
 
+LOSS_TYPES = {"dapo": "dapo", "grpo": "grpo", "dr_grpo": "dr_grpo", "token-mean": "dapo", "seq-mean-token-mean": "grpo"}
+SCALE_REWARDS = {"group": "group", "batch": "batch", "none": "none", "true": "group", "false": "none"}
+
+
+def group_advantages(rewards, G, scale="group", batch_rewards=None, eps=1e-6):
+    """GRPO's advantages (TRL's scale_rewards): R minus its group's mean, divided by the group's std
+    ("group"), by the std of the whole batch's rewards ("batch"; `batch_rewards`: every rank's),
+    or by nothing ("none")."""
+    groups = rewards.view(-1, G)
+    centred = groups - groups.mean(1, keepdim=True)
+    if scale == "none":
+        return centred.flatten()
+    std = groups.std(1, keepdim=True) if scale == "group" else batch_rewards.std()
+    return (centred / (std + eps)).flatten()
+
+
+def aggregate_loss(per_tok, loss_mask, loss_type, n_tokens, n_rows, max_len):
+    """A micro-batch's share of its mini-batch's loss (TRL's loss types): "dapo" sums the masked
+    per-token losses over n_tokens (the mini-batch's scored tokens), "grpo" sums each rollout's
+    token mean over n_rows (the mini-batch's rollouts), "dr_grpo" sums the masked per-token losses
+    over n_rows x max_len (max_completion_length). Per rank; gradients are averaged over ranks."""
+    if loss_type == "grpo":
+        return ((per_tok * loss_mask).sum(1) / loss_mask.sum(1).clamp(min=1)).sum() / n_rows
+    if loss_type == "dr_grpo":
+        return (per_tok * loss_mask).sum() / (n_rows * max_len)
+    return (per_tok * loss_mask).sum() / n_tokens
+
+
 def main(args):
     if args.num_generations < 2:
         common.die(f"--num_generations must be at least 2: GRPO compares rollouts within a group (got {args.num_generations})")
@@ -175,8 +285,11 @@ def main(args):
         common.die(f"--temperature must be positive (got {args.temperature})")
     if args.latent_density not in ("code", "paper"):
         common.die(f"--latent_density must be code or paper (got {args.latent_density!r})")
-    d = common.setup_distributed()
-    common.seed_everything(args.seed, d.rank)
+    if args.loss_type not in LOSS_TYPES or args.scale_rewards.lower() not in SCALE_REWARDS:
+        common.die(f"--loss_type must be one of {', '.join(LOSS_TYPES)} and --scale_rewards one of {', '.join(SCALE_REWARDS)} "
+                   f"(got {args.loss_type!r}, {args.scale_rewards!r})")
+    loss_type, scale_rewards = LOSS_TYPES[args.loss_type], SCALE_REWARDS[args.scale_rewards.lower()]
+    d = common.setup_distributed(args.seed)
     if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of --mini_batch_size "
                    f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
@@ -191,10 +304,10 @@ def main(args):
             print(f"warning: {args.model_name_or_path} never saw latent SFT (this file's toy runs start from "
                   f"latent_sft.py): its think span is capped at {cap} latent steps (--max_latent_steps), then "
                   "</think> is forced", file=sys.stderr)
-        common.add_special_tokens(model, tokenizer, [common.START_THINK, common.END_THINK], init_from=None)
+        common.add_special_tokens(model, tokenizer, [START_THINK, END_THINK], init_from=None)
         start_cfg.update(mode="mixture", top_k=10)
     cfg = {**start_cfg, **prompting, "max_latent_steps": cap}
-    end_think = common.require_tokens(tokenizer, [common.START_THINK, common.END_THINK], "Soft-GRPO")[1]
+    end_think = common.require_tokens(tokenizer, [START_THINK, END_THINK], "Soft-GRPO")[1]
     bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
     ref = None
     if args.beta > 0:  # frozen: kept in bf16 when computing in bf16
@@ -205,10 +318,12 @@ def main(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     logger = common.Logger(args.output_dir, args, d, args.track)
     G, per_rank = args.num_generations, args.train_batch_size // d.world
+    eps_low, eps_high = args.epsilon, args.epsilon if args.epsilon_high is None else args.epsilon_high
     rng = random.Random(args.seed + 1000 * d.rank)
 
     def run_eval(step):
-        res = evaluate(model, tokenizer, test, cfg, max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+        res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                              max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
         logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
         return res
 
@@ -218,17 +333,17 @@ def main(args):
         batch = [train[i] for i in rng.sample(range(len(train)), per_rank)]
         model.eval()
         with common.timer(times, "rollout_s"):
-            step_fn = common.ThinkStep(model, soft_gumbel_latent(args.temperature, args.top_k, args.top_p, args.tau_g),
-                                       end_think, cfg["max_latent_steps"], args.temperature, 0, args.top_p)
-            prompts = common.reasoning_prompts(tokenizer, [ex["question"] for ex in batch], cfg)
-            r = common.rollout(model, prompts, step_fn, args.max_completion_length, stop, tokenizer.pad_token_id,
-                               num_generations=G)
+            step_fn = ThinkStep(model, soft_gumbel_latent(args.temperature, args.top_k, args.top_p, args.tau_g),
+                                end_think, cfg["max_latent_steps"], args.temperature, args.top_p)
+            r = common.rollout(model, think_prompts(tokenizer, cfg, [ex["question"] for ex in batch]), step_fn,
+                               args.max_completion_length, stop, tokenizer.pad_token_id, num_generations=G)
             r.extras.update(step_fn.extras())
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         rewards = torch.tensor([float(common.is_correct(t, batch[i // G]["answer"])) for i, t in enumerate(texts)], device=d.device)
         groups = rewards.view(-1, G)
-        adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-6)).flatten()
-        scored = (((r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP)) & r.mask.bool()).float()
+        adv = group_advantages(rewards, G, scale_rewards, common.all_gather(rewards, d) if scale_rewards == "batch" else None)
+        # the positions the loss scores: latents and sampled tokens (not a forced </think>, not padding)
+        loss_mask = (((r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP)) & r.mask.bool()).float()
         N, micro = len(r.tokens), args.micro_batch_size
         with common.timer(times, "update_s"):
             with torch.no_grad():
@@ -240,22 +355,22 @@ def main(args):
             rows_per_mini = args.mini_batch_size // d.world * G
             for m0 in range(0, N, rows_per_mini):
                 mini = range(m0, min(N, m0 + rows_per_mini))
-                n_tok = common.all_mean(scored[mini].sum().item(), d) or 1.0
+                n_tok = common.all_mean(loss_mask[mini].sum().item(), d) or 1.0
                 for i in range(mini.start, mini.stop, micro):
                     rows = slice(i, min(i + micro, mini.stop))
                     logp = position_logprobs(model, r, rows, args.temperature, args.latent_density)
                     ratio = torch.exp(logp - old_logp[rows])
                     a = adv[rows, None]
-                    per_tok = torch.max(-a * ratio, -a * ratio.clamp(1 - args.epsilon, 1 + args.epsilon))
+                    per_tok = torch.max(-a * ratio, -a * ratio.clamp(1 - eps_low, 1 + eps_high))
                     if ref_logp is not None:
                         d_ref = ref_logp[rows] - logp
                         kl = torch.exp(d_ref) - d_ref - 1
                         per_tok = per_tok + args.beta * kl
-                        stats["kl"] += ((kl * scored[rows]).sum() / n_tok).item()
-                    loss = (per_tok * scored[rows]).sum() / n_tok
+                        stats["kl"] += ((kl * loss_mask[rows]).sum() / n_tok).item()
+                    loss = aggregate_loss(per_tok, loss_mask[rows], loss_type, n_tok, len(mini), args.max_completion_length)
                     loss.backward()
                     stats["loss"] += loss.item()
-                    stats["clip_frac"] += (((ratio - 1).abs() > args.epsilon).float() * scored[rows]).sum().item() / n_tok
+                    stats["clip_frac"] += (((ratio - 1).abs() > args.epsilon).float() * loss_mask[rows]).sum().item() / n_tok
                 stats["grad_norm"] += common.clip_grad_norm(model, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -263,21 +378,20 @@ def main(args):
         is_lat = ((r.kinds == common.LATENT_STEP) & r.mask.bool()).float()
         row = {"reward": rewards.mean().item(), "frac_zero_std": (groups.std(1) == 0).float().mean().item(),
                "valid_frac": r.finished.float().mean().item(), "completion_length": r.mask.sum(1).float().mean().item(),
-               "n_latents": is_lat.sum(1).mean().item(), "latent_frac": (is_lat.sum() / scored.sum().clamp(min=1)).item(),
+               "n_latents": is_lat.sum(1).mean().item(), "latent_frac": (is_lat.sum() / loss_mask.sum().clamp(min=1)).item(),
                "loss": stats["loss"] / stats["n"], "clip_frac": stats["clip_frac"] / stats["n"],
                "grad_norm": stats["grad_norm"] / stats["n"], **times}
         if ref is not None:
             row["kl"] = stats["kl"] / stats["n"]
         logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)
+        if args.log_completions:
+            common.write_completions(args.output_dir, step, [{"question": ex["question"], "completion": texts[j * G],
+                                                              "reward": rewards[j * G].item()} for j, ex in enumerate(batch)], d)
         if step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
     final = run_eval(args.max_steps)
     cfg.update(method="soft_grpo", base_model=args.model_name_or_path)
-    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, d=d, save_dtype=args.save_dtype)
-    if d.main:
-        common.plot_metrics(args.output_dir, ["reward", "eval_acc", "eval_mean_L", "completion_length", "kl"])
-        print(f"pass@1 {start['pass@1']:.3f} -> {final['pass@1']:.3f}   #L {start['mean_L']:.1f} -> {final['mean_L']:.1f}"
-              f"   saved {args.output_dir}")
+    common.finish(model, tokenizer, cfg, args, d, final, start, plot_keys=["reward", "eval_acc", "eval_mean_L", "completion_length", "kl"])
     return model
 
 
