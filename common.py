@@ -13,7 +13,6 @@ checkpoints. The toy task and the tiny model live in toy.py.
 import contextlib
 import json
 import os
-import random
 import re
 import select
 import shutil
@@ -753,11 +752,6 @@ def prompt_settings(args, cfg, data):
     return {"prompt_format": "chat" if chat else "plain", "system_prompt": system}
 
 
-def cot_target(example):
-    """The language-space reasoning and answer that SFT learns: steps, then "### answer"."""
-    return "".join(s + "\n" for s in example["steps"]) + f"{ANSWER_MARKER} {example['answer']}"
-
-
 def answer_end_id(tokenizer, prompting, stop):
     """The id that ends every SFT target: with chat prompts, the token the chat template closes an
     assistant turn with (<|im_end|>, <|eot_id|>: what an instruct model ends its answers with, not
@@ -1139,192 +1133,8 @@ def load_extra_module(checkpoint, name, module):
     return module
 
 
-def require_latent_config(path, what="this script"):
-    """A checkpoint made by this project (one with latent_config.json), or a one-line error."""
-    cfg = Path(path) / LATENT_CONFIG
-    if not cfg.is_file():
-        die(f"{path!r} is not a latent-rl checkpoint (no {LATENT_CONFIG}); {what} needs one")
-    return json.loads(cfg.read_text())
-
-
 @contextlib.contextmanager
 def timer(store, key):
     t0 = time.perf_counter()
     yield
     store[key] = store.get(key, 0.0) + time.perf_counter() - t0
-
-
-# ----------------------------------------------------------------------------------------------
-# LEGACY (issue 12): method code on its way into the method files; deleted once no file uses it
-
-import toy  # noqa: E402
-TOY_COT, TOY_COCONUT, TOY_LATENT_SFT = toy.COT, toy.COCONUT, toy.LATENT_SFT
-toy_dataset, toy_tokenizer, toy_model, toy_problem, TOY_CHARS = toy.dataset, toy.tokenizer, toy.model, toy.problem, toy.CHARS
-START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
-START_THINK, END_THINK = "<think>", "</think>"
-
-
-def seed_everything(seed, rank=0):
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
-
-
-def _rollout_select(self, rows):
-    """The rollout of rows `rows` only (an index tensor or list)."""
-    rows = torch.as_tensor(rows, dtype=torch.long, device=self.tokens.device)
-    pick = lambda v: v[rows] if torch.is_tensor(v) else v  # noqa: E731
-    return Rollout(**{k: pick(v) for k, v in vars(self).items() if k != "extras"},
-                   extras={k: v[rows] for k, v in self.extras.items()})
-
-
-Rollout.select = _rollout_select
-
-
-def topk_mixture(scores, embedding_weight, k, tau=1.0):
-    """The soft-thinking latent token: top-k of `scores` (logits, log-probs, or log-probs plus the
-    method's own noise), weights softmax(top-k / tau), vector sum_j w_j E[id_j].
-    Returns (vectors (N, d), ids (N, k), weights (N, k))."""
-    top, ids = scores.float().topk(k, dim=-1)
-    weights = (top / tau).softmax(-1)
-    vectors = torch.einsum("nk,nkd->nd", weights.to(embedding_weight.dtype), embedding_weight[ids])
-    return vectors, ids, weights
-
-
-
-def concat_rollouts(rs, pad_id):
-    """One Rollout from several (e.g. the rounds of dynamic sampling): prompts re-padded on the
-    left, completions and per-position extras on the right."""
-    def pad(x, width, value=0, left=False):
-        extra = x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), value)
-        return torch.cat([extra, x] if left else [x, extra], 1)
-    P, T = max(r.prompt_ids.shape[1] for r in rs), max(r.tokens.shape[1] for r in rs)
-    d = next((r.latents.shape[-1] for r in rs if r.latents is not None), None)
-    latents = None
-    if d is not None:
-        latents = torch.cat([pad(r.latents if r.latents is not None else r.tokens.new_zeros(r.tokens.shape + (d,), dtype=torch.float),
-                                 T) for r in rs])
-    return Rollout(
-        prompt_ids=torch.cat([pad(r.prompt_ids, P, pad_id, left=True) for r in rs]),
-        prompt_mask=torch.cat([pad(r.prompt_mask, P, 0, left=True) for r in rs]),
-        tokens=torch.cat([pad(r.tokens, T, pad_id) for r in rs]),
-        kinds=torch.cat([pad(r.kinds, T, TOKEN) for r in rs]),
-        mask=torch.cat([pad(r.mask, T) for r in rs]),
-        lengths=torch.cat([r.lengths for r in rs]), finished=torch.cat([r.finished for r in rs]),
-        latents=latents, logprobs=torch.cat([pad(r.logprobs, T) for r in rs]),
-        extras={k: torch.cat([pad(r.extras[k], T) for r in rs]) for k in rs[0].extras})
-
-
-
-def coconut_step(n_latents, latent_id, end_id, temperature=0.0, top_k=0, top_p=1.0):
-    """A step_fn for Coconut models whose prompt ends with <|start-latent|>: `n_latents` steps feed
-    the last hidden state back (recorded as <|latent|>), then <|end-latent|> is forced, then tokens
-    are sampled."""
-    def step(t, logits, hidden, done):
-        def full(value, dtype=torch.long):
-            return torch.full(done.shape, value, dtype=dtype, device=done.device)
-        if t < n_latents:
-            return full(latent_id), hidden, full(LATENT_STEP, torch.int8)
-        if t == n_latents:
-            return full(end_id), None, full(FORCED, torch.int8)
-        return sample_token(logits, temperature, top_k, top_p), None, full(TOKEN, torch.int8)
-    return step
-
-
-class ThinkStep:
-    """A step_fn for vocabulary-superposition models whose prompt ends with <think>.
-
-    While a row thinks, `latent_fn(logits, E)` (E: the input-embedding table) returns
-    (vectors (N, d), recorded ids (N,), record {name: (N, ...)}): the row is fed its vector, and
-    `record` is kept for the loss (`extras()` stacks it over steps; zeros where a row did not
-    think). A row stops thinking when its recorded id is </think> (fed as an ordinary, scored
-    token) or after `max_latent_steps` latents (</think> forced, not scored). Then its tokens are
-    sampled (greedy at temperature 0). Each method brings its own latent_fn (its noise, its top-k).
-    """
-
-    def __init__(self, model, latent_fn, end_id, max_latent_steps, temperature=0.0, top_k=0, top_p=1.0):
-        self.embedding = unwrap(model).get_input_embeddings()
-        self.latent_fn, self.end_id, self.max_latent_steps = latent_fn, end_id, max_latent_steps
-        self.sampling = (temperature, top_k, top_p)
-        self.records, self.thinking = [], None
-
-    def __call__(self, t, logits, hidden, done):
-        if t == 0:
-            self.records, self.thinking = [], torch.ones_like(done)
-        # .weight read at each step: under FSDP2 it is the gathered table only during the rollout
-        vec, ids, rec = self.latent_fn(logits, self.embedding.weight)
-        ends = self.thinking & (ids == self.end_id)
-        forced = self.thinking & ~ends & (t >= self.max_latent_steps)
-        latent = self.thinking & ~ends & ~forced
-        tokens = torch.where(latent | ends, ids, sample_token(logits, *self.sampling))
-        tokens = tokens.masked_fill(forced, self.end_id)
-        kinds = torch.full_like(tokens, TOKEN, dtype=torch.int8)
-        kinds = kinds.masked_fill(latent, LATENT_STEP).masked_fill(forced, FORCED)
-        self.records.append({k: v * latent.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in rec.items()})
-        self.thinking = latent
-        return tokens, vec, kinds
-
-    def extras(self):
-        if not self.records or not self.records[0]:
-            return {}
-        return {k: torch.stack([r[k] for r in self.records], 1) for k in self.records[0]}
-
-
-def mixture_latent(k=10, noise_scale=0.0):
-    """The plain vocabulary-superposition latent (Latent-SFT inference, soft thinking): top-k of
-    log_softmax(z), weights softmax over those k, vector sum_j w_j E[id_j], recorded id = top-1.
-    `noise_scale` > 0 adds noise_scale * Gumbel (clamped to [-1.5, 3]) first: the Gumbel sampling
-    used for pass@k of latent models (seed 001 section 4.4; Wu et al. 2025)."""
-    def latent(logits, E):
-        scores = logits.float().log_softmax(-1)
-        if noise_scale > 0:
-            scores = scores + noise_scale * gumbel_like(scores).clamp(-1.5, 3.0)
-        vec, ids, w = topk_mixture(scores, E, k)
-        return vec, ids[:, 0], {}
-    return latent
-
-
-def gumbel_like(x):
-    """Standard Gumbel noise -log(-log U)."""
-    u = torch.rand_like(x).clamp_(1e-10, 1 - 1e-10)
-    return -torch.log(-torch.log(u))
-
-
-
-
-def reasoning_prompts(tokenizer, questions, cfg):
-    """Token ids of each prompt: the formatted question, plus <|start-latent|> for Coconut models."""
-    chat = cfg.get("prompt_format") == "chat"
-    prompts = [encode_prompt(tokenizer, q, chat, cfg.get("system_prompt", "")) for q in questions]
-    if cfg["mode"] == "coconut":
-        start = require_tokens(tokenizer, [START_LATENT], "a Coconut model")[0]
-        prompts = [p + [start] for p in prompts]
-    if cfg["mode"] == "mixture":
-        start = require_tokens(tokenizer, [START_THINK, END_THINK], "a latent (mixture) model")[0]
-        prompts = [p + [start] for p in prompts]
-    if cfg["mode"] == "atp":  # --- ATP-Latent (atp_latent.py): Coconut's markers ---
-        start = require_tokens(tokenizer, [START_LATENT], "an ATP-Latent model")[0]
-        prompts = [p + [start] for p in prompts]
-    return prompts
-
-
-def reasoning_step(cfg, tokenizer, temperature=0.0, top_k=0, top_p=1.0, model=None, noise_scale=0.0):
-    """The rollout step_fn for a checkpoint's mode: "cot", "coconut", "mixture" (top-k vocabulary
-    superposition until </think>; `noise_scale` > 0 samples the latents with Gumbel noise) or
-    "hybrid" (HRPO's gated input). The last two need `model` for its embedding table."""
-    if cfg["mode"] == "mixture":
-        end = require_tokens(tokenizer, [START_THINK, END_THINK], "a latent (mixture) model")[1]
-        return ThinkStep(model, mixture_latent(cfg.get("top_k", 10), noise_scale), end,
-                         cfg.get("max_latent_steps", 10 ** 9), temperature, top_k, top_p)
-    if cfg["mode"] == "hybrid":  # HRPO: the gate and h~ live in hrpo.py; the step needs the model's embeddings
-        import hrpo
-        return hrpo.hybrid_step(model, tokenizer, cfg, temperature, top_k, top_p)
-    if cfg["mode"] == "atp":  # --- ATP-Latent (atp_latent.py): mean latent and stop head at temperature 0 ---
-        import atp_latent
-        return atp_latent.ATPStep(model, cfg, tokenizer, temperature, top_k, top_p)
-    if cfg["mode"] == "cot":
-        return sampling_step(temperature, top_k, top_p)
-    if cfg["mode"] == "coconut":
-        _, end, latent = require_tokens(tokenizer, [START_LATENT, END_LATENT, LATENT], "a Coconut model")
-        return coconut_step(cfg["n_latents"], latent, end, temperature, top_k, top_p)
-    die(f"unknown reasoning mode {cfg['mode']!r} in {LATENT_CONFIG}")

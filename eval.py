@@ -60,14 +60,6 @@ def method_file(cfg):
         common.die(f"mode {mode!r} needs {MODE_FILES[mode]}.py beside eval.py ({e})")
 
 
-def evaluate(model, tokenizer, data, cfg, num_samples=1, temperature=0.7, top_p=1.0, batch_size=64,
-             max_new_tokens=128, disable_progress=False, d=None, noise_scale=1.0):
-    """LEGACY (issue 12): the old signature, until every training script calls common.evaluate."""
-    reasoning = functools.partial(method_file(cfg).reasoning, model, tokenizer, dict(cfg, noise_scale=noise_scale))
-    return common.evaluate(model, tokenizer, data, reasoning, num_samples, temperature, top_p, batch_size,
-                           max_new_tokens, d, disable_progress)
-
-
 @torch.no_grad()
 def main(args):
     set_seed(args.seed)

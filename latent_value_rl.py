@@ -43,8 +43,10 @@ Commands:
     torchrun --nproc_per_node 8 latent_value_rl.py --model runs/qwen-coconut --dataset openai/gsm8k ...
 """
 import functools
+import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -235,7 +237,11 @@ def main(args):
         common.die(f"--pretrain_questions must be at least {max(2, d.world)} (the head trains on some rollouts "
                    f"and is checked on others; got {args.pretrain_questions})")
     # a Coconut checkpoint with latents, checked before the weights are loaded
-    cfg = common.require_latent_config(args.model_name_or_path, "latent_value_rl.py (a Coconut model: make one with coconut_sft.py)")
+    config_file = Path(args.model_name_or_path) / common.LATENT_CONFIG
+    if not config_file.is_file():
+        common.die(f"{args.model_name_or_path!r} is not a latent-rl checkpoint (no {common.LATENT_CONFIG}); "
+                   "latent_value_rl.py needs a Coconut model: make one with coconut_sft.py")
+    cfg = json.loads(config_file.read_text())
     if cfg.get("mode") == "cot" or (cfg.get("mode") == "coconut" and cfg.get("n_latents", 0) < 1):
         common.die(f"{args.model_name_or_path!r} reasons in mode {cfg['mode']!r} without latents; latent_value_rl.py "
                    "needs a Coconut model with latents (make one with coconut_sft.py)")

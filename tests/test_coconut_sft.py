@@ -343,9 +343,8 @@ def test_eval_on_a_folder_that_is_no_checkpoint_is_one_line():
     one_line_error(p, "not a model checkpoint")
 
 
-def test_require_latent_config(tmp_path):
-    with pytest.raises(SystemExit, match="not a latent-rl checkpoint"):
-        common.require_latent_config(tmp_path)
+def test_latent_value_rl_needs_a_latent_rl_checkpoint(tmp_path):
+    assert "not a latent-rl checkpoint" in main_error("latent_value_rl", "--model", tmp_path, "--output_dir", tmp_path / "x")
 
 
 @pytest.mark.slow

