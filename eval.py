@@ -47,7 +47,7 @@ class Args:
 
 # The file that defines how each mode reasons (its prompts and its rollout step); eval.py asks it.
 MODE_FILES = {"cot": "coconut_sft", "coconut": "coconut_sft", "mixture": "latent_sft", "hybrid": "hrpo",
-              "atp": "atp_latent"}
+              "atp": "atp_sft"}
 
 
 def method_file(cfg):

