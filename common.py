@@ -147,7 +147,7 @@ def check_start(cfg, accepts, script):
     mode = (cfg or {}).get("mode")
     if mode not in accepts:
         fits = {"coconut": "grpo_latent.py or latent_value_rl.py", "mixture": "latent_grpo.py or soft_grpo.py",
-                "hybrid": "hrpo.py", "atp": "atp_latent.py", "cot": "any RL script"}.get(mode, "eval.py")
+                "hybrid": "hrpo.py", "atp": "atp_rl.py", "cot": "any RL script"}.get(mode, "eval.py")
         die(f"{script} does not train {mode!r} checkpoints (made by {(cfg or {}).get('method', '?')}); "
             f"use {fits}")
 

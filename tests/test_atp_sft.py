@@ -263,3 +263,15 @@ def test_two_process_atp_sft(tmp_path):
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
     rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "ce" in r]
     assert rows and all(r["ce"] == r["ce"] for r in rows)
+
+
+def test_answers_end_the_turn_with_the_chat_template(smol_tiny):
+    """ATP-Latent's SFT answers end with <|im_end|> under the chat template (moved from test_real_coconut.py)."""
+    model, tok, _ = common.load_model(str(smol_tiny), torch.device("cpu"), torch.float32)
+    special = common.add_special_tokens(model, tok, [atp_sft.START_LATENT, atp_sft.END_LATENT, atp_sft.LATENT], init_from="<<")
+    stop, im_end = common.stop_ids(model, tok), tok.convert_tokens_to_ids("<|im_end|>")
+    chat = {"prompt_format": "chat", "system_prompt": "Be brief."}
+    ex = {"question": "Q?", "steps": ["<<2*3=6>>"], "answer": "6"}
+    args = dataclasses.replace(atp_sft.Args(), max_latent_stage=3, c_thought=2)
+    example = atp_sft.build_example(tok, ex, 1, args, special, chat, common.answer_end_id(tok, chat, stop))
+    assert example.labels[-1] == im_end and example.tail[-1] == im_end

@@ -500,25 +500,6 @@ def test_sft_targets_use_the_chat_prompt_and_end_the_turn(smol_tiny):
     assert prompts(["Q?"]) == [prompt]
 
 
-def test_latent_sft_and_atp_sft_answers_end_the_turn_too(smol_tiny):
-    """Latent-SFT's and ATP-Latent's SFT answers end as coconut_sft.py's do (moved here from
-    test_real_coconut.py with the rest of it; it belongs in test_latent_sft.py / test_atp_latent.py)."""
-    model, tok, _ = common.load_model(str(smol_tiny), torch.device("cpu"), torch.float32)
-    special = common.add_special_tokens(model, tok, [START_LATENT, END_LATENT, LATENT], init_from="<<")
-    stop, im_end = common.stop_ids(model, tok), tok.convert_tokens_to_ids("<|im_end|>")
-    chat = {"prompt_format": "chat", "system_prompt": "Be brief."}
-    ex = {"question": "Q?", "steps": ["<<2*3=6>>"], "answer": "6"}
-    import latent_sft
-    largs = dataclasses.replace(latent_sft.Args())
-    think = common.add_special_tokens(model, tok, ["<think>", "</think>"], init_from=None)
-    _, _, answer = latent_sft.split_example(tok, ex, largs, think, chat, common.answer_end_id(tok, chat, stop))
-    assert answer[-1] == im_end
-    import atp_latent
-    aargs = dataclasses.replace(atp_latent.Args(), max_latent_stage=3, c_thought=2)
-    (_, _, _, alabels), _ = atp_latent.build_example(tok, ex, 1, aargs, special, chat, im_end)
-    assert alabels[-1] == im_end
-
-
 def test_starts_and_defaults_fail_in_one_line(smol_tiny, tmp_path):
     x = ["--output_dir", tmp_path / "x"]
     assert "--dataset is required" in main_error("coconut_sft", "--model", smol_tiny, *x)

@@ -358,3 +358,15 @@ def test_every_option_has_a_help_string():
     import dataclasses
     missing = [f.name for f in dataclasses.fields(latent_sft.Args) if not f.metadata.get("help")]
     assert not missing, missing
+
+
+def test_answers_end_the_turn_with_the_chat_template(smol_tiny):
+    """Latent-SFT's answers end as the chat template ends an assistant turn (<|im_end|>), not with the
+    tokenizer's eos (moved from test_real_coconut.py)."""
+    model, tok, _ = common.load_model(str(smol_tiny), torch.device("cpu"), torch.float32)
+    stop, im_end = common.stop_ids(model, tok), tok.convert_tokens_to_ids("<|im_end|>")
+    chat = {"prompt_format": "chat", "system_prompt": "Be brief."}
+    ex = {"question": "Q?", "steps": ["<<2*3=6>>"], "answer": "6"}
+    think = common.add_special_tokens(model, tok, ["<think>", "</think>"], init_from=None)
+    _, _, answer = latent_sft.split_example(tok, ex, latent_sft.Args(), think, chat, common.answer_end_id(tok, chat, stop))
+    assert answer[-1] == im_end
