@@ -310,9 +310,11 @@ def load_train_eval(args, cfg=None):
     The toy task is the default only for the toy model and checkpoints trained on it; a single
     local file without --eval_dataset gives up a tenth of its rows (by a hash of the question) for
     evaluation, never its own training rows. Records the dataset in `cfg` (latent_config.json)."""
+    import toy
     name, start = args.dataset, (cfg or {}).get("dataset", "")
     if not name:
-        if args.model_name_or_path != "toy" and not start.startswith("toy"):
+        toy_model = args.model_name_or_path in ("toy", toy.COT, toy.COCONUT, toy.LATENT_SFT)  # (or its fallback)
+        if not toy_model and not start.startswith("toy"):
             die(f"--dataset is required with {args.model_name_or_path!r} (the toy task is the default only for "
                 "the toy model): e.g. --dataset openai/gsm8k or a local .jsonl")
         name = start or "toy"

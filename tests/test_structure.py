@@ -86,7 +86,7 @@ COPY_RUNS = {
                     "--micro_batch_size", "4", *ONE_STEP],
     "grpo_latent": RL_STEP,
     "latent_value_rl": ["--model", ROOT / "checkpoints" / "toy-coconut", "--max_steps", "1", "--pretrain_questions", "4",
-                        "--pretrain_epochs", "1", "--train_batch_size", "2", "--num_generations", "2", *ONE_STEP],
+                        "--pretrain_epochs", "1", "--train_batch_size", "2", *ONE_STEP],
     "latent_sft": ["--stage1_steps", "1", "--stage2_steps", "1", "--train_batch_size", "4", "--micro_batch_size", "4", *ONE_STEP],
     "soft_grpo": RL_STEP,
     "latent_grpo": RL_STEP,
