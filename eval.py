@@ -8,6 +8,11 @@ language CoT.
     python eval.py --model runs/coconut_sft --num_samples 8   # + pass@8 at temperature 0.7
     python eval.py --model runs/cot --dataset openai/gsm8k --max_samples 0   # all 1319
 
+How a checkpoint reasons is defined by the method file that made its mode (MODE_FILES below):
+eval.py imports that file and calls its `reasoning(model, tokenizer, cfg, temperature, top_p)`,
+which returns the prompts and the rollout step; common.evaluate runs them. A file may also give
+`load_extras` (modules saved beside the weights) and `show_latents` (--show_latents).
+
 #L counts latent slots plus the sampled tokens before the answer marker (as seeds 000 and 001
 count reasoning length); "answer length" counts every sampled token.
 """

@@ -5,7 +5,9 @@ How many pens does Tom have?", steps `<<3*4=12>>`, `<<12+2=14>>`, answer 14), an
 model of ../shared/FINDINGS.md with a character tokenizer, which learns it in about 10 CPU
 minutes. `common.load_data("toy")` and `common.load_model("toy")` come here; every script's
 no-argument run uses them, starting from the trained toy checkpoints committed under
-checkpoints/ (remade by scripts/make_toy_checkpoints.sh).
+checkpoints/ (remade by scripts/make_toy_checkpoints.sh). Without checkpoints/ (a method file
+copied out with common.py and this file), common.load_model starts from the untrained toy model
+instead, with a warning. This file imports nothing of the project.
 """
 import random
 from pathlib import Path
