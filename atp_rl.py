@@ -64,7 +64,6 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Optional
 
@@ -304,12 +303,6 @@ def decode_latent_pairs(decoder, tokenizer, latents, c, max_tokens=24):
 STEP = re.compile(r"<<([^=<>]*)=([^<>]*)>>")
 
 
-def as_number(text):
-    """A plain number ("1,234", "-5", "2.50", "$18", "12.") as an exact Decimal, else None."""
-    s = str(text).replace("\\$", "").replace("$", "").strip().rstrip(".")
-    return Decimal(s.replace(",", "")) if common.NUMBER.fullmatch(s) else None
-
-
 def parse_step(text):
     """ "<<3*4=12>>" -> ([3, 4], 12) (exact Decimals); None if the text is not a step with a numeric result."""
     m = STEP.search(text)
@@ -318,7 +311,7 @@ def parse_step(text):
     result = common.NUMBER.search(m.group(2))
     if not result:
         return None
-    return [as_number(x) for x in common.NUMBER.findall(m.group(1))], as_number(result.group(0))
+    return [common.as_number(x) for x in common.NUMBER.findall(m.group(1))], common.as_number(result.group(0))
 
 
 def coherence_score(steps, answer):
@@ -328,7 +321,7 @@ def coherence_score(steps, answer):
     if not steps:
         return 1.0
     parsed = [parse_step(s) for s in steps]
-    final = as_number(answer) if answer is not None else None
+    final = common.as_number(answer) if answer is not None else None
     used = 0
     for i, p in enumerate(parsed[:-1]):
         used += p is not None and any(p[1] == x for q in parsed[i + 1:] if q for x in q[0])

@@ -226,7 +226,7 @@ ANSWER_FIELDS = ("answer", "target", "Answer", "final_answer", "label")
 def _strip_number(s):
     """ "1,000" -> "1000", "145.0" -> "145", "2.50" stays (its precision is part of the answer);
     anything that is not a plain number stays as it is. Exact: no float in between."""
-    x = _as_number(s)
+    x = as_number(s)
     if x is None:
         return str(s).strip()
     if abs(x.adjusted()) >= 100:
@@ -374,7 +374,7 @@ def extract_answer(text):
     return nums[-1].replace(",", "") if nums else None
 
 
-def _as_number(s):
+def as_number(s):
     """A plain number ("-1,234.50", "$18", "\\$18.", "1e5") as an exact Decimal, else None."""
     s = str(s).replace("\\$", "").replace("$", "").strip().rstrip(".")
     return Decimal(s.replace(",", "")) if NUMBER.fullmatch(s) else None
@@ -451,7 +451,7 @@ def is_correct(completion, gold):
         pred = extract_answer(completion)
         if pred is None or gold is None:
             return False
-        g, p = _as_number(gold), _as_number(pred)
+        g, p = as_number(gold), as_number(pred)
         if g is not None and (p is not None or not re.search(r"\d", pred)):  # no digit: never a number
             return p is not None and _same_number(g, p)
         if len(pred) > 500:  # long garbage is not worth a symbolic parse

@@ -43,10 +43,8 @@ Commands:
     torchrun --nproc_per_node 8 latent_value_rl.py --model runs/qwen-coconut --dataset openai/gsm8k ...
 """
 import functools
-import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -236,17 +234,14 @@ def main(args):
     if args.pretrain_questions < max(2, d.world):
         common.die(f"--pretrain_questions must be at least {max(2, d.world)} (the head trains on some rollouts "
                    f"and is checked on others; got {args.pretrain_questions})")
-    # a Coconut checkpoint with latents, checked before the weights are loaded
-    config_file = Path(args.model_name_or_path) / common.LATENT_CONFIG
-    if not config_file.is_file():
+    model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
+    if cfg is None:
         common.die(f"{args.model_name_or_path!r} is not a latent-rl checkpoint (no {common.LATENT_CONFIG}); "
                    "latent_value_rl.py needs a Coconut model: make one with coconut_sft.py")
-    cfg = json.loads(config_file.read_text())
     if cfg.get("mode") == "cot" or (cfg.get("mode") == "coconut" and cfg.get("n_latents", 0) < 1):
         common.die(f"{args.model_name_or_path!r} reasons in mode {cfg['mode']!r} without latents; latent_value_rl.py "
                    "needs a Coconut model with latents (make one with coconut_sft.py)")
     common.check_start(cfg, ("coconut",), "latent_value_rl.py")
-    model, tokenizer, _ = common.load_model(args.model_name_or_path, d.device, torch.float32)
     cfg = dict(cfg)
     train, test = common.load_train_eval(args, cfg)
     cfg.update(common.prompt_settings(args, cfg, train))

@@ -344,7 +344,10 @@ def test_eval_on_a_folder_that_is_no_checkpoint_is_one_line():
 
 
 def test_latent_value_rl_needs_a_latent_rl_checkpoint(tmp_path):
-    assert "not a latent-rl checkpoint" in main_error("latent_value_rl", "--model", tmp_path, "--output_dir", tmp_path / "x")
+    model, tok, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
+    model.save_pretrained(tmp_path / "plain")
+    tok.save_pretrained(tmp_path / "plain")
+    assert "not a latent-rl checkpoint" in main_error("latent_value_rl", "--model", tmp_path / "plain", "--output_dir", tmp_path / "x")
 
 
 def test_unknown_flags_are_one_line():
