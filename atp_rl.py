@@ -413,8 +413,8 @@ def main(args):
     if args.scale_rewards not in SCALE_REWARDS:
         common.die(f"unknown --scale_rewards {args.scale_rewards!r} ({' | '.join(SCALE_REWARDS)})")
     scale_rewards = SCALE_REWARDS[args.scale_rewards]
-    if not Path(args.model_name_or_path).is_dir():
-        common.die(f"{args.model_name_or_path} does not exist: make it first with atp_sft.py (atp_rl.py starts from "
+    if not (Path(args.model_name_or_path) / "config.json").is_file():   # missing, or an atp_sft run cut short
+        common.die(f"{args.model_name_or_path} holds no checkpoint: make it first with atp_sft.py (atp_rl.py starts from "
                    "an ATP-Latent SFT checkpoint)")
     d = common.setup_distributed(args.seed)
     if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:

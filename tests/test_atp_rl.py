@@ -220,7 +220,7 @@ def test_rl_high_lr_step_trains_lm_and_heads_not_the_decoder(sft_checkpoint, tmp
 @pytest.mark.parametrize("argv,words", [
     (["--num_generations", "1"], "--num_generations must be at least 2"),
     (["--scale_rewards", "yes"], "unknown --scale_rewards 'yes'"),
-    (["--model", "no/such/folder"], "does not exist: make it first with atp_sft.py"),
+    (["--model", "no/such/folder"], "holds no checkpoint: make it first with atp_sft.py"),
     (["--model", toy_task.COT], "is not an ATP-Latent checkpoint"),
     (["--model", toy_task.COCONUT], "atp_rl.py does not train 'coconut' checkpoints"),
 ])
@@ -228,10 +228,17 @@ def test_bad_input_is_one_line(argv, words, tmp_path):
     assert words in main_error("atp_rl", *argv, "--output_dir", tmp_path / "x")
 
 
+def test_an_atp_sft_run_cut_short_says_run_atp_sft_first(tmp_path):
+    (tmp_path / "atp_sft").mkdir()                      # an interrupted atp_sft.py leaves only its logs
+    (tmp_path / "atp_sft" / "metrics.jsonl").write_text("")
+    assert "holds no checkpoint: make it first with atp_sft.py" in main_error(
+        "atp_rl", "--model", tmp_path / "atp_sft", "--output_dir", tmp_path / "x")
+
+
 @pytest.mark.slow
 def test_without_the_sft_checkpoint_the_default_says_run_atp_sft_first(tmp_path):
     p = run_script("atp_rl.py", "--model", tmp_path / "atp_sft", "--output_dir", tmp_path / "x", ok=False, timeout=120)
-    one_line_error(p, "does not exist: make it first with atp_sft.py")
+    one_line_error(p, "holds no checkpoint: make it first with atp_sft.py")
     assert atp_rl.Args().model_name_or_path == atp_sft.Args().output_dir   # the two phases chain by default
 
 
