@@ -200,6 +200,114 @@ def mask_row_grads(model, rows):
         w.grad.mul_(keep)
 
 
+def apply_lora(model, r, alpha, dropout=0.0, target_modules="all-linear", trainable_token_ids=()):
+    """--lora_r: peft LoRA adapters of rank `r` (scaling alpha / r) on `target_modules` ("all-linear":
+    every linear layer of the decoder, as the seeds train; or a comma-separated list of names), the
+    rest frozen. The rows of `trainable_token_ids` (tokens a script added, whose embeddings are new)
+    stay trainable through peft's trainable tokens, in the input table and in an untied LM head.
+    r = 0 returns the model as it is (full fine-tuning). Checkpoints are written with the adapters
+    merged (`save_checkpoint`), so plain transformers and eval.py load them."""
+    if r <= 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+    names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tokens = sorted({int(i) for i in trainable_token_ids})
+    token_modules = None
+    if tokens:
+        token_modules = {names[emb]: tokens}
+        if head is not None and head.weight.data_ptr() != emb.weight.data_ptr():
+            token_modules[names[head]] = tokens
+    targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        trainable_token_indices=token_modules)
+    return get_peft_model(model, config)
+
+
+def merge_lora(model, state):
+    """A peft model's full state dict (`full_state_dict`) as the plain model's: W + scaling B A for
+    every LoRA layer, the trainable token rows written into their tables, peft's prefixes dropped.
+    Computed on the gathered copy (the training model is not touched, so a run continues after an
+    intermediate save); any other model's state is returned as is."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+    m = unwrap(model)
+    if not isinstance(m, PeftModel):
+        return state
+    state = dict(state)
+    for name, layer in m.named_modules():
+        if isinstance(layer, LoraLayer):
+            for a in layer.active_adapters:
+                A, B = state.pop(f"{name}.lora_A.{a}.weight").float(), state.pop(f"{name}.lora_B.{a}.weight").float()
+                w = state[f"{name}.base_layer.weight"]
+                state[f"{name}.base_layer.weight"] = (w.float() + layer.scaling[a] * (B @ A)).to(w.dtype)
+        elif isinstance(layer, TrainableTokensLayer):
+            for a in layer.active_adapters:
+                key = f"{name}.trainable_tokens_delta.{a}"
+                if key in state:  # a tied LM head's layer shares the input table's rows
+                    w, idx = state[f"{name}.base_layer.weight"], torch.as_tensor(layer.token_indices[a])
+                    state[f"{name}.base_layer.weight"] = w.index_copy(0, idx, state.pop(key).to(w.dtype))
+    prefix = "base_model.model."
+    return {k[len(prefix):].replace(".base_layer", "").replace(".token_adapter", ""): v
+            for k, v in state.items() if k.startswith(prefix) and "lora_" not in k and "trainable_tokens_delta" not in k}
+
+
+def plain_model(model):
+    """The transformers model under any wrapper (DDP, peft): what save_pretrained is called on."""
+    m = unwrap(model)
+    return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+
+def enable_gradient_checkpointing(model):
+    """--gradient_checkpointing: transformers' activation checkpointing (non-reentrant) on every
+    decoder layer, keeping a KV cache where one is passed. transformers drops the cache of a layer
+    it checkpoints in training mode (with a warning), which would silently change Coconut-style
+    passes that attend to earlier passes' keys with gradients. Here a checkpointed layer keeps its
+    cache, and when the backward pass recomputes the layer, the cache is read as it was in the
+    forward (its first n positions) and not written a second time."""
+    m = plain_model(model)
+    enable = getattr(m, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.get_decoder().gradient_checkpointing = False  # the model-level flag would only turn use_cache off
+    # A checkpointed layer also sets its use_cache argument to False and says caching is off; that
+    # argument only decides what the layer returns: the cache object passed in is still used.
+    from transformers.utils import logging
+    logging.get_logger("transformers.modeling_layers").addFilter(lambda rec: "Caching is incompatible" not in rec.getMessage())
+    for layer in m.get_decoder().layers:
+        layer._can_checkpoint_with_cache = True
+        layer._gradient_checkpointing_func = _checkpoint_keeping_cache
+    return model
+
+
+def _checkpoint_keeping_cache(function, *args):
+    """torch.utils.checkpoint of one decoder layer's forward (`function` = partial(forward, layer,
+    **kwargs)) whose recomputation replays the layer's KV-cache update instead of repeating it."""
+    from torch.utils.checkpoint import checkpoint
+    cache = function.keywords.get("past_key_values")
+    idx = getattr(getattr(function.args[0], "self_attn", None), "layer_idx", None)
+    if cache is None or idx is None:
+        return checkpoint(function, *args, use_reentrant=False)
+    n = cache.get_seq_length(idx)  # what this layer's cache holds before the layer appends to it
+
+    @contextlib.contextmanager
+    def replay():
+        layer = cache.layers[idx]
+        def update(keys, values, *rest, **kw):  # the forward's view of the cache: n positions + the new ones
+            if n == 0:
+                return keys, values
+            return torch.cat([layer.keys[..., :n, :], keys], -2), torch.cat([layer.values[..., :n, :], values], -2)
+        layer.update = update
+        try:
+            yield
+        finally:
+            del layer.update
+    return checkpoint(function, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), replay()))
+
+
 def require_tokens(tokenizer, tokens, what):
     """The ids of `tokens`, or one line naming the missing ones. Runs per batch of prompts: it looks
     the tokens up instead of building the whole vocabulary (get_vocab) each call."""
@@ -694,6 +802,47 @@ def sampling_step(temperature=1.0, top_k=0, top_p=1.0):
     return step
 
 
+def generate(model, prompts, make_step, max_new_tokens, eos_id, pad_id, num_generations=1, batch_size=0,
+             store_latents=True):
+    """`rollout` in pieces of at most `batch_size` rows (--generation_batch_size; whole groups of
+    `num_generations`; 0 = all at once), so that a rollout's KV cache and activations stay bounded
+    however many prompts a step takes. `make_step()` returns a fresh step function per piece (a
+    stateful step object starts over); if it has an `extras()` method, its per-position records
+    become the piece's `r.extras`. The pieces are joined into one Rollout (`concat_rollouts`); each
+    row is generated exactly as it would be in one piece, except for the order random numbers
+    are drawn in."""
+    G, pieces = num_generations, []
+    per_piece = len(prompts) if batch_size <= 0 else max(1, batch_size // G)
+    for i in range(0, len(prompts), per_piece):
+        step = make_step()
+        r = rollout(model, prompts[i:i + per_piece], step, max_new_tokens, eos_id, pad_id, G, store_latents)
+        if hasattr(step, "extras"):
+            r.extras.update(step.extras())
+        pieces.append(r)
+    return pieces[0] if len(pieces) == 1 else concat_rollouts(pieces, pad_id)
+
+
+def concat_rollouts(rs, pad_id):
+    """One Rollout from several (pieces of a step's generation, rounds of dynamic sampling): prompts
+    re-padded on the left, completions, latents and per-position extras on the right."""
+    def pad(x, width, value=0, left=False):
+        extra = x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), value)
+        return torch.cat([extra, x] if left else [x, extra], 1)
+    P, T = max(r.prompt_ids.shape[1] for r in rs), max(r.tokens.shape[1] for r in rs)
+    some = next((r.latents for r in rs if r.latents is not None), None)  # a piece without latent steps stores none
+    latents = None if some is None else torch.cat([
+        pad(r.latents if r.latents is not None else some.new_zeros(r.tokens.shape + some.shape[-1:]), T) for r in rs])
+    return Rollout(
+        prompt_ids=torch.cat([pad(r.prompt_ids, P, pad_id, left=True) for r in rs]),
+        prompt_mask=torch.cat([pad(r.prompt_mask, P, 0, left=True) for r in rs]),
+        tokens=torch.cat([pad(r.tokens, T, pad_id) for r in rs]),
+        kinds=torch.cat([pad(r.kinds, T, TOKEN) for r in rs]),
+        mask=torch.cat([pad(r.mask, T) for r in rs]),
+        lengths=torch.cat([r.lengths for r in rs]), finished=torch.cat([r.finished for r in rs]),
+        latents=latents, logprobs=torch.cat([pad(r.logprobs, T) for r in rs]),
+        extras={k: torch.cat([pad(r.extras[k], T) for r in rs]) for k in rs[0].extras})
+
+
 def decode_completion(tokenizer, r: Rollout, i):
     """The text of rollout row i's sampled tokens (latent slots and forced markers left out)."""
     keep = (r.mask[i].bool() & (r.kinds[i] == TOKEN)).nonzero().squeeze(-1)
@@ -834,6 +983,80 @@ def evaluate(model, tokenizer, data, reasoning, num_samples=1, temperature=0.7, 
         res["sampled_acc"] = float(np.mean([s[1] for rows in sampled for s in rows]))
         res["sampled_mean_L"] = float(np.mean([s[2] for rows in sampled for s in rows]))
     return res
+
+
+# ----------------------------------------------------------------------------------------------
+# the memory plan: what one device will hold, printed before the first step
+
+GB = 2 ** 30
+
+
+def memory_plan(config, n_params, n_trainable, world=1, sharded=False, bf16=False, micro_rows=1, seq_len=1,
+                gen_rows=1, gen_len=1, checkpointing=False, frozen_params=0, logit_positions=None):
+    """Estimated bytes per device, by kind. Weights are fp32 master weights (sharded over `world`
+    devices under FSDP2); `frozen_params` counts frozen copies (a reference model: bf16 when
+    computing in bf16); AdamW keeps two fp32 states per trainable parameter. Activations per token
+    and layer are about 10 hidden + 4 MLP-intermediate values (the inputs the backward needs, with
+    fused attention), in the compute dtype; with gradient checkpointing only each layer's input
+    stays, plus one layer's full set. The rollout's KV cache holds gen_rows x gen_len positions of
+    2 x kv_heads x head_dim per layer. The LM head's fp32 logits are computed in chunks of
+    `logit_positions` positions (default all: unchunked), about 3 copies (logits, softmax, grad)."""
+    h, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    inter = getattr(config, "intermediate_size", 4 * h)
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    b = 2 if bf16 else 4
+    shard = world if sharded else 1
+    per_layer_token = (10 * h + 4 * inter) * b
+    tokens = micro_rows * seq_len
+    acts = tokens * (h * b * L + per_layer_token) if checkpointing else tokens * per_layer_token * L
+    positions = tokens if logit_positions is None else min(tokens, logit_positions)
+    return {"weights": 4 * n_params / shard + (2 if bf16 else 4) * frozen_params / shard,
+            "gradients": 4 * n_trainable / shard,
+            "optimizer": 8 * n_trainable / shard,
+            "activations": acts,
+            "kv_cache": gen_rows * gen_len * L * 2 * kv * head_dim * b,
+            "logits": 3 * 4 * positions * V}
+
+
+def device_memory(device):
+    """Bytes the device has: the GPU's memory, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def print_memory_plan(model, d, args, micro_rows, seq_len, gen_rows, gen_len, frozen=None, extra_modules=()):
+    """Print the memory plan of this run (one line, before the first step) and warn in one line
+    when it exceeds the device. `frozen`: a frozen copy (reference model) or None; extra modules
+    (heads, gates, a second model) count as trainable."""
+    from torch.distributed.tensor import DTensor
+    def count(modules, trainable):
+        return sum((p.full_tensor() if isinstance(p, DTensor) else p).numel() for m in modules
+                   for p in m.parameters() if p.requires_grad or not trainable)
+    modules = [model, *extra_modules]
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    plan = memory_plan(plain_model(model).config, count(modules, False), count(modules, True), d.world, sharded,
+                       bool(_io(model).bf16), micro_rows, seq_len, gen_rows, gen_len,
+                       bool(getattr(args, "gradient_checkpointing", False)),
+                       count([frozen], False) if frozen is not None else 0)
+    total, have = sum(plan.values()), device_memory(d.device)
+    if d.main:
+        print("memory plan per device: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in plan.items())
+              + f" = {total / GB:.2f} GB of {have / GB:.0f} GB", flush=True)
+        if total > have:
+            print(f"warning: the memory plan ({total / GB:.1f} GB) exceeds this device ({have / GB:.1f} GB): consider "
+                  "--lora_r, --gradient_checkpointing, a smaller --micro_batch_size or --generation_batch_size, or more devices",
+                  flush=True)
+    return plan
+
+
+def peak_memory_gb(device):
+    """The process's peak memory so far: allocated GPU memory, or the peak resident size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GB
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1068,9 +1291,9 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
         die(f"--save_dtype must be auto, float32, bfloat16 or float16 (got {save_dtype!r})")
     dtype = getattr(unwrap(model), "published_dtype", torch.float32) if save_dtype == "auto" else getattr(torch, save_dtype)
     def cast(m, sd):  # the saved dtype; a tied head is not written twice (FSDP2's gathered state has both keys)
-        tied = (getattr(unwrap(m), "_tied_weights_keys", None) or {}) if getattr(unwrap(m).config, "tie_word_embeddings", False) else {}
+        tied = (getattr(plain_model(m), "_tied_weights_keys", None) or {}) if getattr(plain_model(m).config, "tie_word_embeddings", False) else {}
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items() if k not in tied}
-    state = cast(model, full_state_dict(model))
+    state = cast(model, merge_lora(model, full_state_dict(model)))  # LoRA adapters merged in
     sub_states = {name: cast(m, full_state_dict(m)) for name, m in (subfolders or {}).items()}
     extra = {name: {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
              for name, m in (extra_modules or {}).items()}
@@ -1078,7 +1301,7 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
         out = Path(output_dir)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrap(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        plain_model(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, sd in extra.items():
             save_file(sd, tmp / f"{name}.safetensors")
