@@ -233,7 +233,7 @@ def merge_lora(model, state):
     from peft.tuners.lora import LoraLayer
     from peft.tuners.trainable_tokens import TrainableTokensLayer
     m = unwrap(model)
-    if not isinstance(m, PeftModel):
+    if not isinstance(m, PeftModel) or not state:  # (FSDP2 gathers the full state on rank 0 only)
         return state
     state = dict(state)
     for name, layer in m.named_modules():

@@ -235,3 +235,28 @@ def test_print_memory_plan_warns_in_one_line(capsys, monkeypatch):
     common.print_memory_plan(model, common.Dist(), args, 4, 64, 32, 64)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[1].startswith("warning: the memory plan") and "exceeds" in lines[1]
+
+
+@pytest.mark.slow
+def test_lora_and_checkpointing_under_fsdp2_and_ddp(tmp_path):
+    """Two processes (FSDP2, then DDP) train LoRA + gradient checkpointing + an added token's row
+    and save merged weights equal to one process's on the same four rows."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    worker = Path(__file__).with_name("scale_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(worker), "none", str(tmp_path / "one")], check=True, env=env, capture_output=True)
+    weights = {}
+    for strategy in ("fsdp", "ddp"):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), strategy,
+                            str(tmp_path / strategy)], env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        weights[strategy] = AutoModelForCausalLM.from_pretrained(tmp_path / strategy).state_dict()
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    start, _, _ = toy_model(["<|a|>"])
+    assert not torch.allclose(one["model.layers.0.mlp.up_proj.weight"], start.state_dict()["model.layers.0.mlp.up_proj.weight"])
+    for strategy, w in weights.items():
+        for k in one:
+            assert torch.allclose(w[k], one[k], atol=1e-5), (strategy, k)
