@@ -1201,19 +1201,26 @@ def barrier(d: Dist):
 # logging: a line per step, metrics.jsonl, optional wandb, and plots
 
 class Logger:
-    def __init__(self, output_dir, args, d: Dist = Dist(), track=False, project="latent-rl"):
-        self.main, self.path = d.main, Path(output_dir) / "metrics.jsonl"
+    """metrics.jsonl, args.json, a printed line, optionally wandb. With `resume_step` (TrainState.resume)
+    metrics.jsonl and completions.jsonl keep their rows up to that step and grow from there; a row
+    logged again for a step <= resume_step (a step-0 evaluation) is dropped: no step appears twice."""
+    def __init__(self, output_dir, args, d: Dist = Dist(), track=False, project="latent-rl", resume_step=0):
+        self.main, self.path, self.resume_step = d.main, Path(output_dir) / "metrics.jsonl", resume_step
         self.wandb = None
         if self.main:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            self.path.touch()
+            for f in (self.path, Path(output_dir) / "completions.jsonl"):  # keep the rows up to resume_step
+                if f.is_file():
+                    f.write_text("".join(x for x in f.read_text().splitlines(keepends=True)
+                                         if resume_step and x.strip() and json.loads(x)["step"] <= resume_step))
             (Path(output_dir) / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
             if track:
                 import wandb  # imported only when asked for
                 self.wandb = wandb.init(project=project, config=vars(args), name=Path(output_dir).name)
 
     def log(self, metrics, step, quiet=False):
-        if not self.main:
+        if not self.main or (self.resume_step and step <= self.resume_step):
             return
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
@@ -1279,13 +1286,14 @@ def plot_metrics(run_dir, keys, out=None, title=None):
 # checkpoints: save_pretrained folders + latent_config.json + extra modules, written atomically
 
 def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=None, d: Dist = Dist(),
-                    subfolders=None, save_dtype="auto"):
+                    subfolders=None, save_dtype="auto", training_state=None):
     """Write to `<output_dir>.tmp`, then rename, so a crash never leaves half a checkpoint.
     Every rank must call this (FSDP gathers the weights); only rank 0 writes. `subfolders`
     ({name: model}) are written as save_pretrained folders inside the same temporary folder.
     The weights are saved in `save_dtype`: "auto" is the dtype the start model was published in
     (bf16 for Qwen and Llama, whatever the training's master weights were), else float32,
-    bfloat16 or float16."""
+    bfloat16 or float16. `training_state(tmp)` (TrainState's) runs on every rank before the
+    rename. The intermediate checkpoint-<step> folders of an output_dir stay in it."""
     from safetensors.torch import save_file
     if save_dtype not in ("auto", "float32", "bfloat16", "float16"):
         die(f"--save_dtype must be auto, float32, bfloat16 or float16 (got {save_dtype!r})")
@@ -1297,9 +1305,9 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
     sub_states = {name: cast(m, full_state_dict(m)) for name, m in (subfolders or {}).items()}
     extra = {name: {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
              for name, m in (extra_modules or {}).items()}
+    out = Path(output_dir)
+    tmp = out.with_name(out.name + ".tmp")
     if d.main:
-        out = Path(output_dir)
-        tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         plain_model(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -1310,10 +1318,17 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
         for config in [tmp / "config.json", *(tmp / name / "config.json" for name in sub_states)]:
             config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": str(dtype).split(".")[1]}, indent=2))
         (tmp / LATENT_CONFIG).write_text(json.dumps(latent_config, indent=2))
+    if training_state:
+        barrier(d)
+        training_state(tmp)
+        barrier(d)
+    if d.main:
         old = out.with_name(out.name + ".old")
         if out.exists():  # keep the run's logs (metrics.jsonl, plots, args.json) beside the weights
             for f in out.iterdir():
-                if not (tmp / f.name).exists() and f.suffix in (".jsonl", ".json", ".png", ".txt", ".log"):
+                if re.fullmatch(r"checkpoint-\d+", f.name):  # intermediate checkpoints (TrainState) stay
+                    f.rename(tmp / f.name)
+                elif not (tmp / f.name).exists() and f.suffix in (".jsonl", ".json", ".png", ".txt", ".log"):
                     shutil.copy2(f, tmp / f.name)
             shutil.rmtree(old, ignore_errors=True)
             out.rename(old)
@@ -1356,6 +1371,133 @@ def load_extra_module(checkpoint, name, module):
         die(f"checkpoint {str(checkpoint)!r} has no {name}.safetensors")
     module.load_state_dict(load_file(str(path)))
     return module
+
+
+def checkpoints(output_dir):
+    """{step: folder} of the intermediate checkpoints TrainState finished in output_dir."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return {int(p.name.split("-")[1]): p for p in found if (p / "training_state").is_dir()}
+
+
+def _dcp(fn, state, path):
+    """torch.distributed.checkpoint's save or load, in one process without a process group too (quietly)."""
+    import warnings
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        getattr(dcp, fn)(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+
+
+class TrainState:
+    """Intermediate checkpoints and exact resumption: --save_steps, --save_total_limit,
+    --resume_from_checkpoint PATH|latest (read with defaults: a script without them works).
+    `modules` ({name: module}; "model" is saved with save_pretrained) are all the trained modules,
+    FSDP-sharded or whole on each rank; they and `optimizers` (each may span several) go through
+    torch.distributed.checkpoint as they are (sharded, fp32). Frozen parameters are left out (a
+    LoRA run saves its adapters): they come back from the start model the script loads, or pass
+    save_frozen=True. `schedulers`, the script's `rngs` (random.Random, torch.Generator), the global
+    random states and `extra` are saved per rank: a resumed run needs the same world size.
+    <output_dir>/checkpoint-<step>/ = what save_checkpoint writes (eval.py and transformers read it)
+    + training_state/ (DCP's .metadata and __*.distcp, rank-<r>.pt)."""
+
+    def __init__(self, args, d: Dist, modules, optimizers=(), schedulers=(), rngs=(), save_frozen=False):
+        self.args, self.d, self.modules, self.save_frozen = args, d, torch.nn.ModuleDict(modules), save_frozen
+        self.optimizers, self.schedulers, self.rngs = list(optimizers), list(schedulers), list(rngs)
+        self.save_steps, self.limit = getattr(args, "save_steps", 0) or 0, getattr(args, "save_total_limit", None) or 0
+        if self.save_steps < 0 or self.limit < 0:
+            die(f"--save_steps and --save_total_limit must be >= 0 (got {self.save_steps} and {self.limit})")
+
+    def _sharded(self):  # the DCP state: what each rank holds of the modules and optimizers
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        modules, optimizers = get_state_dict(self.modules, self.optimizers)
+        frozen = {n for n, p in self.modules.named_parameters(remove_duplicate=False) if not (p.requires_grad or self.save_frozen)}
+        return {"modules": {k: v for k, v in modules.items() if k not in frozen}, "optimizers": optimizers}
+
+    def _local(self, step, extra):  # this rank's own state
+        import random
+        return {"step": step, "extra": extra, "schedulers": [s.state_dict() for s in self.schedulers],
+                "random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                "rngs": [r.getstate() if hasattr(r, "getstate") else r.get_state() for r in self.rngs]}
+
+    def maybe_save(self, step, tokenizer, latent_config, extra=None, extra_modules=None, subfolders=None):
+        """Every --save_steps steps: save (see `save`). Call it last in the step, after logging and eval."""
+        if self.save_steps and step % self.save_steps == 0:
+            self.save(step, tokenizer, latent_config, extra, extra_modules, subfolders)
+
+    def save(self, step, tokenizer, latent_config, extra=None, extra_modules=None, subfolders=None):
+        """Write <output_dir>/checkpoint-<step> atomically (every rank calls this), then keep the
+        newest --save_total_limit of them (a later step left by an abandoned run counts as oldest)."""
+        local = self._local(step, extra or {})  # first: nothing below draws random numbers into it
+
+        def training_state(tmp):
+            _dcp("save", self._sharded(), tmp / "training_state")
+            torch.save(local, tmp / "training_state" / f"rank-{self.d.rank}.pt")
+        save_checkpoint(self.modules["model"], tokenizer, Path(self.args.output_dir) / f"checkpoint-{step}", latent_config,
+                        extra_modules, self.d, subfolders, getattr(self.args, "save_dtype", "auto"), training_state)
+        if self.d.main and self.limit:
+            found = checkpoints(self.args.output_dir)
+            for s in sorted(found, key=lambda s: (s <= step, s))[:-self.limit]:
+                shutil.rmtree(found[s])
+
+    def checkpoint(self):
+        """(folder, step) of the checkpoint --resume_from_checkpoint names ("latest": the highest
+        checkpoint-<step> in output_dir), checked; (None, 0) without the flag. A script that makes
+        its optimizer per stage finds the stage to rebuild with it, before resume()."""
+        name = getattr(self.args, "resume_from_checkpoint", "") or ""
+        if not name:
+            return None, 0
+        if name == "latest":
+            found = checkpoints(self.args.output_dir)
+            if not found:
+                die(f"--resume_from_checkpoint latest: {self.args.output_dir} has no checkpoint-<step> folder to resume from")
+            name = str(found[max(found)])
+        path = Path(name)
+        if not (path / "training_state" / "rank-0.pt").is_file():
+            die(f"--resume_from_checkpoint {name}: " + ("no such folder" if not path.is_dir() else
+                "not a checkpoint to resume from (no training_state/: only the checkpoint-<step> folders of --save_steps have one)"))
+        return path, torch.load(path / "training_state" / "rank-0.pt", weights_only=False)["step"]
+
+    def resume(self):
+        """(step, extra) of the checkpoint (see `checkpoint`), with modules, optimizers, schedulers and
+        random states restored; (0, {}) without --resume_from_checkpoint. Call it after making the
+        optimizers and schedulers, right before the step loop; continue at step + 1."""
+        import random
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        path, _ = self.checkpoint()
+        if path is None:
+            return 0, {}
+        ranks = len(list((path / "training_state").glob("rank-*.pt")))
+        if ranks != self.d.world:
+            die(f"{path} was saved by {ranks} processes and this run has {self.d.world}: resume with {ranks} "
+                "(the random states and data of each rank are its own)")
+        local = torch.load(path / "training_state" / f"rank-{self.d.rank}.pt", weights_only=False)
+        if (len(local["schedulers"]), len(local["rngs"])) != (len(self.schedulers), len(self.rngs)):
+            die(f"{path} holds {len(local['schedulers'])} schedulers and {len(local['rngs'])} random generators; "
+                f"this run has {len(self.schedulers)} and {len(self.rngs)}")
+        state = self._sharded()  # asks for the state of every parameter an optimizer holds: keep those saved
+        saved = {k.rsplit(".", 1)[0] for k in dcp.FileSystemReader(path / "training_state").read_metadata().state_dict_metadata}
+        state["optimizers"]["state"] = {k: v for k, v in state["optimizers"]["state"].items() if f"optimizers.state.{k}" in saved}
+        try:
+            _dcp("load", state, path / "training_state")
+        except (Exception, dcp.api.CheckpointException) as e:  # another script, model, LoRA setting or optimizer
+            why = next(iter(getattr(e, "failures", {}).values()), (e,))[0]  # (exception, traceback) per rank
+            die(f"{path} does not fit this run's modules and optimizers: {str(why).strip()[:200]}")
+        set_state_dict(self.modules, self.optimizers, model_state_dict=state["modules"],  # strict: dcp.load checked
+                       optim_state_dict=state["optimizers"], options=StateDictOptions(strict=False))
+        for s, sd in zip(self.schedulers, local["schedulers"]):
+            s.load_state_dict(sd)
+        for r, rs in zip(self.rngs, local["rngs"]):
+            r.setstate(rs) if hasattr(r, "setstate") else r.set_state(rs)
+        random.setstate(local["random"])
+        np.random.set_state(local["numpy"])
+        torch.set_rng_state(local["torch"])
+        if local["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(local["cuda"])
+        if self.d.main:
+            print(f"resumed from {path} at step {local['step']}", flush=True)
+        return local["step"], local["extra"]
 
 
 @contextlib.contextmanager
