@@ -260,3 +260,36 @@ def test_lora_and_checkpointing_under_fsdp2_and_ddp(tmp_path):
     for strategy, w in weights.items():
         for k in one:
             assert torch.allclose(w[k], one[k], atol=1e-5), (strategy, k)
+
+
+def test_lora_run_saves_merged_checkpoints_and_resumes_its_adapters(tmp_path):
+    """An intermediate checkpoint of a LoRA run: merged weights plain transformers loads, and a
+    training state holding only the adapters and the new token's row, from which a resumed run
+    continues with the same adapters and Adam moments."""
+    args = type("A", (), {"output_dir": str(tmp_path), "save_steps": 2, "resume_from_checkpoint": ""})()
+
+    def build():
+        model, tok, ids = toy_model(["<|a|>"])
+        model = common.apply_lora(model, 4, 8, trainable_token_ids=ids)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return model, tok, ids, opt, common.TrainState(args, common.Dist(), {"model": model}, [opt])
+
+    model, tok, ids, opt, state = build()
+    x = torch.tensor([[1, 2, ids[0], 3, 4, 5]])
+    for step in (1, 2):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        state.maybe_save(step, tok, {"mode": "cot"})
+    folder = tmp_path / "checkpoint-2"
+    plain = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)
+    args.resume_from_checkpoint = "latest"
+    model2, _, _, opt2, state2 = build()
+    assert state2.resume()[0] == 2
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(torch.equal(p, trained[n]) for n, p in model2.named_parameters() if p.requires_grad)
+    m1 = [s["exp_avg_sq"] for s in opt.state.values()]
+    m2 = [s["exp_avg_sq"] for s in opt2.state.values()]
+    assert len(m1) == len(m2) == len(trained) and all(torch.equal(a, b) for a, b in zip(m1, m2))
