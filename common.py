@@ -1201,11 +1201,13 @@ def barrier(d: Dist):
 # logging: a line per step, metrics.jsonl, optional wandb, and plots
 
 class Logger:
-    """metrics.jsonl, args.json, a printed line, optionally wandb. With `resume_step` (TrainState.resume)
+    """metrics.jsonl, args.json, a printed line, optionally wandb; training rows (those with a loss)
+    get the run's peak memory so far (peak_mem_gb). With `resume_step` (TrainState.resume)
     metrics.jsonl and completions.jsonl keep their rows up to that step and grow from there; a row
     logged again for a step <= resume_step (a step-0 evaluation) is dropped: no step appears twice."""
     def __init__(self, output_dir, args, d: Dist = Dist(), track=False, project="latent-rl", resume_step=0):
         self.main, self.path, self.resume_step = d.main, Path(output_dir) / "metrics.jsonl", resume_step
+        self.device = d.device
         self.wandb = None
         if self.main:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -1222,6 +1224,8 @@ class Logger:
     def log(self, metrics, step, quiet=False):
         if not self.main or (self.resume_step and step <= self.resume_step):
             return
+        if "loss" in metrics:  # a training step: how much memory the run has needed so far
+            metrics = {**metrics, "peak_mem_gb": peak_memory_gb(self.device)}
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
