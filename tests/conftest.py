@@ -93,3 +93,28 @@ def smol_tiny(tmp_path_factory):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+class Interrupted(Exception):
+    """Raised by `interrupted_after`: the run was "killed"."""
+
+
+@pytest.fixture
+def interrupted_after():
+    """interrupted_after(step): a context in which a script's main() stops right after it writes
+    its intermediate checkpoint at `step` (TrainState.maybe_save), as a killed job would; the
+    context swallows the interruption. For tests of --resume_from_checkpoint."""
+    import contextlib
+    from unittest import mock
+
+    @contextlib.contextmanager
+    def interrupt(step):
+        original = common.TrainState.maybe_save
+
+        def save_then_stop(self, s, *args, **kwargs):
+            original(self, s, *args, **kwargs)
+            if s == step:
+                raise Interrupted(f"stopped after step {s}")
+        with mock.patch.object(common.TrainState, "maybe_save", save_then_stop), pytest.raises(Interrupted):
+            yield
+    return interrupt
