@@ -572,7 +572,8 @@ def is_correct(completion, gold):
 # ----------------------------------------------------------------------------------------------
 # latent inputs: two forward hooks let any HF causal LM take vectors in place of some tokens
 # and hand back its last hidden state, while the model is still called through its own forward
-# (so FSDP2, DDP and peft wrappers keep working).
+# (so FSDP2, DDP and peft wrappers keep working). The LM head's forward is replaced too: when
+# `lm_logprobs` asks, it returns per-position log-probs computed in chunks instead of logits.
 
 class _LatentIO:
     def __init__(self, model):
@@ -580,8 +581,13 @@ class _LatentIO:
         self.mask = None
         self.hidden = None
         self.bf16 = False    # compute under bf16 autocast (set by wrap_model)
+        self.request = None  # what lm_logprobs asks the LM head for (one forward), or None
         model.get_input_embeddings().register_forward_hook(self._embed_hook)
         model.get_decoder().register_forward_hook(self._decoder_hook)
+        self.head = model.get_output_embeddings()
+        self.head_forward = None if self.head is None else self.head.forward  # the head's own
+        if self.head is not None:
+            self.head.forward = self._head_forward  # on the instance: FSDP2/DDP/peft still call the module
 
     def _embed_hook(self, module, args, out):
         if self.mask is None:
@@ -590,6 +596,17 @@ class _LatentIO:
 
     def _decoder_hook(self, module, args, out):
         self.hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    def _head_forward(self, hidden):
+        """The LM head. Unless lm_logprobs armed a request, exactly the head's own forward. Armed, it
+        returns the request's statistics of the positions before the last, packed (n x T, columns),
+        as the model's "logits": computed here, inside the model's forward, where FSDP2 has the
+        weight unsharded, and a real output of that forward (not a view: FSDP2 warns of those), so
+        FSDP2's backward hooks run on them."""
+        req, self.request = self.request, None  # None also tells lm_logprobs the request was served
+        if req is None:
+            return self.head_forward(hidden)
+        return _chunked_stats(hidden[:, :-1], self.head.weight, getattr(self.head, "bias", None), **req)
 
 
 def _io(model):
@@ -616,6 +633,97 @@ def lm_forward(model, input_ids, attention_mask=None, position_ids=None, past_ke
         io.mask = io.vectors = None
     hidden, io.hidden = io.hidden, None
     return out.logits, hidden
+
+
+# Log-probs without whole logits. At a 151,936-token vocabulary, fp32 logits for 4 rows x 4,096
+# positions are 10 GB before log-softmax and gradients; lm_logprobs computes what the losses need
+# from the final hidden states, a chunk of positions at a time, and recomputes each chunk's logits
+# in backward (activation checkpointing) instead of keeping them.
+
+from typing import NamedTuple  # noqa: E402  (kept beside its one use)
+
+LOGPROB_CHUNK_ELEMENTS = 2 ** 26   # logits per chunk of positions (fp32: 256 MB; 441 positions at 151,936)
+_AFTER_HEAD = {"final_logit_softcapping": None, "logit_scale": 1, "logits_scaling": 1}  # change logits after the head unless "off"
+
+
+class LogProbs(NamedTuple):
+    token: torch.Tensor            # (n, T) log softmax(z / temperature)[token]
+    ids: torch.Tensor | None       # (n, T, K) log softmax(z / ids_temperature)[ids], if ids were given
+    lse: torch.Tensor              # (n, T) logsumexp(z / temperature)
+    entropy: torch.Tensor | None   # (n, T) entropy of softmax(z / temperature), if asked for
+
+
+def _logit_stats(z, tokens, ids, t, t_ids, entropy):
+    """Columns [token log-prob, lse, (entropy), (one per id)] of fp32 logits z (m, V)."""
+    zt = z if t == 1 else z / t   # (a chunk's logits fewer at temperature 1)
+    lse = zt.logsumexp(-1)
+    cols = [zt.gather(-1, tokens[:, None]).squeeze(-1) - lse, lse]
+    if entropy:
+        cols.append(lse - (zt.softmax(-1) * zt).sum(-1))
+    out = torch.stack(cols, -1)
+    if ids is None:
+        return out
+    zi = zt if t_ids == t else z / t_ids
+    lse_i = lse if t_ids == t else zi.logsumexp(-1)
+    return torch.cat([out, zi.gather(-1, ids) - lse_i[:, None]], -1)
+
+
+def _chunked_stats(hidden, weight, bias, tokens, ids, t, t_ids, entropy, chunk):
+    """_logit_stats of the logits hidden (n, T, d) @ weight.T + bias, max(1, chunk // V) positions at a
+    time, (n x T, columns). With gradients and more than one chunk, each chunk runs under
+    checkpoint: its logits are freed after the forward and recomputed in backward (under the same
+    autocast), so neither pass holds more than one chunk's logits."""
+    h, tokens, ids = hidden.flatten(0, 1), tokens.flatten(), None if ids is None else ids.flatten(0, 1)
+    step = max(1, chunk // weight.shape[0])
+
+    def stats(h, weight, bias, tokens, ids):  # the logits as the head makes them (bf16 under autocast), in fp32
+        return _logit_stats(torch.nn.functional.linear(h, weight, bias).float(), tokens, ids, t, t_ids, entropy)
+
+    run = stats
+    if torch.is_grad_enabled() and len(h) > step:
+        from torch.utils.checkpoint import checkpoint
+        run = lambda *args: checkpoint(stats, *args, use_reentrant=False, preserve_rng_state=False)  # noqa: E731
+    out = [run(h[a:a + step], weight, bias, tokens[a:a + step], None if ids is None else ids[a:a + step])
+           for a in range(0, len(h), step)]
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def lm_logprobs(model, input_ids, attention_mask, position_ids, tokens, temperature=1.0, latent_mask=None,
+                latent_vectors=None, ids=None, ids_temperature=None, entropy=False, chunk_elements=None):
+    """One forward pass (as `lm_forward`) that scores `tokens` (n, T), the last T input ids, by the T
+    positions before them, without ever holding (n, T, V) logits. Returns (LogProbs, last hidden
+    state of all positions). With z the logits (in fp32, from a bf16 matmul under io.bf16):
+    token = log softmax(z / temperature)[tokens], lse = logsumexp(z / temperature), entropy (if
+    asked) that of softmax(z / temperature), and with `ids` (n, T, K) the log softmax(z /
+    ids_temperature) at those ids (ids_temperature defaults to temperature; 0 means 1 for both,
+    as in completion_logits). Values and gradients equal those of the whole logits (under bf16
+    autocast, but for rounding: the head's bf16 weight gradient is summed over chunks in bf16); the
+    logits are made in chunks of `chunk_elements` (default LOGPROB_CHUNK_ELEMENTS) logits. For SFT,
+    tokens=input_ids[:, 1:] gives every target's log-prob (tokens must be real ids: not -100)."""
+    t = temperature if temperature > 0 else 1.0
+    t_ids = t if ids_temperature is None else ids_temperature if ids_temperature > 0 else 1.0
+    n, T = tokens.shape
+    io, config = _io(model), unwrap(model).config.get_text_config()
+    # A model that changes the logits after its head (Gemma-2's final_logit_softcapping, Cohere's
+    # logit_scale, Granite's logits_scaling) would change the packed columns too: such models fall
+    # back to whole (n, T, V) logits, with the memory that takes.
+    chunked = io.head is not None and all(getattr(config, k, None) in (None, off) for k, off in _AFTER_HEAD.items())
+    if chunked:
+        io.request = dict(tokens=tokens, ids=ids, t=t, t_ids=t_ids, entropy=entropy,
+                          chunk=chunk_elements or LOGPROB_CHUNK_ELEMENTS)
+    try:
+        out, hidden = lm_forward(model, input_ids, attention_mask, position_ids, latent_mask=latent_mask,
+                                 latent_vectors=latent_vectors, logits_to_keep=T + 1)
+    finally:
+        unserved, io.request = io.request is not None, None
+    if unserved:
+        raise RuntimeError("the LM head was not the one common patched (was it replaced, e.g. by "
+                           "resize_token_embeddings, after the model's first lm_forward?)")
+    if not chunked:
+        out = _logit_stats(out[:, :-1].float().flatten(0, 1), tokens.flatten(), None if ids is None else ids.flatten(0, 1),
+                           t, t_ids, entropy)
+    out, k = out.view(n, T, -1), 3 if entropy else 2
+    return LogProbs(out[..., 0], None if ids is None else out[..., k:], out[..., 1], out[..., 2] if entropy else None), hidden
 
 
 def positions(attention_mask):
@@ -852,7 +960,8 @@ def decode_completion(tokenizer, r: Rollout, i):
 def completion_logits(model, r: Rollout, rows=None, temperature=1.0, detach_latents=True):
     """Logits (n, T, V) that predicted each generated position of rollout rows `rows`, from one
     forward over prompt + completion with the stored latent vectors fed back (detached: latent
-    inputs are inputs, not actions). Divided by `temperature`, as the sampler saw them."""
+    inputs are inputs, not actions). Divided by `temperature`, as the sampler saw them. Whole fp32
+    logits: a loss should use `completion_logprobs`, which never holds them."""
     ids, mask, latent_mask, latents = r.inputs(slice(None) if rows is None else rows)
     if latents is not None and detach_latents:
         latents = latents.detach()
@@ -863,8 +972,23 @@ def completion_logits(model, r: Rollout, rows=None, temperature=1.0, detach_late
 
 
 def gather_logprobs(logits, tokens):
-    """log softmax(logits)[token] without materialising the whole log-softmax twice."""
+    """log softmax(logits)[token] without materialising the whole log-softmax twice (of whole logits:
+    `completion_logprobs` and `lm_logprobs` compute it in chunks, from the hidden states)."""
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def completion_logprobs(model, r: Rollout, rows=None, temperature=1.0, ids=None, ids_temperature=None, entropy=False,
+                        detach_latents=True, chunk_elements=None):
+    """`lm_logprobs` (LogProbs, never whole logits) of the generated positions of rollout rows `rows`:
+    one forward over prompt + completion with the stored latent vectors fed back (detached, as in
+    completion_logits); `token` is log softmax(z / temperature)[r.tokens], and `ids` are the rows'
+    own (n, T, K), e.g. r.extras["ids"][rows]."""
+    rows = slice(None) if rows is None else rows
+    input_ids, mask, latent_mask, latents = r.inputs(rows)
+    if latents is not None and detach_latents:
+        latents = latents.detach()
+    return lm_logprobs(model, input_ids, mask, positions(mask), r.tokens[rows], temperature, latent_mask, latents,
+                       ids, ids_temperature, entropy, chunk_elements)[0]
 
 
 # ----------------------------------------------------------------------------------------------
