@@ -1163,7 +1163,8 @@ def print_memory_plan(model, d, args, micro_rows, seq_len, gen_rows, gen_len, fr
     plan = memory_plan(plain_model(model).config, count(modules, False), count(modules, True), d.world, sharded,
                        bool(_io(model).bf16), micro_rows, seq_len, gen_rows, gen_len,
                        bool(getattr(args, "gradient_checkpointing", False)),
-                       count([frozen], False) if frozen is not None else 0)
+                       count([frozen], False) if frozen is not None else 0,
+                       max(1, LOGPROB_CHUNK_ELEMENTS // plain_model(model).config.vocab_size))  # lm_logprobs' chunks
     total, have = sum(plan.values()), device_memory(d.device)
     if d.main:
         print("memory plan per device: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in plan.items())
