@@ -689,8 +689,9 @@ def _chunked_stats(hidden, weight, bias, tokens, ids, t, t_ids, entropy, chunk):
 
 
 def lm_logprobs(model, input_ids, attention_mask, position_ids, tokens, temperature=1.0, latent_mask=None,
-                latent_vectors=None, ids=None, ids_temperature=None, entropy=False, chunk_elements=None):
-    """One forward pass (as `lm_forward`) that scores `tokens` (n, T), the last T input ids, by the T
+                latent_vectors=None, ids=None, ids_temperature=None, entropy=False, chunk_elements=None,
+                past_key_values=None):
+    """One forward pass (as `lm_forward`, with a KV cache if given) that scores `tokens` (n, T), the last T input ids, by the T
     positions before them, without ever holding (n, T, V) logits. Returns (LogProbs, last hidden
     state of all positions). With z the logits (in fp32, from a bf16 matmul under io.bf16):
     token = log softmax(z / temperature)[tokens], lse = logsumexp(z / temperature), entropy (if
@@ -712,7 +713,7 @@ def lm_logprobs(model, input_ids, attention_mask, position_ids, tokens, temperat
         io.request = dict(tokens=tokens, ids=ids, t=t, t_ids=t_ids, entropy=entropy,
                           chunk=chunk_elements or LOGPROB_CHUNK_ELEMENTS)
     try:
-        out, hidden = lm_forward(model, input_ids, attention_mask, position_ids, latent_mask=latent_mask,
+        out, hidden = lm_forward(model, input_ids, attention_mask, position_ids, past_key_values, latent_mask=latent_mask,
                                  latent_vectors=latent_vectors, logits_to_keep=T + 1)
     finally:
         unserved, io.request = io.request is not None, None
