@@ -1118,14 +1118,18 @@ GB = 2 ** 30
 
 def memory_plan(config, n_params, n_trainable, world=1, sharded=False, bf16=False, micro_rows=1, seq_len=1,
                 gen_rows=1, gen_len=1, checkpointing=False, frozen_params=0, logit_positions=None):
-    """Estimated bytes per device, by kind. Weights are fp32 master weights (sharded over `world`
-    devices under FSDP2); `frozen_params` counts frozen copies (a reference model: bf16 when
-    computing in bf16); AdamW keeps two fp32 states per trainable parameter. Activations per token
-    and layer are about 10 hidden + 4 MLP-intermediate values (the inputs the backward needs, with
-    fused attention), in the compute dtype; with gradient checkpointing only each layer's input
-    stays, plus one layer's full set. The rollout's KV cache holds gen_rows x gen_len positions of
-    2 x kv_heads x head_dim per layer. The LM head's fp32 logits are computed in chunks of
-    `logit_positions` positions (default all: unchunked), about 3 copies (logits, softmax, grad)."""
+    """Estimated bytes per device, by kind, and their peak ("total"). Held throughout: fp32 master
+    weights (sharded over `world` devices under FSDP2), `frozen_params` of frozen copies (a
+    reference model: bf16 when computing in bf16), fp32 gradients and AdamW's two fp32 states per
+    trainable parameter. Then the larger of the two phases of a step:
+    - rollout: the KV cache of gen_rows x gen_len positions (2 x kv_heads x head_dim per layer, in
+      the compute dtype), plus under FSDP2 the whole model gathered in the compute dtype (a rollout
+      gathers every shard once, see `rollout`);
+    - training: activations, about 10 hidden + 4 MLP-intermediate values per token and layer (what
+      the backward keeps, with fused attention; with gradient checkpointing each layer's input plus
+      one layer's set), the LM head's fp32 logits for `logit_positions` positions at a time (default
+      all; lm_logprobs' chunks), about 3 copies (logits, softmax, gradient), and under bf16 autocast
+      on an unsharded model its cached bf16 copy of the trainable weights."""
     h, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
     inter = getattr(config, "intermediate_size", 4 * h)
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -1134,14 +1138,18 @@ def memory_plan(config, n_params, n_trainable, world=1, sharded=False, bf16=Fals
     shard = world if sharded else 1
     per_layer_token = (10 * h + 4 * inter) * b
     tokens = micro_rows * seq_len
-    acts = tokens * (h * b * L + per_layer_token) if checkpointing else tokens * per_layer_token * L
-    positions = tokens if logit_positions is None else min(tokens, logit_positions)
-    return {"weights": 4 * n_params / shard + (2 if bf16 else 4) * frozen_params / shard,
+    plan = {"weights": 4 * n_params / shard + b * frozen_params / shard,
             "gradients": 4 * n_trainable / shard,
             "optimizer": 8 * n_trainable / shard,
-            "activations": acts,
             "kv_cache": gen_rows * gen_len * L * 2 * kv * head_dim * b,
-            "logits": 3 * 4 * positions * V}
+            "gathered_weights": b * n_params if sharded else 0,
+            "activations": tokens * (h * b * L + per_layer_token) if checkpointing else tokens * per_layer_token * L,
+            "logits": 3 * 4 * (tokens if logit_positions is None else min(tokens, logit_positions)) * V,
+            "autocast_copies": 2 * n_trainable if bf16 and not sharded else 0}
+    rollout = plan["kv_cache"] + plan["gathered_weights"]
+    training = plan["activations"] + plan["logits"] + plan["autocast_copies"]
+    plan["total"] = plan["weights"] + plan["gradients"] + plan["optimizer"] + max(rollout, training)
+    return plan
 
 
 def device_memory(device):
@@ -1166,10 +1174,10 @@ def print_memory_plan(model, d, args, micro_rows, seq_len, gen_rows, gen_len, fr
                        bool(getattr(args, "gradient_checkpointing", False)),
                        count([frozen], False) if frozen is not None else 0,
                        max(1, LOGPROB_CHUNK_ELEMENTS // plain_model(model).config.vocab_size))  # lm_logprobs' chunks
-    total, have = sum(plan.values()), device_memory(d.device)
+    total, have = plan["total"], device_memory(d.device)
     if d.main:
-        print("memory plan per device: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in plan.items())
-              + f" = {total / GB:.2f} GB of {have / GB:.0f} GB", flush=True)
+        print("memory plan per device (GB): " + ", ".join(f"{k} {v / GB:.2f}" for k, v in plan.items() if v and k != "total")
+              + f"; peak {total / GB:.2f} of the device's {have / GB:.0f}", flush=True)
         if total > have:
             print(f"warning: the memory plan ({total / GB:.1f} GB) exceeds this device ({have / GB:.1f} GB): consider "
                   "--lora_r, --gradient_checkpointing, a smaller --micro_batch_size or --generation_batch_size, or more devices",

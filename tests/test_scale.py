@@ -215,12 +215,16 @@ def test_memory_plan_by_hand():
     assert plan["gradients"] == 4e5 / 4 and plan["optimizer"] == 8e5 / 4
     assert plan["activations"] == 20 * (10 * 64 + 4 * 256) * 2 * 2       # tokens x per layer x bf16 x layers
     assert plan["kv_cache"] == 8 * 20 * 2 * 2 * 2 * 16 * 2               # rows x len x layers x (k, v) x heads x dim x bf16
-    assert plan["logits"] == 12 * 20 * 1000
+    assert plan["gathered_weights"] == 2e6                                # the rollout's unsharded bf16 model
+    assert plan["logits"] == 12 * 20 * 1000 and plan["autocast_copies"] == 0
+    held = 4e6 / 4 + 2e6 / 4 + 4e5 / 4 + 8e5 / 4
+    assert plan["total"] == held + max(plan["kv_cache"] + 2e6, plan["activations"] + plan["logits"])
     ckpt = common.memory_plan(config, 1_000_000, 100_000, bf16=True, micro_rows=2, seq_len=10, checkpointing=True,
                               logit_positions=5)
     assert ckpt["activations"] == 20 * (64 * 2 * 2 + (10 * 64 + 4 * 256) * 2)
     assert ckpt["logits"] == 12 * 5 * 1000
-    assert ckpt["weights"] == 4e6  # one device holds everything
+    assert ckpt["weights"] == 4e6 and ckpt["gathered_weights"] == 0  # one device holds everything
+    assert ckpt["autocast_copies"] == 2e5
 
 
 def test_print_memory_plan_warns_in_one_line(capsys, monkeypatch):
@@ -230,7 +234,7 @@ def test_print_memory_plan_warns_in_one_line(capsys, monkeypatch):
     n = sum(p.numel() for p in model.parameters())
     assert plan["weights"] == 4 * n and plan["optimizer"] == 8 * n
     out = capsys.readouterr().out
-    assert out.startswith("memory plan per device: weights") and "warning" not in out
+    assert out.startswith("memory plan per device (GB): weights") and "warning" not in out
     monkeypatch.setattr(common, "device_memory", lambda device: 1000)
     common.print_memory_plan(model, common.Dist(), args, 4, 64, 32, 64)
     lines = capsys.readouterr().out.strip().splitlines()
