@@ -371,13 +371,22 @@ def normalize_example(row, where="dataset"):
     return {"question": str(q).strip(), "steps": steps, "answer": _strip_number(answer)}
 
 
+def toy_task(name):
+    """The generator of a built-in task of toy.py named by `name` ("toy": arithmetic, "prosqa-toy":
+    graph reachability; either with ":N" for N training rows), else None."""
+    import toy
+    return toy.DATASETS.get(str(name).partition(":")[0])
+
+
 def load_data(name, split, limit=None, seed=0):
-    """"toy" (or "toy:N" for N training problems), a local .jsonl/.json/.parquet file, or a hub
-    dataset from HF_DATASETS (or any hub id)."""
-    if name == "toy" or name.startswith("toy:"):
-        import toy
-        n = int(name.split(":")[1]) if ":" in name and split == "train" else None
-        rows = toy.dataset(split, n, seed=seed)
+    """A built-in toy task ("toy" or "prosqa-toy", or "toy:N" / "prosqa-toy:N" for N training
+    problems), a local .jsonl/.json/.parquet file, or a hub dataset from HF_DATASETS (or any hub id)."""
+    generate = toy_task(name)
+    if generate is not None:
+        count = name.partition(":")[2]
+        if ":" in name and not (count.isdigit() and int(count) > 0):
+            die(f"dataset {name!r}: the number after ':' must be a positive count of training rows")
+        rows = generate(split, int(count) if count and split == "train" else None, seed=seed)
     elif Path(name).suffix in (".jsonl", ".json", ".parquet"):
         if not Path(name).is_file():
             die(f"dataset file {name!r} does not exist")
@@ -415,14 +424,15 @@ def load_data(name, split, limit=None, seed=0):
 def load_train_eval(args, cfg=None):
     """The training and evaluation rows of a training script (`args.dataset`, `args.eval_dataset`,
     `args.max_train_samples`, `args.max_eval_samples`, `args.seed`, `args.model_name_or_path`).
-    The toy task is the default only for the toy model and checkpoints trained on it; a single
-    local file without --eval_dataset gives up a tenth of its rows (by a hash of the question) for
-    evaluation, never its own training rows. Records the dataset in `cfg` (latent_config.json)."""
+    The toy task is the default only for the toy model and checkpoints trained on a toy task (then
+    theirs, e.g. "prosqa-toy", from latent_config.json); a single local file without --eval_dataset
+    gives up a tenth of its rows (by a hash of the question) for evaluation, never its own training
+    rows. Records the dataset in `cfg` (latent_config.json)."""
     import toy
     name, start = args.dataset, (cfg or {}).get("dataset", "")
     if not name:
         toy_model = args.model_name_or_path in ("toy", toy.COT, toy.COCONUT, toy.LATENT_SFT)  # (or its fallback)
-        if not toy_model and not start.startswith("toy"):
+        if not toy_model and not toy_task(start):
             die(f"--dataset is required with {args.model_name_or_path!r} (the toy task is the default only for "
                 "the toy model): e.g. --dataset openai/gsm8k or a local .jsonl")
         name = start or "toy"
@@ -446,9 +456,10 @@ def load_train_eval(args, cfg=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# answer checking: plain numbers exactly, anything else by math-verify; never raises, never hangs
+# answer checking: plain numbers and words exactly, anything else by math-verify; never raises, never hangs
 
 NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")  # 1,000 / 2.5 / 1e5
+WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")  # a gold answer of words (shorter: x, xy, (A) go to math-verify)
 VERIFY_TIMEOUT = 5.0  # seconds per symbolic check
 
 
@@ -551,14 +562,25 @@ def _math_verify(gold, pred):
         return answer == "1"
 
 
+def _as_words(s):
+    """A word answer as compared: \\text{} unwrapped, spaces collapsed, no trailing period, lower case."""
+    s = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", str(s))
+    return " ".join(s.split()).rstrip(".").strip().lower()
+
+
 def is_correct(completion, gold):
     """True if the completion's final answer (extract_answer) equals the gold answer: plain numbers
-    exactly (a decimal gold at its own precision), anything else by math-verify, with both wrapped
-    in \\boxed{}. Garbage in gives False, never an exception."""
+    exactly (a decimal gold at its own precision), a gold of plain words (letters only, 3 or more:
+    ProsQA-toy's concepts, "Monday") as text up to case, spacing and a trailing period, anything
+    else by math-verify, with both wrapped in \\boxed{} (which would read a word as a product of
+    letters). Garbage in gives False, never an exception."""
     try:
         pred = extract_answer(completion)
         if pred is None or gold is None:
             return False
+        words = " ".join(str(gold).split()).rstrip(".").strip()
+        if WORDS.fullmatch(words) and sum(c.isalpha() for c in words) >= 3:
+            return _as_words(pred) == words.lower()
         g, p = as_number(gold), as_number(pred)
         if g is not None and (p is not None or not re.search(r"\d", pred)):  # no digit: never a number
             return p is not None and _same_number(g, p)
