@@ -39,20 +39,39 @@ Deviations and choices (numbered, so the README can refer to them):
 9. --lr_scheduler_type cosine is transformers' cosine to 0.1x of the learning rate (min_lr_rate
    0.1), per stage, after --warmup_steps of linear warm-up from 0 (as every transformers schedule).
 
+Scale (real models): --bf16 true computes in bf16 on fp32 master weights; --gradient_checkpointing
+recomputes each decoder layer in backward and keeps the KV cache the latent passes attend to (the
+gradients are those without it); the loss never makes whole (rows, positions, vocabulary) logits
+(lm_logprobs, in chunks: 151,936 entries a position at Qwen's vocabulary); --lora_r trains adapters
+and the three markers' rows, and checkpoints are saved merged; --save_steps writes resumable
+checkpoint-<step> folders (steps counted over all stages) and --resume_from_checkpoint latest
+continues a stopped run exactly: its stage, that stage's optimizer and schedule, and its place in
+the epoch's data order. Before the first step a line estimates the memory a device needs.
+
 Commands:
     python coconut_sft.py                                    # toy: CoT checkpoint -> stages 1..4
     python coconut_sft.py --model toy --dataset toy:20000 --start_stage 0 --end_stage 0 --epochs_per_stage 2 \
         --learning_rate 3e-3 --lr_scheduler_type cosine --warmup_steps 30 --output_dir runs/cot   # toy CoT (~10 min)
-    python coconut_sft.py --model Qwen/Qwen2.5-1.5B --dataset whynlp/gsm8k-aug-nl \
-        --start_stage 0 --end_stage 0 --learning_rate 1e-4 --epochs_per_stage 3 --output_dir runs/qwen-cot
-    python coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl --learning_rate 1e-4 \
-        --epochs_per_stage 1 --train_batch_size 128 --micro_batch_size 16 --output_dir runs/qwen-coconut
+    # one 80 GB GPU, Qwen2.5-1.5B on GSM8K-Aug (seed 000): stage 0 (CoT), then the latent stages
+    python coconut_sft.py --model Qwen/Qwen2.5-1.5B --dataset whynlp/gsm8k-aug-nl --start_stage 0 --end_stage 0 \
+        --learning_rate 1e-4 --epochs_per_stage 3 --train_batch_size 128 --micro_batch_size 32 --bf16 true \
+        --gradient_checkpointing --save_steps 500 --save_total_limit 2 --output_dir runs/qwen-cot
+    python coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl --learning_rate 1e-4 --epochs_per_stage 1 \
+        --train_batch_size 128 --micro_batch_size 32 --bf16 true --gradient_checkpointing --save_steps 500 \
+        --save_total_limit 2 --output_dir runs/qwen-coconut
+    python coconut_sft.py ... --resume_from_checkpoint latest   # a stopped run: the same command, continued exactly
     python coconut_sft.py --model runs/qwen-coconut --dataset whynlp/gsm8k-aug-nl --learning_rate 1e-4 \
-        --train_batch_size 128 --micro_batch_size 16 --output_dir runs/qwen-coconut-2   # continue: the next stage
-    python coconut_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug-nl --chat_template \
-        --learning_rate 1e-4 --epochs_per_stage 1 --train_batch_size 128 --micro_batch_size 16 \
-        --output_dir runs/llama-instruct-coconut   # an instruct model: its chat template, a system turn, <|eot_id|>
-    torchrun --nproc_per_node 8 coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl ...
+        --train_batch_size 128 --micro_batch_size 32 --bf16 true --output_dir runs/qwen-coconut-2   # continue: the next stage
+    # 8 GPUs (FSDP2, 16 rows a GPU); Llama-3.2-1B-Instruct the same way, with its chat template
+    torchrun --nproc_per_node 8 coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl --learning_rate 1e-4 \
+        --epochs_per_stage 1 --train_batch_size 128 --micro_batch_size 16 --bf16 true --save_steps 500 \
+        --save_total_limit 2 --output_dir runs/qwen-coconut
+    torchrun --nproc_per_node 8 coconut_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug-nl \
+        --chat_template --learning_rate 1e-4 --epochs_per_stage 1 --train_batch_size 128 --micro_batch_size 16 --bf16 true \
+        --save_steps 500 --output_dir runs/llama-instruct-coconut   # an instruct model: its chat template, a system turn, <|eot_id|>
+    # LoRA instead of full fine-tuning (adapters and the markers' rows; a larger learning rate)
+    python coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl --lora_r 64 --lora_alpha 128 \
+        --learning_rate 2e-4 --train_batch_size 128 --micro_batch_size 32 --bf16 true --save_steps 500 --output_dir runs/qwen-coconut-lora
 """
 import functools
 import math

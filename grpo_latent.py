@@ -26,12 +26,31 @@ Deviations and choices:
 4. `--n_latents` overrides the number of latent steps of a Coconut checkpoint (seed 000 varied it
    from 2 to 64).
 
+Scale (real models): --bf16 true computes in bf16 on fp32 master weights (the reference copy is
+kept in bf16); log-probs are computed per position in chunks (lm_logprobs), never as whole (rows,
+positions, vocabulary) logits; --generation_batch_size bounds the rows generated at once (whole
+groups); --gradient_checkpointing recomputes each decoder layer in backward; --lora_r trains
+adapters (and a Coconut model's marker rows), its KL reference is the policy with the adapters off
+(no copy), and checkpoints are saved merged; --save_steps writes resumable checkpoint-<step>
+folders, --resume_from_checkpoint latest continues a stopped run exactly. Before the first step a
+line estimates the memory a device needs.
+
 Commands:
     python grpo_latent.py                                        # toy Coconut checkpoint
     python grpo_latent.py --model checkpoints/toy-cot --output_dir runs/grpo_cot   # plain GRPO
-    python grpo_latent.py --model runs/qwen-coconut --dataset openai/gsm8k --learning_rate 1e-6 \
-        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 256 --beta 0.04
-    torchrun --nproc_per_node 8 grpo_latent.py --model runs/qwen-coconut --dataset openai/gsm8k ...
+    # one 80 GB GPU: a Qwen2.5-1.5B Coconut checkpoint (coconut_sft.py), 64 prompts x 8 rollouts a step
+    python grpo_latent.py --model runs/qwen-coconut --dataset openai/gsm8k --learning_rate 1e-6 --beta 0.04 \
+        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 256 --bf16 true \
+        --gradient_checkpointing --generation_batch_size 256 --save_steps 50 --save_total_limit 2 --output_dir runs/qwen-coconut-grpo
+    python grpo_latent.py ... --resume_from_checkpoint latest   # a stopped run: the same command, continued exactly
+    # 8 GPUs (FSDP2): 8 prompts x 8 rollouts a GPU
+    torchrun --nproc_per_node 8 grpo_latent.py --model runs/qwen-coconut --dataset openai/gsm8k --learning_rate 1e-6 \
+        --beta 0.04 --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 256 \
+        --bf16 true --generation_batch_size 64 --save_steps 50 --output_dir runs/qwen-coconut-grpo
+    # LoRA (the reference: adapters off), e.g. a Llama-3.2-1B-Instruct Coconut checkpoint
+    python grpo_latent.py --model runs/llama-instruct-coconut --dataset openai/gsm8k --lora_r 64 --lora_alpha 128 \
+        --learning_rate 1e-5 --beta 0.04 --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 32 \
+        --max_completion_length 256 --bf16 true --generation_batch_size 256 --save_steps 50 --output_dir runs/llama-coconut-grpo
 """
 import copy
 import functools

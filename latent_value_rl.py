@@ -33,14 +33,33 @@ Deviations and choices:
    bf16-capable GPU) computes the language model's forward in bf16; the checkpoint is saved in
    the start model's published dtype (--save_dtype).
 
+Scale (real models): --bf16 true computes the language model in bf16 on fp32 master weights;
+--generation_batch_size bounds the rollouts generated at once (phase 1 and 2); the recomputed
+latent chain takes one row of logits per pass, never a prompt's; --gradient_checkpointing
+recomputes each decoder layer in backward and keeps the chain's KV cache (the gradients are those
+without it); --lora_r trains adapters (and the markers' rows) and checkpoints are saved merged;
+--save_steps writes resumable checkpoint-<step> folders (value head and both optimizers included),
+--resume_from_checkpoint latest continues a stopped run exactly without redoing phase 1. Before the
+first step a line estimates the memory a device needs.
+
 Commands:
     python latent_value_rl.py                                   # the toy Coconut checkpoint
     python latent_value_rl.py --freeze_value_head --output_dir runs/lvrl_frozen
+    # one 80 GB GPU: a Qwen2.5-1.5B Coconut checkpoint (coconut_sft.py)
     python latent_value_rl.py --model runs/qwen-coconut --dataset openai/gsm8k --learning_rate 5e-6 \
-        --value_learning_rate 5e-6 --train_batch_size 32 --max_completion_length 256
+        --value_learning_rate 5e-6 --train_batch_size 32 --max_completion_length 256 --bf16 true \
+        --gradient_checkpointing --generation_batch_size 64 --save_steps 20 --output_dir runs/qwen-lvrl
+    python latent_value_rl.py ... --resume_from_checkpoint latest   # a stopped run: the same command, continued exactly
     python latent_value_rl.py --model runs/llama-instruct-coconut --dataset openai/gsm8k --chat_template \
-        --learning_rate 5e-6 --value_learning_rate 5e-6 --train_batch_size 32 --max_completion_length 256
-    torchrun --nproc_per_node 8 latent_value_rl.py --model runs/qwen-coconut --dataset openai/gsm8k ...
+        --learning_rate 5e-6 --value_learning_rate 5e-6 --train_batch_size 32 --max_completion_length 256 --bf16 true
+    # 8 GPUs (FSDP2): 8 prompts a GPU
+    torchrun --nproc_per_node 8 latent_value_rl.py --model runs/qwen-coconut --dataset openai/gsm8k --learning_rate 5e-6 \
+        --value_learning_rate 5e-6 --train_batch_size 64 --max_completion_length 256 --bf16 true --save_steps 20 \
+        --output_dir runs/qwen-lvrl
+    # LoRA on the language model (the head is trained whole)
+    python latent_value_rl.py --model runs/qwen-coconut --dataset openai/gsm8k --lora_r 64 --lora_alpha 128 \
+        --learning_rate 5e-5 --value_learning_rate 5e-6 --train_batch_size 32 --max_completion_length 256 --bf16 true \
+        --save_steps 20 --output_dir runs/qwen-lvrl-lora
 """
 import functools
 import random
