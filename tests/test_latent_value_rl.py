@@ -135,8 +135,8 @@ def test_cosine_to_a_tenth_is_the_old_formula():
 # scale features: resume (two optimizers and schedules, phase 1 not redone, a frozen head), LoRA,
 # gradient checkpointing, generation in pieces
 
-SCALE = ["--max_steps", "4", "--pretrain_questions", "8", "--pretrain_epochs", "2", "--train_batch_size", "2",
-         "--max_train_samples", "32", "--max_eval_samples", "2", "--max_completion_length", "12", "--learning_rate", "1e-3",
+SCALE = ["--max_steps", "4", "--pretrain_questions", "4", "--pretrain_epochs", "2", "--train_batch_size", "2",
+         "--max_train_samples", "32", "--max_eval_samples", "1", "--max_completion_length", "12", "--learning_rate", "1e-3",
          "--value_learning_rate", "1e-2", "--eval_every", "2"]
 
 
