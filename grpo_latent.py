@@ -254,7 +254,7 @@ def main(args):
         logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
         return {"pass@1": res["pass@1"], "mean_L": res["mean_L"]}
 
-    def ref_logprobs(rows):  # the frozen start model's log-probs: a copy, or the policy with its adapters off
+    def ref_logprobs(r, rows):  # the frozen start model's log-probs: a copy, or the policy with its adapters off
         if ref is not None:
             return common.completion_logprobs(ref, r, rows, args.temperature).token
         with common.unwrap(model).disable_adapter():
@@ -293,7 +293,7 @@ def main(args):
                     old_logp = torch.cat([common.completion_logprobs(model, r, slice(i, i + micro), args.temperature).token
                                           for i in range(0, N, micro)])
                 if args.beta > 0:
-                    ref_logp = torch.cat([ref_logprobs(slice(i, i + micro)) for i in range(0, N, micro)])
+                    ref_logp = torch.cat([ref_logprobs(r, slice(i, i + micro)) for i in range(0, N, micro)])
             # ---- the update: num_iterations passes, mini-batches of whole groups, micro-batches of rows
             model.train()
             stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "n": 0}
