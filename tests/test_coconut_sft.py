@@ -400,6 +400,7 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, capsys):
     (["--dataset", "/no/such/data.jsonl"], "does not exist"),
     (["--c_thought", "0"], "--c_thought must be at least 1"),
     (["--max_latent_stage", "-1"], "--max_latent_stage must be >= 0"),
+    (["--max_steps", "0"], "--max_steps must be -1 (no cap) or at least 1"),
     (["--model", str(ROOT / "tests")], "not a model checkpoint"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path):
