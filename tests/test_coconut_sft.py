@@ -386,7 +386,7 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, capsys):
     """A latent stage (rows with 0..2 latents: several cached passes with gradients) with and without."""
     argv = ["--start_stage", "1", "--end_stage", "1", "--c_thought", "2", "--max_steps", "1", "--warmup_steps", "0"]
     plain = train(tmp_path / "plain", *argv).state_dict()
-    assert "memory plan per device: weights" in capsys.readouterr().out
+    assert "memory plan per device" in capsys.readouterr().out
     ckpt = train(tmp_path / "ckpt", *argv, "--gradient_checkpointing").state_dict()
     start = common.load_model("toy", torch.device("cpu"), torch.float32)[0].state_dict()
     assert not torch.allclose(plain["model.norm.weight"], start["model.norm.weight"])  # the step did something

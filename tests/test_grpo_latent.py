@@ -295,7 +295,7 @@ def test_lora_trains_adapters_and_markers_against_the_adapters_off_reference(tmp
 def test_gradient_checkpointing_gives_the_same_step(tmp_path, capsys):
     argv = ["--max_steps", "1", "--learning_rate", "1e-2", "--eval_every", "100", "--max_eval_samples", "1"]
     plain = train(tmp_path / "plain", *argv).state_dict()
-    assert "memory plan per device: weights" in capsys.readouterr().out
+    assert "memory plan per device" in capsys.readouterr().out
     ckpt = train(tmp_path / "ckpt", *argv, "--gradient_checkpointing").state_dict()
     start = load_file(f"{toy_task.COCONUT}/model.safetensors")
     assert not torch.allclose(plain["model.norm.weight"], start["model.norm.weight"])

@@ -196,7 +196,7 @@ def test_lora_trains_adapters_and_the_prompt_marker_row(tmp_path):
 def test_gradient_checkpointing_gives_the_same_step(tmp_path, capsys):
     argv = ["--max_steps", "1", "--eval_every", "100", "--max_eval_samples", "1"]
     plain = weights(train(tmp_path / "plain", *argv))
-    assert "memory plan per device: weights" in capsys.readouterr().out
+    assert "memory plan per device" in capsys.readouterr().out
     ckpt = weights(train(tmp_path / "ckpt", *argv, "--gradient_checkpointing"))
     for k, w in plain.items():
         assert torch.allclose(ckpt[k], w, atol=1e-6), k
