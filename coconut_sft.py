@@ -39,20 +39,39 @@ Deviations and choices (numbered, so the README can refer to them):
 9. --lr_scheduler_type cosine is transformers' cosine to 0.1x of the learning rate (min_lr_rate
    0.1), per stage, after --warmup_steps of linear warm-up from 0 (as every transformers schedule).
 
+Scale (real models): --bf16 true computes in bf16 on fp32 master weights; --gradient_checkpointing
+recomputes each decoder layer in backward and keeps the KV cache the latent passes attend to (the
+gradients are those without it); the loss never makes whole (rows, positions, vocabulary) logits
+(lm_logprobs, in chunks: 151,936 entries a position at Qwen's vocabulary); --lora_r trains adapters
+and the three markers' rows, and checkpoints are saved merged; --save_steps writes resumable
+checkpoint-<step> folders (steps counted over all stages) and --resume_from_checkpoint latest
+continues a stopped run exactly: its stage, that stage's optimizer and schedule, and its place in
+the epoch's data order. Before the first step a line estimates the memory a device needs.
+
 Commands:
     python coconut_sft.py                                    # toy: CoT checkpoint -> stages 1..4
     python coconut_sft.py --model toy --dataset toy:20000 --start_stage 0 --end_stage 0 --epochs_per_stage 2 \
         --learning_rate 3e-3 --lr_scheduler_type cosine --warmup_steps 30 --output_dir runs/cot   # toy CoT (~10 min)
-    python coconut_sft.py --model Qwen/Qwen2.5-1.5B --dataset whynlp/gsm8k-aug-nl \
-        --start_stage 0 --end_stage 0 --learning_rate 1e-4 --epochs_per_stage 3 --output_dir runs/qwen-cot
-    python coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl --learning_rate 1e-4 \
-        --epochs_per_stage 1 --train_batch_size 128 --micro_batch_size 16 --output_dir runs/qwen-coconut
+    # one 80 GB GPU, Qwen2.5-1.5B on GSM8K-Aug (seed 000): stage 0 (CoT), then the latent stages
+    python coconut_sft.py --model Qwen/Qwen2.5-1.5B --dataset whynlp/gsm8k-aug-nl --start_stage 0 --end_stage 0 \
+        --learning_rate 1e-4 --epochs_per_stage 3 --train_batch_size 128 --micro_batch_size 32 --bf16 true \
+        --gradient_checkpointing --save_steps 500 --save_total_limit 2 --output_dir runs/qwen-cot
+    python coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl --learning_rate 1e-4 --epochs_per_stage 1 \
+        --train_batch_size 128 --micro_batch_size 32 --bf16 true --gradient_checkpointing --save_steps 500 \
+        --save_total_limit 2 --output_dir runs/qwen-coconut
+    python coconut_sft.py ... --resume_from_checkpoint latest   # a stopped run: the same command, continued exactly
     python coconut_sft.py --model runs/qwen-coconut --dataset whynlp/gsm8k-aug-nl --learning_rate 1e-4 \
-        --train_batch_size 128 --micro_batch_size 16 --output_dir runs/qwen-coconut-2   # continue: the next stage
-    python coconut_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug-nl --chat_template \
-        --learning_rate 1e-4 --epochs_per_stage 1 --train_batch_size 128 --micro_batch_size 16 \
-        --output_dir runs/llama-instruct-coconut   # an instruct model: its chat template, a system turn, <|eot_id|>
-    torchrun --nproc_per_node 8 coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl ...
+        --train_batch_size 128 --micro_batch_size 32 --bf16 true --output_dir runs/qwen-coconut-2   # continue: the next stage
+    # 8 GPUs (FSDP2, 16 rows a GPU); Llama-3.2-1B-Instruct the same way, with its chat template
+    torchrun --nproc_per_node 8 coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl --learning_rate 1e-4 \
+        --epochs_per_stage 1 --train_batch_size 128 --micro_batch_size 16 --bf16 true --save_steps 500 \
+        --save_total_limit 2 --output_dir runs/qwen-coconut
+    torchrun --nproc_per_node 8 coconut_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug-nl \
+        --chat_template --learning_rate 1e-4 --epochs_per_stage 1 --train_batch_size 128 --micro_batch_size 16 --bf16 true \
+        --save_steps 500 --output_dir runs/llama-instruct-coconut   # an instruct model: its chat template, a system turn, <|eot_id|>
+    # LoRA instead of full fine-tuning (adapters and the markers' rows; a larger learning rate)
+    python coconut_sft.py --model runs/qwen-cot --dataset whynlp/gsm8k-aug-nl --lora_r 64 --lora_alpha 128 \
+        --learning_rate 2e-4 --train_batch_size 128 --micro_batch_size 32 --bf16 true --save_steps 500 --output_dir runs/qwen-coconut-lora
 """
 import functools
 import math
@@ -62,7 +81,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DynamicCache, get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
@@ -104,6 +122,14 @@ class Args:
     max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions after each stage (0 = all)"})
     max_completion_length: int = field(default=64, metadata={"help": "generated positions per evaluation rollout, latents included"})
     max_steps: int = field(default=-1, metadata={"help": "cap on optimizer steps per stage (-1 = none)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); the Coconut markers' embedding rows stay trainable"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules: all-linear, or comma-separated module names (q_proj,v_proj)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward (exact, KV cache of the latent passes kept): less memory, about a third more compute"})
+    save_steps: int = field(default=0, metadata={"help": "write <output_dir>/checkpoint-<step> (resumable) every N optimizer steps, counted over all stages (0 = only the final save)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a stopped run exactly: a checkpoint-<step> folder, or latest (the newest in --output_dir); same arguments and process count"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
     save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
     distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
@@ -170,24 +196,37 @@ def coconut_forward(model, ids, mask, n_latent, c0, pause_as_thought=False):
     """Coconut's forward: latent slot c0+k (for rows with k < n_latent) takes as input the final
     hidden state at column c0+k-1. Pass 0 covers columns [0, c0); pass k (1..n-1) the single column
     c0+k-1; the last pass the rest, reusing the KV cache, so n_latent + 1 passes in all, with
-    gradients through the chain. Returns logits (B, L, V) and the continuous thoughts fed, as a
-    list of (vectors (B, d), rows that take them (B,))."""
+    gradients through the chain. Returns logp (B, L-1), logp[:, j] = log p(ids[:, j+1] | columns
+    <= j) (0 at the prompt's own positions, which predict no label), and the continuous thoughts
+    fed, as a list of (vectors (B, d), rows that take them (B,)).
+
+    No pass makes whole (B, L, V) logits: the last pass scores its positions with lm_logprobs (in
+    chunks), and each earlier pass needs only its last position's logits (B, 1, V), which predict
+    the next pass's first column (a label for rows with fewer latents than the batch's most)."""
     pos = common.positions(mask)
     n_max = common.global_max(n_latent.max())  # the same number of passes on every rank
     if n_max == 0 or pause_as_thought:  # pause as thought: the <|latent|> embedding itself is the input
-        return common.lm_forward(model, ids, mask, pos)[0], []
+        return common.lm_logprobs(model, ids, mask, pos, ids[:, 1:])[0].token, []
+
+    def next_logprob(logits, b):  # log p(ids[:, b]) from the logits of column b-1 (B, 1, V)
+        return logits[:, -1].float().log_softmax(-1).gather(-1, ids[:, b, None])
+
     cache = DynamicCache(config=common.unwrap(model).config)
-    logits, hidden = common.lm_forward(model, ids[:, :c0], mask[:, :c0], pos[:, :c0], cache)
-    chunks, thoughts = [logits], []
+    logits, hidden = common.lm_forward(model, ids[:, :c0], mask[:, :c0], pos[:, :c0], cache, logits_to_keep=1)
+    chunks, thoughts = [torch.zeros((ids.shape[0], c0 - 1), device=ids.device), next_logprob(logits, c0)], []
     for k in range(n_max):
         a, b = c0 + k, (c0 + k + 1 if k < n_max - 1 else ids.shape[1])
         is_latent = torch.zeros((ids.shape[0], b - a), dtype=torch.bool, device=ids.device)
         is_latent[:, 0] = k < n_latent
         thought = hidden[:, -1]                        # (B, d): fed at column c0+k where is_latent
         thoughts.append((thought, is_latent[:, 0]))
-        logits, hidden = common.lm_forward(model, ids[:, a:b], mask[:, :b], pos[:, a:b], cache, latent_mask=is_latent,
-                                           latent_vectors=thought[:, None].expand(-1, b - a, -1))
-        chunks.append(logits)
+        latent = dict(latent_mask=is_latent, latent_vectors=thought[:, None].expand(-1, b - a, -1))
+        if b < ids.shape[1]:
+            logits, hidden = common.lm_forward(model, ids[:, a:b], mask[:, :b], pos[:, a:b], cache, logits_to_keep=1, **latent)
+            chunks.append(next_logprob(logits, b))
+        else:
+            lp, _ = common.lm_logprobs(model, ids[:, a:b], mask[:, :b], pos[:, a:b], ids[:, a + 1:b], past_key_values=cache, **latent)
+            chunks.append(lp.token)
     return torch.cat(chunks, 1), thoughts
 
 
@@ -272,6 +311,10 @@ def main(args):
         common.die(f"--removal must be step or token (got {args.removal!r})")
     if args.lr_scheduler_type not in ("constant", "cosine"):
         common.die(f"--lr_scheduler_type must be constant or cosine (got {args.lr_scheduler_type!r})")
+    if args.max_steps == 0 or args.max_steps < -1:
+        common.die(f"--max_steps must be -1 (no cap) or at least 1 (got {args.max_steps})")
+    if args.lora_r < 0:
+        common.die(f"--lora_r must be >= 0 (got {args.lora_r})")
     d = common.setup_distributed(args.seed)
     if d.world > 1 and args.train_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} is not divisible by {d.world} processes")
@@ -291,78 +334,111 @@ def main(args):
         / max(1, sum(len(ex["steps"]) for ex in train[:2000]))))
     if args.removal == "token" and d.main:
         print(f"token-wise removal: {tokens_per_stage} tokens per stage")
+    steps_per_epoch = len(train) // args.train_batch_size
+    if steps_per_epoch == 0:
+        common.die(f"the training set ({len(train)} examples) is smaller than one batch ({args.train_batch_size})")
+    per_stage = steps_per_epoch * args.epochs_per_stage   # optimizer steps of every stage
+    per_stage = per_stage if args.max_steps < 0 else min(args.max_steps, per_stage)
+    # --lora_r: adapters on the decoder, the markers' rows trainable (their embeddings are new)
+    model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                              trainable_token_ids=special)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)  # keeps the KV cache the latent passes attend to
     model = common.wrap_model(model, d, args.distributed, bf16)
-    logger = common.Logger(args.output_dir, args, d, args.track)
+    params = [p for p in model.parameters() if p.requires_grad]
     per_rank = args.train_batch_size // d.world
     micro = min(args.micro_batch_size, per_rank)
-    step, rng = 0, random.Random(args.seed)
-    cfg = {"mode": "cot"}
-    for si, stage in enumerate(stages):
-        epochs = args.epochs_per_stage
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)  # reset per stage
-        steps_per_epoch = len(train) // args.train_batch_size
-        if steps_per_epoch == 0:
-            common.die(f"the training set ({len(train)} examples) is smaller than one batch ({args.train_batch_size})")
-        total = steps_per_epoch * epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * epochs)
-        scheduler = lr_schedule(optimizer, args, total)
-        model.train()
-        bar = tqdm(total=total, desc=f"stage {stage}", disable=not d.main)
-        i, t0 = 0, time.time()
-        for epoch in range(epochs):
-            order = list(range(len(train)))
-            random.Random(args.seed * 1000 + si * 100 + epoch).shuffle(order)
-            for b in range(steps_per_epoch):
-                if i >= total:
-                    break
-                batch = order[b * args.train_batch_size:(b + 1) * args.train_batch_size][d.rank::d.world]
-                sizes = [rng.randint(0, stage) if rng.random() < args.uniform_prob else stage for _ in batch]
-                exs = [build_example(tokenizer, train[j], s, args, special, tokens_per_stage, not cot_only, prompting, end_id)
-                       for j, s in zip(batch, sizes)]
-                # every labelled token of the global batch weighs the same, however it is split into
-                # ranks and micro-batches (the gradients are averaged over ranks, hence * world)
-                n_tokens = common.all_sum(sum(sum(y != -100 for y in ex.labels) for ex in exs), d)
-                stats = {"loss": 0.0, "thought_norm": 0.0, "n_thoughts": 0}
-                for m in range(0, len(exs), micro):
-                    ids, mask, labels, n_latent, c0 = collate(exs[m:m + micro], tokenizer.pad_token_id, d.device)
-                    logits, thoughts = coconut_forward(model, ids, mask, n_latent, c0, args.pause_as_thought)
-                    loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                               ignore_index=-100, reduction="sum")
-                    (loss_sum * d.world / n_tokens).backward()
-                    stats["loss"] += loss_sum.item() / n_tokens
-                    if thoughts:
-                        all_t = torch.cat([v[rows] for v, rows in thoughts]).detach()
-                        stats["thought_norm"] += all_t.norm(dim=-1).sum().item()
-                        stats["n_thoughts"] += len(all_t)
-                grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                i += 1
-                step += 1
-                bar.update(1)
-                if i % args.log_every == 0 or i == total:
-                    row = {"stage": stage, "loss": common.all_sum(stats["loss"], d),
-                           "grad_norm": grad_norm,
-                           "lr": scheduler.get_last_lr()[0], "tok_per_s": n_tokens * args.log_every / max(1e-9, time.time() - t0)}
-                    if stats["n_thoughts"]:
-                        row["thought_norm"] = stats["thought_norm"] / stats["n_thoughts"]
-                    logger.log(row, step)
-                    t0 = time.time()
-        bar.close()
-        # evaluation after each stage, with the number of latents this stage uses
-        n_lat = args.c_thought * min(stage, args.max_latent_stage)
+    rng = random.Random(args.seed)
+
+    def new_optimizer():  # reset at every stage, as Coconut does
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        return optimizer, lr_schedule(optimizer, args, per_stage)
+
+    def stage_cfg(stage):  # latent_config.json of a checkpoint made in `stage`
         cfg = ({"mode": "cot"} if cot_only else
-               {"mode": "coconut", "n_latents": n_lat, "c_thought": args.c_thought, "stage": stage,
-                "removal": args.removal, "pause_as_thought": args.pause_as_thought})
-        cfg.update(prompting, method="coconut_sft", base_model=args.model_name_or_path, dataset=data_cfg["dataset"])
-        with torch.no_grad():
-            res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
-                                  max_new_tokens=args.max_completion_length, d=d)
-        logger.log({"stage": stage, "eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
-        if d.main:
-            print(f"stage {stage}: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}  ({len(test)} test questions)")
+               {"mode": "coconut", "n_latents": args.c_thought * min(stage, args.max_latent_stage), "c_thought": args.c_thought,
+                "stage": stage, "removal": args.removal, "pause_as_thought": args.pause_as_thought})
+        return {**cfg, **prompting, "method": "coconut_sft", "base_model": args.model_name_or_path, "dataset": data_cfg["dataset"]}
+
+    def epoch_order(si, epoch):  # the data order of one epoch of one stage (a resumed run finds its place in it)
+        order = list(range(len(train)))
+        random.Random(args.seed * 1000 + si * 100 + epoch).shuffle(order)
+        return order
+
+    # --resume_from_checkpoint: step s belongs to stage (s - 1) // per_stage, whose optimizer the
+    # checkpoint holds; that stage's optimizer is made first, resume() fills it in
+    state = common.TrainState(args, d, {"model": model}, rngs=[rng])
+    _, saved = state.checkpoint()
+    first = (saved - 1) // per_stage if saved else 0
+    optimizer, scheduler = new_optimizer()
+    state.optimizers, state.schedulers = [optimizer], [scheduler]
+    done, extra = state.resume()
+    logger = common.Logger(args.output_dir, args, d, args.track, resume_step=done)
+    res = extra.get("eval")  # the last stage evaluation, if the checkpoint was at the end of a stage
+    example = lambda ex, s: build_example(tokenizer, ex, s, args, special, tokens_per_stage, not cot_only, prompting, end_id)  # noqa: E731
+    sample = [example(ex, s) for ex in train[:256] for s in sorted(set(stages))]
+    longest_prompt = max(len(e.prompt) for e in sample)
+    common.print_memory_plan(model, d, args, micro, longest_prompt + max(len(e.tail) for e in sample),
+                             min(64, -(-len(test) // d.world)), longest_prompt + args.max_completion_length)
+    for si in range(first, len(stages)):
+        stage = stages[si]
+        if si > first:
+            optimizer, scheduler = new_optimizer()
+            state.optimizers, state.schedulers = [optimizer], [scheduler]
+        cfg = stage_cfg(stage)
         model.train()
-    common.finish(model, tokenizer, cfg, args, d, res, plot_keys=["loss", "thought_norm", "eval_acc", "eval_mean_L"])
+        i0 = max(0, done - si * per_stage)  # steps of this stage already done (by the resumed run)
+        bar = tqdm(total=per_stage, initial=i0, desc=f"stage {stage}", disable=not d.main)
+        t0, seen_tokens, since_log = time.time(), 0, 0
+        for i in range(i0, per_stage):
+            epoch, b = divmod(i, steps_per_epoch)
+            if i == i0 or b == 0:
+                order = epoch_order(si, epoch)
+            step = si * per_stage + i + 1
+            batch = order[b * args.train_batch_size:(b + 1) * args.train_batch_size][d.rank::d.world]
+            sizes = [rng.randint(0, stage) if rng.random() < args.uniform_prob else stage for _ in batch]
+            exs = [example(train[j], s) for j, s in zip(batch, sizes)]
+            # every labelled token of the global batch weighs the same, however it is split into
+            # ranks and micro-batches (the gradients are averaged over ranks, hence * world)
+            n_tokens = common.all_sum(sum(sum(y != -100 for y in ex.labels) for ex in exs), d)
+            stats = {"loss": 0.0, "thought_norm": 0.0, "n_thoughts": 0}
+            for m in range(0, len(exs), micro):
+                ids, mask, labels, n_latent, c0 = collate(exs[m:m + micro], tokenizer.pad_token_id, d.device)
+                logp, thoughts = coconut_forward(model, ids, mask, n_latent, c0, args.pause_as_thought)
+                loss_sum = -logp[labels[:, 1:] != -100].sum()   # cross-entropy on what follows <|end-latent|>
+                (loss_sum * d.world / n_tokens).backward()
+                stats["loss"] += loss_sum.item() / n_tokens
+                if thoughts:
+                    all_t = torch.cat([v[rows] for v, rows in thoughts]).detach()
+                    stats["thought_norm"] += all_t.norm(dim=-1).sum().item()
+                    stats["n_thoughts"] += len(all_t)
+            grad_norm = common.clip_grad_norm(params, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            seen_tokens, since_log = seen_tokens + n_tokens, since_log + 1
+            if (i + 1) % args.log_every == 0 or i + 1 == per_stage:
+                elapsed = max(1e-9, time.time() - t0)
+                row = {"stage": stage, "loss": common.all_sum(stats["loss"], d), "grad_norm": grad_norm,
+                       "lr": scheduler.get_last_lr()[0], "step_s": elapsed / since_log, "tok_per_s": seen_tokens / elapsed}
+                if stats["n_thoughts"]:
+                    row["thought_norm"] = stats["thought_norm"] / stats["n_thoughts"]
+                logger.log(row, step)
+                t0, seen_tokens, since_log = time.time(), 0, 0
+            if i + 1 == per_stage:  # evaluation after each stage, with the number of latents this stage uses
+                with torch.no_grad():
+                    out = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                                          max_new_tokens=args.max_completion_length, d=d)
+                res = {"pass@1": out["pass@1"], "mean_L": out["mean_L"]}
+                logger.log({"stage": stage, "eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
+                if d.main:
+                    print(f"stage {stage}: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}  ({len(test)} test questions)")
+                model.train()
+            state.maybe_save(step, tokenizer, cfg, extra={"eval": res})
+        bar.close()
+    common.finish(model, tokenizer, stage_cfg(stages[-1]), args, d, res,
+                  plot_keys=["loss", "thought_norm", "eval_acc", "eval_mean_L"])
     return model
 
 

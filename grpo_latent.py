@@ -26,12 +26,31 @@ Deviations and choices:
 4. `--n_latents` overrides the number of latent steps of a Coconut checkpoint (seed 000 varied it
    from 2 to 64).
 
+Scale (real models): --bf16 true computes in bf16 on fp32 master weights (the reference copy is
+kept in bf16); log-probs are computed per position in chunks (lm_logprobs), never as whole (rows,
+positions, vocabulary) logits; --generation_batch_size bounds the rows generated at once (whole
+groups); --gradient_checkpointing recomputes each decoder layer in backward; --lora_r trains
+adapters (and a Coconut model's marker rows), its KL reference is the policy with the adapters off
+(no copy), and checkpoints are saved merged; --save_steps writes resumable checkpoint-<step>
+folders, --resume_from_checkpoint latest continues a stopped run exactly. Before the first step a
+line estimates the memory a device needs.
+
 Commands:
     python grpo_latent.py                                        # toy Coconut checkpoint
     python grpo_latent.py --model checkpoints/toy-cot --output_dir runs/grpo_cot   # plain GRPO
-    python grpo_latent.py --model runs/qwen-coconut --dataset openai/gsm8k --learning_rate 1e-6 \
-        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 256 --beta 0.04
-    torchrun --nproc_per_node 8 grpo_latent.py --model runs/qwen-coconut --dataset openai/gsm8k ...
+    # one 80 GB GPU: a Qwen2.5-1.5B Coconut checkpoint (coconut_sft.py), 64 prompts x 8 rollouts a step
+    python grpo_latent.py --model runs/qwen-coconut --dataset openai/gsm8k --learning_rate 1e-6 --beta 0.04 \
+        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 256 --bf16 true \
+        --gradient_checkpointing --generation_batch_size 256 --save_steps 50 --save_total_limit 2 --output_dir runs/qwen-coconut-grpo
+    python grpo_latent.py ... --resume_from_checkpoint latest   # a stopped run: the same command, continued exactly
+    # 8 GPUs (FSDP2): 8 prompts x 8 rollouts a GPU
+    torchrun --nproc_per_node 8 grpo_latent.py --model runs/qwen-coconut --dataset openai/gsm8k --learning_rate 1e-6 \
+        --beta 0.04 --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 256 \
+        --bf16 true --generation_batch_size 64 --save_steps 50 --output_dir runs/qwen-coconut-grpo
+    # LoRA (the reference: adapters off), e.g. a Llama-3.2-1B-Instruct Coconut checkpoint
+    python grpo_latent.py --model runs/llama-instruct-coconut --dataset openai/gsm8k --lora_r 64 --lora_alpha 128 \
+        --learning_rate 1e-5 --beta 0.04 --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 32 \
+        --max_completion_length 256 --bf16 true --generation_batch_size 256 --save_steps 50 --output_dir runs/llama-coconut-grpo
 """
 import copy
 import functools
@@ -84,6 +103,15 @@ class Args:
     max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
     eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
     log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt and step to completions.jsonl"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); the Coconut markers' embedding rows stay trainable; with --beta the reference is the policy with its adapters off"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules: all-linear, or comma-separated module names (q_proj,v_proj)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward: less memory, about a third more compute"})
+    generation_batch_size: int = field(default=0, metadata={"help": "rollouts generated at once on a rank, a multiple of --num_generations (0 = all of a step's rows at once)"})
+    save_steps: int = field(default=0, metadata={"help": "write <output_dir>/checkpoint-<step> (resumable) every N steps (0 = only the final save)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a stopped run exactly: a checkpoint-<step> folder, or latest (the newest in --output_dir); same arguments and process count"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
     save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
     distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
@@ -181,6 +209,11 @@ def main(args):
     scale_rewards = {"true": "group", "false": "none"}.get(args.scale_rewards.lower(), args.scale_rewards.lower())
     if scale_rewards not in ("group", "batch", "none"):
         common.die(f"--scale_rewards must be group, batch or none (or true/false; got {args.scale_rewards!r})")
+    if args.lora_r < 0:
+        common.die(f"--lora_r must be >= 0 (got {args.lora_r})")
+    if args.generation_batch_size < 0 or args.generation_batch_size % args.num_generations:
+        common.die(f"--generation_batch_size must be 0 (all at once) or a multiple of --num_generations {args.num_generations}: "
+                   f"whole groups are generated together (got {args.generation_batch_size})")
     d = common.setup_distributed(args.seed)
     if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of --mini_batch_size "
@@ -194,33 +227,55 @@ def main(args):
         cfg.update(mode="coconut" if args.n_latents > 0 else cfg["mode"], n_latents=args.n_latents)
     prompts_of, step_fn = reasoning(model, tokenizer, cfg, args.temperature, args.top_p)  # one line if tokens lack
     bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
+    # --lora_r: adapters on the decoder; a Coconut model's marker rows stay trainable as in full fine-tuning
+    markers = tokenizer.convert_tokens_to_ids([START_LATENT, END_LATENT, LATENT]) if cfg["mode"] == "coconut" else []
+    model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                              trainable_token_ids=markers)
     ref = None
-    if args.beta > 0:  # frozen: kept in bf16 when computing in bf16
+    if args.beta > 0 and not args.lora_r:  # frozen: kept in bf16 when computing in bf16 (with LoRA: the adapters off)
         ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
         if args.distributed == "fsdp":  # sharded like the policy; under DDP a frozen copy needs no wrapper
             ref = common.wrap_model(ref, d, "fsdp")
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
     model = common.wrap_model(model, d, args.distributed, bf16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    logger = common.Logger(args.output_dir, args, d, args.track)
-    G, eps_high = args.num_generations, args.epsilon if args.epsilon_high is None else args.epsilon_high
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
     rng = random.Random(args.seed)
+    state = common.TrainState(args, d, {"model": model}, [optimizer], rngs=[rng])
+    done, extra = state.resume()
+    logger = common.Logger(args.output_dir, args, d, args.track, resume_step=done)
+    G, eps_high = args.num_generations, args.epsilon if args.epsilon_high is None else args.epsilon_high
+    cfg.update(method="grpo_latent", base_model=args.model_name_or_path)
 
     def run_eval(step):
         res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
                               max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
         logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
-        return res
+        return {"pass@1": res["pass@1"], "mean_L": res["mean_L"]}
 
-    start = run_eval(0)
-    for step in tqdm(range(1, args.max_steps + 1), desc="grpo", disable=not d.main):
+    def ref_logprobs(r, rows):  # the frozen start model's log-probs: a copy, or the policy with its adapters off
+        if ref is not None:
+            return common.completion_logprobs(ref, r, rows, args.temperature).token
+        with common.unwrap(model).disable_adapter():
+            return common.completion_logprobs(model, r, rows, args.temperature).token
+
+    rows_per_rank = args.train_batch_size // d.world * G
+    longest_prompt = max(len(p) for p in prompts_of([ex["question"] for ex in train[:256]]))
+    common.print_memory_plan(model, d, args, min(args.micro_batch_size, rows_per_rank), longest_prompt + args.max_completion_length,
+                             min(args.generation_batch_size or rows_per_rank, rows_per_rank),
+                             longest_prompt + args.max_completion_length, frozen=ref)
+    start = extra["start"] if done else run_eval(0)  # a resumed run has its start evaluation in the checkpoint
+    for step in tqdm(range(done + 1, args.max_steps + 1), initial=done, total=args.max_steps, desc="grpo", disable=not d.main):
         times = {}
         # ---- rollout: G completions per prompt from the checkpoint's own reasoning mode
         picks = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
         batch = [train[i] for i in picks]
         model.eval()
         with common.timer(times, "rollout_s"):
-            r = common.rollout(model, prompts_of([ex["question"] for ex in batch]), step_fn, args.max_completion_length, stop, tokenizer.pad_token_id,
-                               num_generations=G)
+            r = common.generate(model, prompts_of([ex["question"] for ex in batch]), lambda: step_fn, args.max_completion_length,
+                                stop, tokenizer.pad_token_id, num_generations=G, batch_size=args.generation_batch_size)
+        times["rollout_tok_per_s"] = r.lengths.sum().item() / max(1e-9, times["rollout_s"])  # this rank's positions, latents too
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         rewards = torch.tensor([float(common.is_correct(t, batch[i // G]["answer"])) for i, t in enumerate(texts)], device=d.device)
         adv = group_advantages(rewards, G, scale_rewards,
@@ -228,18 +283,17 @@ def main(args):
         loss_mask = ((r.kinds == common.TOKEN) & r.mask.bool()).float()  # latents and forced markers: inputs only
         if args.mask_truncated_completions:
             loss_mask = loss_mask * r.finished[:, None].float()
-        # ---- the log-probs the ratio and the KL start from
+        # ---- the log-probs the ratio and the KL start from (per position, never whole logits)
         with common.timer(times, "update_s"):
             N, micro = len(r.tokens), args.micro_batch_size
             old_logp = ref_logp = None
             off_policy = args.num_iterations > 1 or args.mini_batch_size < args.train_batch_size
             with torch.no_grad():
                 if off_policy:
-                    old_logp = torch.cat([common.gather_logprobs(common.completion_logits(model, r, slice(i, i + micro), args.temperature),
-                                                                 r.tokens[i:i + micro]) for i in range(0, N, micro)])
-                if ref is not None:
-                    ref_logp = torch.cat([common.gather_logprobs(common.completion_logits(ref, r, slice(i, i + micro), args.temperature),
-                                                                 r.tokens[i:i + micro]) for i in range(0, N, micro)])
+                    old_logp = torch.cat([common.completion_logprobs(model, r, slice(i, i + micro), args.temperature).token
+                                          for i in range(0, N, micro)])
+                if args.beta > 0:
+                    ref_logp = torch.cat([ref_logprobs(r, slice(i, i + micro)) for i in range(0, N, micro)])
             # ---- the update: num_iterations passes, mini-batches of whole groups, micro-batches of rows
             model.train()
             stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "n": 0}
@@ -250,7 +304,7 @@ def main(args):
                     n_tok = common.all_mean(loss_mask[mini].sum().item(), d) or 1.0
                     for i in range(mini.start, mini.stop, micro):
                         rows = slice(i, min(i + micro, mini.stop))
-                        logp = common.gather_logprobs(common.completion_logits(model, r, rows, args.temperature), r.tokens[rows])
+                        logp = common.completion_logprobs(model, r, rows, args.temperature).token
                         old = old_logp[rows] if old_logp is not None else logp.detach()
                         per_tok, ratio = clipped_token_loss(logp, old, adv[rows], args.epsilon, eps_high)
                         if ref_logp is not None:
@@ -275,7 +329,7 @@ def main(args):
                "completion_length": (loss_mask.sum(1)).mean().item(), "n_latents": n_latent.mean().item(),
                "truncated": 1 - r.finished.float().mean().item(), "loss": stats["loss"] / stats["n"],
                "clip_frac": stats["clip_frac"] / stats["n"], "grad_norm": stats["grad_norm"] / stats["n"], **times}
-        if ref is not None:
+        if ref_logp is not None:
             row["kl"] = stats["kl"] / stats["n"]
         logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)
         if args.log_completions:  # the first rollout of each group
@@ -284,8 +338,8 @@ def main(args):
                 for i in range(0, len(texts), G)], d)
         if step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
+        state.maybe_save(step, tokenizer, cfg, extra={"start": start})
     final = run_eval(args.max_steps)
-    cfg.update(method="grpo_latent", base_model=args.model_name_or_path)
     common.finish(model, tokenizer, cfg, args, d, final, start,
                   plot_keys=["reward", "eval_acc", "completion_length", "kl", "clip_frac"])
     return model

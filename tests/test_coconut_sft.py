@@ -91,6 +91,8 @@ def naive_coconut_logits(model, ids, mask, n_latent, c0):
 
 
 def test_multipass_forward_equals_naive_recompute(toy):
+    """The cached passes' per-position log-probs (never whole logits) equal the log-softmax of the
+    whole logits of a naive recompute, at every position that predicts a real token (labels too)."""
     model, tok, special = toy
     data = toy_task.dataset("test")[:3]
     exs = [build_example(tok, ex, s, args(), special, 0) for ex, s in zip(data, [1, 2, 0])]
@@ -98,20 +100,27 @@ def test_multipass_forward_equals_naive_recompute(toy):
     assert n_latent.tolist() == [2, 4, 0]
     with torch.no_grad():
         fast, thoughts = coconut_forward(model, ids, mask, n_latent, c0)
-        slow = naive_coconut_logits(model, ids, mask, n_latent, c0)
-    real = mask.bool()
+        slow = naive_coconut_logits(model, ids, mask, n_latent, c0)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    assert fast.shape == slow.shape == (3, ids.shape[1] - 1)
+    real = mask[:, 1:].bool()
+    real[:, :c0 - 1] = False  # the prompt's own positions predict no label: left at 0
     assert torch.allclose(fast[real], slow[real], atol=1e-4), (fast[real] - slow[real]).abs().max()
+    assert (labels[:, 1:] != -100).sum() > 0 and ((labels[:, 1:] != -100) <= real).all()
     assert sum(int(rows.sum()) for _, rows in thoughts) == 6
+    # and the loss on them is the old one: cross-entropy of the whole logits of the same passes
+    old = torch.nn.functional.cross_entropy(naive_coconut_logits(model, ids, mask, n_latent, c0)[:, :-1].flatten(0, 1),
+                                            labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    assert torch.allclose(-fast[labels[:, 1:] != -100].sum(), old, atol=1e-3)
 
 
 def test_gradient_flows_through_the_latent_chain(toy):
     model, tok, special = toy
     exs = [build_example(tok, toy_task.dataset("test")[0], 2, args(), special, 0)]
     ids, mask, labels, n_latent, c0 = collate(exs, tok.pad_token_id, torch.device("cpu"))
-    logits, thoughts = coconut_forward(model, ids, mask, n_latent, c0)
+    logp, thoughts = coconut_forward(model, ids, mask, n_latent, c0)
     for v, _ in thoughts:
         v.retain_grad()
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    loss = -logp[labels[:, 1:] != -100].mean()
     loss.backward()
     assert len(thoughts) == 4  # every thought gets gradient, the first one through the three after it too
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v, _ in thoughts)
@@ -311,12 +320,87 @@ def test_token_removal_pause_and_no_curriculum_run(tmp_path):
         assert (out / "model.safetensors").is_file()
 
 
+# ----------------------------------------------------------------------------------------------
+# scale features: resume (stage, optimizer, schedule and data order), LoRA, gradient checkpointing
+
+SCALE = ["--model", "toy", "--start_stage", "0", "--end_stage", "1", "--max_latent_stage", "1", "--max_steps", "2",
+         "--uniform_prob", "0.5", "--train_batch_size", "4", "--micro_batch_size", "2", "--max_train_samples", "16",
+         "--max_eval_samples", "4", "--max_completion_length", "12", "--log_every", "1", "--learning_rate", "3e-3",
+         "--lr_scheduler_type", "cosine", "--warmup_steps", "1"]
+
+
+def train(out, *extra):
+    return coconut_sft.main(common.parse_args(coconut_sft.Args, [str(a) for a in [*SCALE, "--output_dir", out, *extra]]))
+
+
+def same_rows(out):
+    """metrics.jsonl without what depends on the process (timing, peak memory)."""
+    return [{k: v for k, v in r.items() if k not in ("step_s", "tok_per_s", "peak_mem_gb")}
+            for r in common.read_metrics(out / "metrics.jsonl")]
+
+
+def test_a_stopped_run_resumes_mid_stage_and_at_a_stage_end_exactly(tmp_path, interrupted_after):
+    """2 stages x 2 steps: stopped after step 3 (in stage 1, its second batch of the epoch to come),
+    resumed; then resumed again from checkpoint-2 (stage 0's end: its evaluation is in the checkpoint,
+    stage 1 starts with a fresh optimizer). Both end with the straight run's weights and metrics."""
+    straight = train(tmp_path / "straight").state_dict()
+    out = tmp_path / "run"
+    with interrupted_after(3):
+        train(out, "--save_steps", "1", "--save_total_limit", "2")
+    assert sorted(common.checkpoints(out)) == [2, 3] and not (out / "model.safetensors").exists()
+    for resume in ("latest", out / "checkpoint-2"):
+        resumed = train(out, "--save_steps", "1", "--resume_from_checkpoint", resume).state_dict()
+        for k, w in straight.items():
+            assert torch.equal(resumed[k], w), (resume, k)
+        assert same_rows(out) == same_rows(tmp_path / "straight")
+        assert [(r["step"], "loss" in r) for r in common.read_metrics(out / "metrics.jsonl")] == \
+            [(1, True), (2, True), (2, False), (3, True), (4, True), (4, False)]   # eval rows at each stage's end
+    model, _, cfg = common.load_model(str(out / "checkpoint-2"), torch.device("cpu"))  # eval.py's way in
+    assert cfg["mode"] == "coconut" and cfg["stage"] == 0 and cfg["n_latents"] == 0
+    assert common.load_model(str(out / "checkpoint-3"), torch.device("cpu"))[2]["stage"] == 1
+
+
+def test_lora_trains_adapters_and_marker_rows_and_saves_merged_weights(tmp_path):
+    from peft import PeftModel
+    start, tok, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
+    special = common.add_special_tokens(start, tok, [START_LATENT, END_LATENT, LATENT], init_from="<<")
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    model = train(tmp_path / "lora", "--lora_r", "4", "--lora_alpha", "8", "--start_stage", "1", "--end_stage", "1",
+                  "--max_steps", "1", "--learning_rate", "1e-2", "--warmup_steps", "0")
+    assert isinstance(model, PeftModel)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n or "trainable_tokens" in n for n in trained)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "lora").state_dict()   # plain transformers, merged
+    assert not any("lora" in k for k in after)
+    emb, emb0 = after["model.embed_tokens.weight"], before["model.embed_tokens.weight"]
+    others = [i for i in range(len(emb0)) if i not in special]
+    assert torch.equal(emb[others], emb0[others])                     # the old rows: frozen
+    assert not torch.allclose(emb[special], emb0[special])            # the markers' rows: trained
+    assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])  # frozen base untouched
+    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight"):
+        assert not torch.allclose(after[k], before[k]), k                # adapters merged in
+    assert "--lora_r must be >= 0" in main_error("coconut_sft", *SCALE, "--lora_r", "-1", "--output_dir", tmp_path / "x")
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, capsys):
+    """A latent stage (rows with 0..2 latents: several cached passes with gradients) with and without."""
+    argv = ["--start_stage", "1", "--end_stage", "1", "--c_thought", "2", "--max_steps", "1", "--warmup_steps", "0"]
+    plain = train(tmp_path / "plain", *argv).state_dict()
+    assert "memory plan per device" in capsys.readouterr().out
+    ckpt = train(tmp_path / "ckpt", *argv, "--gradient_checkpointing").state_dict()
+    start = common.load_model("toy", torch.device("cpu"), torch.float32)[0].state_dict()
+    assert not torch.allclose(plain["model.norm.weight"], start["model.norm.weight"])  # the step did something
+    for k, w in plain.items():
+        assert torch.allclose(ckpt[k], w, atol=1e-6), k
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--model", "/no/such/folder"], "neither a local folder nor a hub id"),
     (["--model", "nobody/no-such-model-xyz"], "could not load model"),
     (["--dataset", "/no/such/data.jsonl"], "does not exist"),
     (["--c_thought", "0"], "--c_thought must be at least 1"),
     (["--max_latent_stage", "-1"], "--max_latent_stage must be >= 0"),
+    (["--max_steps", "0"], "--max_steps must be -1 (no cap) or at least 1"),
     (["--model", str(ROOT / "tests")], "not a model checkpoint"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path):

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import grpo_latent
@@ -173,14 +173,18 @@ def test_latent_positions_get_no_gradient_from_the_policy_loss(toy):
     r.latents = r.latents.clone().requires_grad_(True)
     loss_mask = ((r.kinds == common.TOKEN) & r.mask.bool()).float()
     assert loss_mask[:, :4].sum() == 0 and loss_mask[:, 4:].sum() > 0
-    logp = common.gather_logprobs(common.completion_logits(model, r), r.tokens)
+    logp = common.completion_logprobs(model, r).token
+    ids, mask, latent_mask, latents = r.inputs()  # the old way: whole logits of the same forward, then log-softmax
+    logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask, latent_vectors=latents.detach())
+    whole = logits[:, -r.tokens.shape[1] - 1:-1].log_softmax(-1).gather(-1, r.tokens[..., None])[..., 0]
+    assert torch.allclose(logp * r.mask, whole * r.mask, atol=1e-5)
     per_tok, _ = clipped_token_loss(logp, logp.detach(), torch.tensor([1.0, -1.0, 0.5, 2.0]), 0.2, 0.2)
     aggregate(per_tok, loss_mask, "token-mean", loss_mask.sum(), 4).backward()
     assert r.latents.grad is None                                  # fed back detached
     assert model.lm_head.weight.grad.abs().sum() > 0
     model.zero_grad()
     # and with the latents not detached, the loss would reach them through the answer tokens
-    logp = common.gather_logprobs(common.completion_logits(model, r, detach_latents=False), r.tokens)
+    logp = common.completion_logprobs(model, r, detach_latents=False).token
     (logp * loss_mask).sum().backward()
     assert r.latents.grad[:, :3].abs().sum() > 0
     model.zero_grad()
@@ -233,6 +237,102 @@ def test_dr_grpo_and_batch_scaling_run(tmp_path):
         "--max_eval_samples", "2", "--max_completion_length", "24", "--output_dir", str(out)]))
     row = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r][0]
     assert math.isfinite(row["loss"]) and json.loads((out / "args.json").read_text())["epsilon_high"] == 0.28
+
+
+# ----------------------------------------------------------------------------------------------
+# scale features: resume, LoRA (the reference = adapters off), gradient checkpointing, generation in pieces
+
+SCALE = ["--model", toy_task.COCONUT, "--train_batch_size", "2", "--mini_batch_size", "1", "--num_generations", "4",
+         "--max_train_samples", "32", "--max_eval_samples", "2", "--max_completion_length", "14", "--beta", "0.04",
+         "--seed", "3"]  # (seed 3: the first step's rollouts carry a reward signal)
+
+
+def train(out, *extra):
+    return grpo_latent.main(common.parse_args(grpo_latent.Args, [str(a) for a in [*SCALE, "--output_dir", out, *extra]]))
+
+
+def same_rows(out):
+    """metrics.jsonl without what depends on the process (timing, peak memory)."""
+    return [{k: v for k, v in r.items() if not k.startswith(("rollout_", "update_", "peak_mem"))}
+            for r in common.read_metrics(out / "metrics.jsonl")]
+
+
+def test_a_stopped_run_resumes_exactly(tmp_path, interrupted_after):
+    straight = train(tmp_path / "straight", "--max_steps", "4", "--eval_every", "2").state_dict()
+    out = tmp_path / "run"
+    with interrupted_after(2):
+        train(out, "--max_steps", "4", "--eval_every", "2", "--save_steps", "2")
+    resumed = train(out, "--max_steps", "4", "--eval_every", "2", "--save_steps", "2", "--resume_from_checkpoint", "latest").state_dict()
+    for k, w in straight.items():
+        assert torch.equal(resumed[k], w), k
+    rows = same_rows(out)
+    assert rows == same_rows(tmp_path / "straight")
+    assert [(r["step"], "loss" in r) for r in rows] == [(0, False), (1, True), (2, True), (2, False), (3, True), (4, True), (4, False)]
+    assert sorted(common.checkpoints(out)) == [2, 4]
+    _, _, cfg = common.load_model(str(out / "checkpoint-2"), torch.device("cpu"))  # eval.py's way in
+    assert cfg["mode"] == "coconut" and cfg["method"] == "grpo_latent"
+
+
+def test_lora_trains_adapters_and_markers_against_the_adapters_off_reference(tmp_path):
+    from peft import PeftModel
+    out = tmp_path / "lora"
+    model = train(out, "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2", "--learning_rate", "1e-2", "--eval_every", "100",
+                  "--mini_batch_size", "2", "--seed", "4")  # one update a step; seed 4: the first step has a reward signal
+    assert isinstance(model, PeftModel)
+    kl = [r["kl"] for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert kl[0] == 0 and kl[1] > 0   # step 1: B = 0, the policy is the start model; step 2: the reference still is
+    before = load_file(f"{toy_task.COCONUT}/model.safetensors")
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()    # plain transformers: merged weights
+    markers = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids([grpo_latent.START_LATENT, grpo_latent.END_LATENT, grpo_latent.LATENT])
+    emb, emb0 = after["model.embed_tokens.weight"], before["model.embed_tokens.weight"]
+    others = [i for i in range(len(emb0)) if i not in markers]
+    assert torch.equal(emb[others], emb0[others])                        # the old rows: frozen
+    assert not torch.allclose(emb[markers[:2]], emb0[markers[:2]])       # <|start-latent|>, <|end-latent|>: inputs, trained
+    assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])       # the frozen base
+    assert not torch.allclose(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, capsys):
+    argv = ["--max_steps", "1", "--learning_rate", "1e-2", "--eval_every", "100", "--max_eval_samples", "1"]
+    plain = train(tmp_path / "plain", *argv).state_dict()
+    assert "memory plan per device" in capsys.readouterr().out
+    ckpt = train(tmp_path / "ckpt", *argv, "--gradient_checkpointing").state_dict()
+    start = load_file(f"{toy_task.COCONUT}/model.safetensors")
+    assert not torch.allclose(plain["model.norm.weight"], start["model.norm.weight"])
+    for k, w in plain.items():
+        assert torch.allclose(ckpt[k], w, atol=1e-6), k
+
+
+def test_generation_in_pieces(tmp_path):
+    """8 rows a step generated 4 at a time: finite metrics; at temperature 0 the same rollouts as at once."""
+    argv = ["--max_steps", "1", "--eval_every", "100", "--max_eval_samples", "1", "--log_completions", "--temperature", "0"]
+    train(tmp_path / "whole", *argv)
+    train(tmp_path / "pieces", *argv, "--generation_batch_size", "4")
+    row = [r for r in common.read_metrics(tmp_path / "pieces" / "metrics.jsonl") if "loss" in r][0]
+    assert all(math.isfinite(v) for v in row.values()) and row["rollout_tok_per_s"] > 0
+    completions = [(tmp_path / name / "completions.jsonl").read_text() for name in ("whole", "pieces")]
+    assert completions[0] == completions[1] and completions[0].count("\n") == 2
+    assert "a multiple of --num_generations 4" in main_error("grpo_latent", *SCALE, "--generation_batch_size", "6",
+                                                             "--output_dir", tmp_path / "x")
+    assert "--lora_r must be >= 0" in main_error("grpo_latent", *SCALE, "--lora_r", "-2", "--output_dir", tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_lora_resume_continues_exactly(tmp_path):
+    """torchrun, 2 CPU processes, FSDP2, LoRA with the adapters-off reference: 4 steps straight, and
+    2 steps stopped after their checkpoint then resumed to 4, end with the same merged weights."""
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29574",
+               ROOT / "tests" / "dist_worker.py", "resume", "grpo_latent", *SCALE, "--mini_batch_size", "2", "--lora_r", "4",
+               "--max_steps", "4", "--eval_every", "100", "--learning_rate", "1e-2", "--output_dir", tmp_path,
+               env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    fingerprints = json.loads((run / "fingerprints.json").read_text())
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+    a, b = load_file(straight / "model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], load_file(f"{toy_task.COCONUT}/model.safetensors")["model.layers.0.mlp.up_proj.weight"])
+    assert same_rows(run) == same_rows(straight)
+    assert len(list((run / "checkpoint-2" / "training_state").glob("rank-*.pt"))) == 2
 
 
 @pytest.mark.slow

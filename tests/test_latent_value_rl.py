@@ -71,7 +71,7 @@ def test_latent_states_match_the_rollout_without_the_prompt_logits(toy):
     from latent_value_rl import latent_states, rollout_and_score
     model, tok, _ = toy
     cfg = {"mode": "coconut", "n_latents": 3, "prompt_format": "plain"}
-    stored, _, prompts = rollout_and_score(model, tok, toy_task.dataset("test")[:3], cfg, 8, common.stop_ids(model, tok))
+    stored, _, prompts, _ = rollout_and_score(model, tok, toy_task.dataset("test")[:3], cfg, 8, common.stop_ids(model, tok))
     rows = []
     hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: rows.append(out.shape[1]))
     try:
@@ -130,6 +130,91 @@ def test_cosine_to_a_tenth_is_the_old_formula():
 
 # ----------------------------------------------------------------------------------------------
 # end to end on the toy Coconut checkpoint
+
+# ----------------------------------------------------------------------------------------------
+# scale features: resume (two optimizers and schedules, phase 1 not redone, a frozen head), LoRA,
+# gradient checkpointing, generation in pieces
+
+SCALE = ["--max_steps", "4", "--pretrain_questions", "4", "--pretrain_epochs", "2", "--train_batch_size", "2",
+         "--max_train_samples", "32", "--max_eval_samples", "1", "--max_completion_length", "12", "--learning_rate", "1e-3",
+         "--value_learning_rate", "1e-2", "--eval_every", "2"]
+
+
+def train(out, *extra):
+    return latent_value_rl.main(common.parse_args(latent_value_rl.Args, [str(a) for a in [*SCALE, "--output_dir", out, *extra]]))
+
+
+def weights(run):
+    model, head = run
+    return {**model.state_dict(), **{f"head.{k}": v for k, v in head.state_dict().items()}}
+
+
+def same_rows(out):
+    """metrics.jsonl without what depends on the process (timing, peak memory)."""
+    return [{k: v for k, v in r.items() if not k.startswith(("rollout_", "update_", "peak_mem"))}
+            for r in common.read_metrics(out / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("frozen", [[], ["--freeze_value_head"]], ids=["head_trained", "head_frozen"])
+def test_a_stopped_run_resumes_exactly(tmp_path, interrupted_after, frozen):
+    straight = weights(train(tmp_path / "straight", *frozen))
+    out = tmp_path / "run"
+    with interrupted_after(2):
+        train(out, *frozen, "--save_steps", "2")
+    resumed = weights(train(out, *frozen, "--save_steps", "2", "--resume_from_checkpoint", "latest"))
+    for k, w in straight.items():
+        assert torch.equal(resumed[k], w), k
+    start = load_file(f"{toy_task.COCONUT}/model.safetensors")
+    assert not torch.equal(straight["model.norm.weight"], start["model.norm.weight"])
+    rows = same_rows(out)
+    assert rows == same_rows(tmp_path / "straight")
+    assert [r["step"] for r in rows] == [0, 0, 1, 2, 2, 3, 4, 4]   # phase 1 and the start evaluation, once
+    ckpt = out / "checkpoint-2"
+    _, _, cfg = common.load_model(str(ckpt), torch.device("cpu"))  # eval.py's way in
+    assert cfg["method"] == "latent_value_rl" and (ckpt / "value_head.safetensors").is_file()
+
+
+def test_lora_trains_adapters_and_the_prompt_marker_row(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "lora"
+    model, _ = train(out, "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "1", "--learning_rate", "1e-2", "--eval_every", "100")
+    assert isinstance(model, PeftModel)
+    before = load_file(f"{toy_task.COCONUT}/model.safetensors")
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()    # plain transformers: merged weights
+    markers = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids([latent_value_rl.START_LATENT, latent_value_rl.END_LATENT,
+                                                                       latent_value_rl.LATENT])
+    emb, emb0 = after["model.embed_tokens.weight"], before["model.embed_tokens.weight"]
+    others = [i for i in range(len(emb0)) if i not in markers]
+    assert torch.equal(emb[others], emb0[others])                                     # the old rows: frozen
+    assert not torch.allclose(emb[markers[0]], emb0[markers[0]])  # <|start-latent|> ends every prompt: trained
+    assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])       # the frozen base
+    assert not torch.allclose(after["model.layers.1.mlp.up_proj.weight"], before["model.layers.1.mlp.up_proj.weight"])
+    assert "--lora_r must be >= 0" in main_error("latent_value_rl", *SCALE, "--lora_r", "-1", "--output_dir", tmp_path / "x")
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, capsys):
+    argv = ["--max_steps", "1", "--eval_every", "100", "--max_eval_samples", "1"]
+    plain = weights(train(tmp_path / "plain", *argv))
+    assert "memory plan per device" in capsys.readouterr().out
+    ckpt = weights(train(tmp_path / "ckpt", *argv, "--gradient_checkpointing"))
+    for k, w in plain.items():
+        assert torch.allclose(ckpt[k], w, atol=1e-6), k
+
+
+def test_generation_in_pieces_gives_the_same_run(tmp_path):
+    """Greedy rollouts: one row at a time, the same correctness, pairs and training as all at once."""
+    argv = ["--max_steps", "1", "--eval_every", "100", "--max_eval_samples", "1"]
+    whole = weights(train(tmp_path / "whole", *argv))
+    pieces = weights(train(tmp_path / "pieces", *argv, "--generation_batch_size", "1"))
+    for k, w in whole.items():
+        assert torch.allclose(pieces[k], w, atol=1e-4), k
+    a, b = (common.read_metrics(tmp_path / name / "metrics.jsonl") for name in ("whole", "pieces"))
+    assert [r.get("acc", r.get("pretrain_acc")) for r in a] == [r.get("acc", r.get("pretrain_acc")) for r in b]
+    assert all(math.isfinite(v) for r in b for v in r.values() if isinstance(v, float))
+    assert "--generation_batch_size must be >= 0" in main_error("latent_value_rl", *SCALE, "--generation_batch_size", "-1",
+                                                                "--output_dir", tmp_path / "x")
+
 
 @pytest.mark.slow
 def test_latent_value_rl_runs_and_saves_its_head(tmp_path):
@@ -244,7 +329,7 @@ def test_value_rollouts_stop_at_the_end_of_turn(smol_tiny, monkeypatch):
     monkeypatch.setattr(latent_value_rl, "coconut_step", step_fn)
     monkeypatch.setattr(common, "rollout", lambda *a, **kw: seen.append(rollout(*a, **kw)) or seen[-1])
     cfg = {"mode": "coconut", "n_latents": 2, "prompt_format": "chat", "system_prompt": ""}
-    h, correct, _ = latent_value_rl.rollout_and_score(model, tok, [{"question": "3+4?", "answer": "7"}], cfg, 12,
+    h, correct, _, _ = latent_value_rl.rollout_and_score(model, tok, [{"question": "3+4?", "answer": "7"}], cfg, 12,
                                                       common.stop_ids(model, tok))
     assert seen[0].finished.all() and seen[0].lengths.tolist() == [5] and correct.tolist() == [1.0] and h.shape[:2] == (1, 2)
 
