@@ -472,8 +472,9 @@ def main(args):
     start_step, _ = state.resume()
     logger = common.Logger(args.output_dir, args, d, args.track, resume_step=start_step)
     parts = [split_example(tokenizer, ex, args, think, prompting, end_id) for ex in train[:1000]]
-    common.print_memory_plan(roles.decoder, d, args, micro, max(len(p) + sum(len(c) + 1 for c in ch) + len(a) + 1 for p, ch, a in parts),
-                             64, max(len(p) for p, _, _ in parts) + args.max_completion_length,
+    longest = max(len(p) + sum(len(c) + 1 for c in ch) + len(a) + 1 for p, ch, a in parts)   # a layout, at most
+    common.print_memory_plan(roles.decoder, d, args, micro, 3 * longest,   # stage 1 keeps 3 passes for backward
+                             64, max(len(p) for p, _, _ in parts) + args.max_completion_length,   # evaluation rollouts
                              extra_modules=() if roles.lora else (roles.encoder,))
 
     def embeddings():  # the decoder's table (with LoRA: its own marker rows), whose span the latents mix
