@@ -371,7 +371,7 @@ def main(args):
         logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
         return res
 
-    def scored_logprobs(r, rows, reference=False):
+    def position_logprobs_of(r, rows, reference=False):
         """position_logprobs of the policy, or of the KL reference: the frozen copy, or with LoRA the
         policy with its adapters off (the start model)."""
         if reference and ref is None:
@@ -400,8 +400,8 @@ def main(args):
         N, micro = len(r.tokens), args.micro_batch_size
         with common.timer(times, "update_s"):
             with torch.no_grad():
-                old_logp = torch.cat([scored_logprobs(r, slice(i, i + micro)) for i in range(0, N, micro)])
-                ref_logp = None if args.beta <= 0 else torch.cat([scored_logprobs(r, slice(i, i + micro), True) for i in range(0, N, micro)])
+                old_logp = torch.cat([position_logprobs_of(r, slice(i, i + micro)) for i in range(0, N, micro)])
+                ref_logp = None if args.beta <= 0 else torch.cat([position_logprobs_of(r, slice(i, i + micro), True) for i in range(0, N, micro)])
             model.train()
             stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "n": 0}
             rows_per_mini = args.mini_batch_size // d.world * G
@@ -410,7 +410,7 @@ def main(args):
                 n_tok = common.all_mean(loss_mask[mini].sum().item(), d) or 1.0
                 for i in range(mini.start, mini.stop, micro):
                     rows = slice(i, min(i + micro, mini.stop))
-                    logp = scored_logprobs(r, rows)
+                    logp = position_logprobs_of(r, rows)
                     ratio = torch.exp(logp - old_logp[rows])
                     a = adv[rows, None]
                     per_tok = torch.max(-a * ratio, -a * ratio.clamp(1 - eps_low, 1 + eps_high))
