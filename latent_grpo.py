@@ -60,6 +60,7 @@ Deviations and choices:
    and LM head stays frozen: the tables keep requires_grad in an optimizer group without weight
    decay, and `common.mask_row_grads` zeroes every other row's gradient before clipping, so Adam
    leaves the old rows exactly unchanged (under FSDP2 too). Their full Adam state is the cost.
+   With `--lora_r` the whole base model is frozen and those rows train as peft trainable tokens.
 7. Prompts as the start checkpoint recorded them (latent_config.json: chat template and system
    prompt), or `--chat_template` / `--system_prompt` for a plain model. Rollouts stop at every id
    of `common.stop_ids` (an instruct model ends its turn with <|im_end|> or <|eot_id|>): only those
@@ -72,16 +73,35 @@ On the toy task the full method (all three designs) drifted into non-terminating
 late in both runs we made, while `--first_token_selection false` and `--one_sided_noise false`
 stayed stable; see README.md ("Toy results (seed 001)") before drawing conclusions from one seed.
 
+At real sizes: the log-probs are computed from the hidden states in chunks of positions, at the
+sampled token and the k stored ids only (`common.completion_logprobs`), never as whole (rows, T,
+vocabulary) logits. `--lora_r` trains LoRA adapters, and the KL reference is then the model with
+its adapters off, not a copy; checkpoints hold the merged weights. `--gradient_checkpointing`
+recomputes each decoder layer in backward; `--generation_batch_size` bounds the rollouts generated
+at once (whole groups; each round of dynamic sampling in pieces); `--save_steps` writes
+checkpoint-<step> folders that `--resume_from_checkpoint latest` continues exactly; the memory plan
+printed before the first step says whether a run fits.
+
 Commands:
     python latent_grpo.py                                         # toy: from checkpoints/toy-latent-sft
     python latent_grpo.py --one_sided_noise false --ste none --output_dir runs/lgrpo_no_onesided   # ablation
     python latent_grpo.py --first_token_selection false --output_dir runs/lgrpo_no_fts              # ablation
-    python latent_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --learning_rate 1e-6 \
-        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 128
-        # (Latent-SFT run with --chat_template: the chat prompts and system prompt come from its latent_config.json)
-    torchrun --nproc_per_node 8 latent_grpo.py --model Qwen/Qwen2.5-Math-7B --dataset HuggingFaceH4/MATH-500 --chat_template \
-        --learning_rate 1e-6 --beta 0.001 --train_batch_size 32 --mini_batch_size 32 --micro_batch_size 4 \
-        --max_completion_length 4096 --max_latent_steps 2048   # runs, but the paper starts from Latent-SFT
+    python latent_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --bf16 true --learning_rate 1e-6 \
+        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 32 --max_completion_length 128 --save_steps 50
+        # Llama-3.2-1B-Instruct after latent_sft.py (its chat prompts come from its latent_config.json), GSM8K,
+        # 128-token completions, one 80 GB GPU, full fine-tuning as in the paper (memory plan ~40 GB)
+    python latent_grpo.py --model runs/qwen-math-7b-latent-sft --dataset DigitalLearningGmbH/MATH-lighteval \
+        --eval_dataset HuggingFaceH4/MATH-500 --bf16 true --lora_r 64 --lora_alpha 128 --learning_rate 1e-5 --beta 0.001 \
+        --gradient_checkpointing --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 2 \
+        --generation_batch_size 64 --max_completion_length 4096 --save_steps 10 --output_dir runs/qwen-math-lgrpo
+        # Qwen2.5-Math-7B (its latent_sft.py run), 4,096-token completions, 64 prompts x 8, KL 0.001,
+        # one 80 GB GPU: LoRA, in pieces of 64 rollouts (memory plan ~50 GB)
+    torchrun --nproc_per_node 8 latent_grpo.py --model runs/qwen-math-7b-latent-sft --dataset DigitalLearningGmbH/MATH-lighteval \
+        --eval_dataset HuggingFaceH4/MATH-500 --bf16 true --learning_rate 1e-6 --beta 0.001 --gradient_checkpointing \
+        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 4 --generation_batch_size 64 \
+        --max_completion_length 4096 --save_steps 10 --output_dir runs/qwen-math-lgrpo
+        # the same on 8 GPUs: full fine-tuning as in the paper, FSDP2 (plan ~39 GB per GPU)
+    python latent_grpo.py ... --resume_from_checkpoint latest    # the same command continues a stopped run
     python latent_grpo.py --model meta-llama/Llama-3.2-1B-Instruct --dataset openai/gsm8k --chat_template \
         --learning_rate 1e-6 --max_completion_length 256       # an instruct model without Latent-SFT: warned, capped
 """
@@ -146,6 +166,15 @@ class Args:
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
     save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
     distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); the rows of the markers this run adds train too (peft trainable tokens), and the KL reference is the model with its adapters off"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA's layers: all-linear, or comma-separated names (q_proj,v_proj)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward (less memory, about a third more time)"})
+    generation_batch_size: int = field(default=0, metadata={"help": "rollouts generated at once on a rank, a multiple of --num_generations (0 = all of a round's rollouts at once)"})
+    save_steps: int = field(default=0, metadata={"help": "write a checkpoint-<step> folder to resume from every N steps (0 = only the final save)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a run: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
@@ -207,13 +236,13 @@ class ThinkStep:
         self.embedding = common.unwrap(model).get_input_embeddings()
         self.latent, self.end_id, self.max_latent_steps = latent, end_id, max_latent_steps
         self.temperature, self.top_p = temperature, top_p
-        self.records, self.thinking = [], None
+        self.records, self.thinking, self.E = [], None, None
 
     def __call__(self, t, logits, hidden, done):
-        if t == 0:
-            self.records, self.thinking = [], torch.ones_like(done)
-        # .weight read at each step: under FSDP2 it is the gathered table only during the rollout
-        vec, ids, record = self.latent(logits, self.embedding.weight)
+        if t == 0:  # .weight read once per rollout, in it: under FSDP2 it is the gathered table only
+            # during the rollout; under LoRA a table with the trained rows of the added tokens, built per read
+            self.records, self.thinking, self.E = [], torch.ones_like(done), self.embedding.weight
+        vec, ids, record = self.latent(logits, self.E)
         ends = self.thinking & (ids == self.end_id)
         forced = self.thinking & ~ends & (t >= self.max_latent_steps)
         latent = self.thinking & ~ends & ~forced
@@ -314,13 +343,17 @@ def ppo_dual_clip_loss(logp, old_logp, adv, eps_low, eps_high, dual_clip):
 
 def position_logprobs(model, r, rows, temperature, ste="none", adv_tokens=None):
     """Per generated position: the latent surrogate at latent tokens, log pi(token) at temperature
-    for sampled tokens (returns (n, T)); also the fraction of latent targets crossed (r < 0)."""
-    logits = common.completion_logits(model, r, rows)
-    tok_lp = common.gather_logprobs(logits / temperature, r.tokens[rows])
+    for sampled tokens (returns (n, T)); also the fraction of latent targets crossed (r < 0). One
+    forward; the log-probs are computed in chunks of positions, at the sampled token (temperature)
+    and at the k stored ids (l = log_softmax(z), temperature 1): common.completion_logprobs, never
+    the whole (n, T, vocabulary) logits."""
+    ids = r.extras["ids"][rows] if "ids" in r.extras else None
+    lp = common.completion_logprobs(model, r, rows, temperature, ids=ids, ids_temperature=1.0)
+    tok_lp = lp.token
     is_latent = r.kinds[rows] == common.LATENT_STEP
-    if "ids" not in r.extras:
+    if ids is None:
         return tok_lp, 0.0
-    logp_S = logits.log_softmax(-1).gather(-1, r.extras["ids"][rows])
+    logp_S = lp.ids   # l_i(theta) at the rollout's top-k ids
     scores = r.extras["scores"][rows]
     lat_lp = latent_logprob(logp_S, scores, ste, adv_tokens)
     n_lat = is_latent.sum().clamp(min=1)
@@ -364,29 +397,6 @@ def take_rows(r, rows):
     return common.Rollout(**fields, extras={k: v[rows] for k, v in r.extras.items()})
 
 
-def concat_rollouts(rs, pad_id):
-    """One Rollout from several (the rounds of dynamic sampling): prompts re-padded on the left,
-    completions and per-position extras on the right."""
-    def pad(x, width, value=0, left=False):
-        extra = x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), value)
-        return torch.cat([extra, x] if left else [x, extra], 1)
-    P, T = max(r.prompt_ids.shape[1] for r in rs), max(r.tokens.shape[1] for r in rs)
-    d = next((r.latents.shape[-1] for r in rs if r.latents is not None), None)
-    latents = None
-    if d is not None:
-        latents = torch.cat([pad(r.latents if r.latents is not None else r.tokens.new_zeros(r.tokens.shape + (d,), dtype=torch.float),
-                                 T) for r in rs])
-    return common.Rollout(
-        prompt_ids=torch.cat([pad(r.prompt_ids, P, pad_id, left=True) for r in rs]),
-        prompt_mask=torch.cat([pad(r.prompt_mask, P, 0, left=True) for r in rs]),
-        tokens=torch.cat([pad(r.tokens, T, pad_id) for r in rs]),
-        kinds=torch.cat([pad(r.kinds, T, common.TOKEN) for r in rs]),
-        mask=torch.cat([pad(r.mask, T) for r in rs]),
-        lengths=torch.cat([r.lengths for r in rs]), finished=torch.cat([r.finished for r in rs]),
-        latents=latents, logprobs=torch.cat([pad(r.logprobs, T) for r in rs]),
-        extras={k: torch.cat([pad(r.extras[k], T) for r in rs]) for k in rs[0].extras})
-
-
 def main(args):
     if args.num_generations < 2:
         common.die(f"--num_generations must be at least 2: GRPO compares rollouts within a group (got {args.num_generations})")
@@ -397,6 +407,9 @@ def main(args):
     if args.loss_type not in LOSS_TYPES or args.scale_rewards.lower() not in SCALE_REWARDS:
         common.die(f"--loss_type must be one of {', '.join(LOSS_TYPES)} and --scale_rewards one of {', '.join(SCALE_REWARDS)} "
                    f"(got {args.loss_type!r}, {args.scale_rewards!r})")
+    if args.lora_r < 0 or args.generation_batch_size < 0 or args.generation_batch_size % args.num_generations:
+        common.die(f"--lora_r must be >= 0 and --generation_batch_size 0 or a multiple of --num_generations {args.num_generations} "
+                   f"(got {args.lora_r}, {args.generation_batch_size})")
     loss_type, scale_rewards = LOSS_TYPES[args.loss_type], SCALE_REWARDS[args.scale_rewards.lower()]
     d = common.setup_distributed(args.seed)
     if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
@@ -419,32 +432,47 @@ def main(args):
         new_rows = [i for i, t in zip(markers, [START_THINK, END_THINK]) if t not in had]
         start_cfg["mode"] = "mixture"
     cfg = {**start_cfg, "top_k": args.top_k, **prompting, "max_latent_steps": cap}
+    saved_cfg = {**cfg, "method": "latent_grpo", "base_model": args.model_name_or_path}
     end_think = common.require_tokens(tokenizer, [START_THINK, END_THINK], "Latent-GRPO")[1]
+    bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
+    ref = None
+    if args.beta > 0 and not args.lora_r:  # frozen: kept in bf16 when computing in bf16 (LoRA: the adapters off)
+        ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
+        if args.distributed == "fsdp":
+            ref = common.wrap_model(ref, d, "fsdp")
     # frozen input embedding and LM head: the latent space stays the vocabulary's span. Rows this
-    # run added (<think>, </think> of a model without latent SFT) must learn all the same: the
-    # tables then keep requires_grad, train without weight decay, and `mask_row_grads` zeroes the
-    # gradient of every other row, so Adam leaves those exactly as they were.
+    # run added (<think>, </think> of a model without latent SFT) must learn all the same. With
+    # --lora_r the tables are frozen with the rest of the base model and peft trains those rows
+    # (trainable tokens). In full fine-tuning the tables keep requires_grad, and `mask_row_grads`
+    # zeroes the gradient of every other row, so Adam (no weight decay on them) leaves those exactly
+    # as they were.
     def tables():  # the input embedding and LM head weights (a tied head once); FSDP2 replaces them when it wraps
         m = common.unwrap(model)
         ws = [mod.weight for mod in (m.get_input_embeddings(), m.get_output_embeddings()) if mod is not None]
         return [w for i, w in enumerate(ws) if all(w is not v for v in ws[:i])]
-    for w in tables():
-        w.requires_grad_(bool(new_rows))
-    bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
-    ref = None
-    if args.beta > 0:  # frozen: kept in bf16 when computing in bf16
-        ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
-        if args.distributed == "fsdp":
-            ref = common.wrap_model(ref, d, "fsdp")
+    if not args.lora_r:
+        for w in tables():
+            w.requires_grad_(bool(new_rows))
+    model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, new_rows)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
     model = common.wrap_model(model, d, args.distributed, bf16)
-    rows = [w for w in tables() if w.requires_grad]
+    if args.lora_r:  # the added rows: peft's trainable tokens
+        rows = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad]
+    else:
+        rows = [w for w in tables() if w.requires_grad]
     body = [p for p in model.parameters() if p.requires_grad and all(p is not w for w in rows)]
     optimizer = torch.optim.AdamW([{"params": body}] + ([{"params": rows, "weight_decay": 0.0}] if rows else []),
                                   lr=args.learning_rate, weight_decay=args.weight_decay)
-    logger = common.Logger(args.output_dir, args, d, args.track)
     G, need = args.num_generations, args.train_batch_size // d.world  # groups per rank
     eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     rng = random.Random(args.seed + 1000 * d.rank)
+    state = common.TrainState(args, d, {"model": model}, [optimizer], rngs=[rng])
+    start_step, extra = state.resume()
+    logger = common.Logger(args.output_dir, args, d, args.track, resume_step=start_step)
+    longest_prompt = max(len(p) for p in think_prompts(tokenizer, cfg, [ex["question"] for ex in train[:1000]]))
+    common.print_memory_plan(model, d, args, min(args.micro_batch_size, need * G), longest_prompt + args.max_completion_length,
+                             args.generation_batch_size or need * G, longest_prompt + args.max_completion_length, frozen=ref)
 
     def run_eval(step):
         res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
@@ -457,15 +485,23 @@ def main(args):
         every = common.all_gather(rewards, d)[common.all_gather(valid.float(), d) > 0]
         return every.std() if len(every) > 1 else rewards.new_ones(())
 
+    def position_logprobs_of(r, rows, reference=False, **kw):
+        """position_logprobs of the policy, or of the KL reference: the frozen copy, or with LoRA the
+        policy with its adapters off (the start model)."""
+        if reference and ref is None:
+            with common.unwrap(model).disable_adapter():
+                return position_logprobs(model, r, rows, args.temperature, **kw)
+        return position_logprobs(ref if reference else model, r, rows, args.temperature, **kw)
+
     def sample_groups():
-        """Roll out `need` prompts x G: the round's rollout, its correct flags, and its groups."""
+        """Roll out `need` prompts x G (in pieces of --generation_batch_size rollouts, a fresh step
+        each): the round's rollout, its correct flags, and its groups."""
         batch = [train[i] for i in rng.sample(range(len(train)), need)]
-        step_fn = ThinkStep(model, one_sided_latent(args.top_k, args.tau_g, args.noise_scale, end_think,
-                                                    args.one_sided_noise, args.noise_eps),
-                            end_think, cfg["max_latent_steps"], args.temperature, args.top_p)
-        r = common.rollout(model, think_prompts(tokenizer, cfg, [ex["question"] for ex in batch]), step_fn,
-                           args.max_completion_length, stop, tokenizer.pad_token_id, num_generations=G)
-        r.extras.update(step_fn.extras())
+        make_step = functools.partial(ThinkStep, model, one_sided_latent(args.top_k, args.tau_g, args.noise_scale, end_think,
+                                                                         args.one_sided_noise, args.noise_eps),
+                                      end_think, cfg["max_latent_steps"], args.temperature, args.top_p)
+        r = common.generate(model, think_prompts(tokenizer, cfg, [ex["question"] for ex in batch]), make_step,
+                            args.max_completion_length, stop, tokenizer.pad_token_id, G, args.generation_batch_size)
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         correct = torch.tensor([common.is_correct(t, batch[i // G]["answer"]) for i, t in enumerate(texts)], device=d.device)
         valid = r.finished if args.mask_invalid else torch.ones_like(r.finished)
@@ -476,8 +512,9 @@ def main(args):
         return r, correct, [Group(take_rows(r, rows[g]), correct[rows[g]], adv[rows[g]], ex, texts[g * G])
                             for g, ex in enumerate(batch)]
 
-    start = run_eval(0)
-    for step in tqdm(range(1, args.max_steps + 1), desc="latent-grpo", disable=not d.main):
+    start = extra["start"] if start_step else {k: v for k, v in run_eval(0).items() if k != "examples"}  # (kept in checkpoints)
+    for step in tqdm(range(start_step + 1, args.max_steps + 1), desc="latent-grpo", disable=not d.main,
+                     initial=start_step, total=args.max_steps):
         times = {}
         model.eval()
         # ---- rollouts until `need` groups carry signal on every rank (dynamic sampling)
@@ -490,8 +527,9 @@ def main(args):
                     (kept if g.advantages.abs().sum() > 0 else dropped).append(g)
                 if common.all_sum(float(len(kept) >= need), d) == d.world:
                     break
+        times["rollout_tok_per_s"] = sum(x.lengths.sum().item() for x, _ in seen) / times["rollout_s"]
         groups = (kept + dropped)[:need]
-        r = concat_rollouts([g.rollout for g in groups], tokenizer.pad_token_id)
+        r = common.concat_rollouts([g.rollout for g in groups], tokenizer.pad_token_id)
         correct, adv = torch.cat([g.correct for g in groups]), torch.cat([g.advantages for g in groups])
         valid = r.finished if args.mask_invalid else torch.ones_like(r.finished)
         # the positions the loss scores: latents and sampled tokens (not a forced </think>, not padding)
@@ -500,9 +538,9 @@ def main(args):
         N, micro = len(r.tokens), args.micro_batch_size
         with common.timer(times, "update_s"):
             with torch.no_grad():
-                old_logp = torch.cat([position_logprobs(model, r, slice(i, i + micro), args.temperature)[0] for i in range(0, N, micro)])
-                ref_logp = None if ref is None else torch.cat(
-                    [position_logprobs(ref, r, slice(i, i + micro), args.temperature)[0] for i in range(0, N, micro)])
+                old_logp = torch.cat([position_logprobs_of(r, slice(i, i + micro))[0] for i in range(0, N, micro)])
+                ref_logp = None if args.beta <= 0 else torch.cat(
+                    [position_logprobs_of(r, slice(i, i + micro), True)[0] for i in range(0, N, micro)])
             adv_tok = adv[:, None].expand_as(loss_mask).clone()
             if args.first_token_selection:
                 seq_score = (old_logp * loss_mask).sum(1) / loss_mask.sum(1).clamp(min=1)
@@ -517,7 +555,7 @@ def main(args):
                     n_tok = common.all_mean(loss_mask[mini].sum().item(), d) or 1.0
                     for i in range(mini.start, mini.stop, micro):
                         rows = slice(i, min(i + micro, mini.stop))
-                        logp, crossed = position_logprobs(model, r, rows, args.temperature, args.ste, adv_tok[rows])
+                        logp, crossed = position_logprobs_of(r, rows, ste=args.ste, adv_tokens=adv_tok[rows])
                         per_tok, ratio = ppo_dual_clip_loss(logp, old_logp[rows], adv_tok[rows], args.epsilon, eps_high, args.dual_clip)
                         if ref_logp is not None:
                             d_ref = ref_logp[rows] - logp
@@ -530,7 +568,7 @@ def main(args):
                         stats["clip_frac"] += (((ratio - 1).abs() > args.epsilon).float() * loss_mask[rows]).sum().item() / n_tok
                         stats["crossed_frac"] += crossed
                         stats["m"] += 1
-                    if new_rows:
+                    if new_rows and not args.lora_r:
                         common.mask_row_grads(model, new_rows)
                     stats["grad_norm"] += common.clip_grad_norm(model, args.max_grad_norm)
                     optimizer.step()
@@ -546,17 +584,17 @@ def main(args):
                "latent_frac": (is_lat.sum() / loss_mask.sum().clamp(min=1)).item(),
                "loss": stats["loss"] / stats["n"], "clip_frac": stats["clip_frac"] / stats["n"],
                "crossed_frac": stats["crossed_frac"] / max(1, stats["m"]), "grad_norm": stats["grad_norm"] / stats["n"], **times}
-        if ref is not None:
+        if ref_logp is not None:
             row["kl"] = stats["kl"] / stats["n"]
-        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)
+        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)  # times: this rank's
         if args.log_completions:
             common.write_completions(args.output_dir, step, [{"question": g.example["question"], "completion": g.completion,
                                                               "reward": float(g.correct[0])} for g in groups], d)
         if step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
+        state.maybe_save(step, tokenizer, saved_cfg, extra={"start": start})
     final = run_eval(args.max_steps)
-    cfg.update(method="latent_grpo", base_model=args.model_name_or_path)
-    common.finish(model, tokenizer, cfg, args, d, final, start,
+    common.finish(model, tokenizer, saved_cfg, args, d, final, start,
                   plot_keys=["reward", "eval_acc", "eval_mean_L", "completion_length", "latent_frac", "crossed_frac"])
     return model
 

@@ -46,12 +46,11 @@ Deviations and choices:
 5. <think>, </think> and the compress marker <|compress|> are added when the tokenizer lacks them
    (Qwen2.5, Llama-3.2, SmolLM2 do), as rows of their own: the table's mean plus small noise, since
    a copy of an existing token ties its logit for as long as the row cannot move. With LoRA the
-   base model is frozen, embedding table and LM head included, yet these rows train: the tables
-   sit in an optimizer group without weight decay and `common.mask_row_grads` keeps only the
-   marker rows' gradient (both adapters share them: all three in stage 1, only </think> in stage 2,
-   because the frozen encoder reads <think> and the marker). The merged checkpoint carries them.
-   <|compress|> stays in the tokenizer (unused after stage 1). `--max_latent_steps` caps the latent
-   chain at inference (then </think> is forced).
+   base model is frozen, embedding table and LM head included, yet these rows train: each adapter
+   has its own copy of the three rows (peft trainable tokens, without weight decay), as each full
+   copy has its own tables; in stage 2 the decoder's rows train and the frozen encoder keeps its
+   own. The merged checkpoint carries the decoder's. <|compress|> stays in the tokenizer (unused
+   after stage 1). `--max_latent_steps` caps the latent chain at inference (then </think> is forced).
 6. Under torchrun the two copies are wrapped in DDP, not FSDP2 (the mixture reads the embedding
    table outside the model's forward, where FSDP2 keeps it sharded); LoRA runs on one device.
    A 7B model fits one GPU with LoRA.
@@ -63,14 +62,36 @@ Deviations and choices:
    bf16 GPU) computes in bf16 on fp32 master weights; the checkpoint is saved in the start model's
    published dtype (`--save_dtype`).
 
+At real sizes: the cross-entropy and the stage-2 KL are computed from the hidden states in chunks
+of positions, at the target tokens and the teacher's top-k ids only (`common.lm_logprobs`), never
+as whole (rows, T, vocabulary) logits; the encoder's top-k over the table is found a chunk of
+markers at a time without gradients, then its k scores are computed again with them.
+`--gradient_checkpointing` recomputes each decoder layer in backward, in both roles (with LoRA,
+with the adapter its forward ran with). `--save_steps` counts steps over both stages; a
+checkpoint holds both roles (the encoder is stage 2's teacher), and `--resume_from_checkpoint
+latest` continues in either stage, with that stage's optimizer and schedule. The memory plan
+printed before the first step says whether a run fits.
+
 Commands:
     python latent_sft.py                                          # toy: from checkpoints/toy-cot
     python eval.py --model runs/latent_sft --num_samples 8        # deterministic pass@1, Gumbel pass@8
-    python latent_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug --chat_template \
+    python latent_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug --chat_template --bf16 true \
         --lora_r 64 --lora_alpha 128 --learning_rate 2e-4 --stage1_steps 20000 --stage2_steps 40000 \
-        --train_batch_size 64 --micro_batch_size 8 --max_latent_steps 128 --output_dir runs/llama-latent-sft
-    torchrun --nproc_per_node 8 latent_sft.py --model runs/llama-cot --dataset whynlp/gsm8k-aug ...   # DDP, full copies
+        --train_batch_size 64 --micro_batch_size 8 --gradient_checkpointing --max_latent_steps 128 \
+        --save_steps 1000 --output_dir runs/llama-latent-sft
+        # one 80 GB GPU, the paper's two LoRA adapters (Qwen/Qwen2.5-1.5B-Instruct likewise)
+    torchrun --nproc_per_node 8 latent_sft.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset whynlp/gsm8k-aug --chat_template \
+        --bf16 true --learning_rate 1e-5 --stage1_steps 20000 --stage2_steps 40000 --train_batch_size 128 \
+        --micro_batch_size 16 --gradient_checkpointing --max_latent_steps 128 --save_steps 1000 --output_dir runs/qwen-latent-sft
+        # 8 GPUs: two full copies in DDP (memory plan ~50 GB per GPU)
+    python latent_sft.py --model Qwen/Qwen2.5-Math-7B --dataset DigitalLearningGmbH/MATH-lighteval \
+        --eval_dataset HuggingFaceH4/MATH-500 --bf16 true --lora_r 64 --lora_alpha 128 --learning_rate 2e-4 \
+        --gradient_checkpointing --train_batch_size 64 --micro_batch_size 4 --max_latent_steps 1024 \
+        --max_completion_length 4096 --save_steps 500 --output_dir runs/qwen-math-7b-latent-sft
+        # the start of the Qwen2.5-Math-7B Latent-GRPO / Soft-GRPO runs, one 80 GB GPU with LoRA
+    python latent_sft.py ... --resume_from_checkpoint latest     # the same command continues a stopped run
 """
+import contextlib
 import copy
 import functools
 import random
@@ -79,7 +100,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -101,8 +121,11 @@ class Args:
     system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
     compression: int = field(default=2, metadata={"help": "CoT tokens per latent token"})
     top_k: int = field(default=10, metadata={"help": "vocabulary entries per latent token"})
-    lora_r: int = field(default=0, metadata={"help": "0 = two full copies (toy); 64 = the paper's two LoRA adapters"})
+    lora_r: int = field(default=0, metadata={"help": "0 = two full copies (toy); 64 = the paper's two LoRA adapters (one device), each with its own trainable marker rows"})
     lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (with --lora_r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA's layers: all-linear, or comma-separated names (q_proj,v_proj)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward, in both roles (less memory, about a third more time)"})
     stage1_steps: int = field(default=300, metadata={"help": "optimizer steps of stage 1 (encoder and decoder)"})
     stage2_steps: int = field(default=500, metadata={"help": "optimizer steps of stage 2 (the decoder learns to produce the chain)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (linear warmup from 0, then cosine to a tenth)"})
@@ -122,6 +145,9 @@ class Args:
     eval_every: int = field(default=250, metadata={"help": "stage 2: evaluate every N steps"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
     save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
+    save_steps: int = field(default=0, metadata={"help": "write a checkpoint-<step> folder to resume from every N steps, counted over both stages (0 = only the final save)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a run: a checkpoint-<step> folder, or latest (the newest in --output_dir); its step says its stage"})
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
     log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
 
@@ -206,10 +232,15 @@ def student_batch(parts, think, pad_id, device):
 
 def encode_latents(encoder, ids, mask, is_marker, attn, E, k):
     """Top-k ids and weights of every marker (in batch order), from one encoder pass scored
-    against the detached embedding table E."""
-    _, hidden = common.lm_forward(encoder, ids, attn, common.positions(mask))
-    scores = hidden[is_marker].float() @ E.detach().float().T
-    top, top_ids = scores.topk(k, dim=-1)
+    against the detached embedding table E. The top k are found without gradients, a chunk of
+    markers at a time; their k scores are then computed again, with gradients: the same values
+    and gradient as scoring the whole table, without keeping (markers, vocabulary) for backward."""
+    _, hidden = common.lm_forward(encoder, ids, attn, common.positions(mask), logits_to_keep=1)
+    h, E = hidden[is_marker].float(), E.detach().float()
+    chunk = max(1, common.LOGPROB_CHUNK_ELEMENTS // E.shape[0])
+    with torch.no_grad():
+        top_ids = torch.cat([(h[i:i + chunk] @ E.T).topk(k, dim=-1).indices for i in range(0, len(h), chunk)])
+    top = torch.einsum("nd,nkd->nk", h, E[top_ids])
     return top_ids, top.softmax(-1)
 
 
@@ -235,68 +266,97 @@ def noisy_soft_labels(q, noise, tau):
     return ((torch.log(q + 1e-10) + noise * g) / tau).softmax(-1)
 
 
-def support_kl(target, logits, ids):
-    """KL(target || softmax(logits)) summed over the support `ids` (rows: latent slots)."""
-    logp = logits.float().log_softmax(-1).gather(-1, ids)
+def support_kl(target, logp):
+    """KL(target || softmax(z)) summed over the support (rows: latent slots), from the model's
+    log-probs at the support's ids, logp = log softmax(z)[ids]."""
     return (target * (torch.log(target + 1e-10) - logp)).sum(-1)
 
 
-def token_ce(logits, ids, loss_mask, n_tokens):
-    """Summed cross-entropy of the tokens in `loss_mask`, / n_tokens (position t predicts t+1)."""
-    pred = loss_mask[:, 1:]
-    return F.cross_entropy(logits[:, :-1][pred].float(), ids[:, 1:][pred], reduction="sum") / n_tokens
+def token_ce(token_logprobs, loss_mask, n_tokens):
+    """Summed cross-entropy of the tokens in `loss_mask`, / n_tokens, from token_logprobs =
+    log softmax(z)[ids[:, 1:]] (position t predicts t+1; common.lm_logprobs)."""
+    return -token_logprobs[loss_mask[:, 1:]].sum() / n_tokens
+
+
+def scored(model, ids, mask, slot, vectors, support=None):
+    """One forward of a decoder layout, its latent vectors at the slots: log softmax(z)[ids[:, 1:]]
+    at every position and, with `support` (B, T - 1, k), at those ids; computed in chunks of
+    positions (common.lm_logprobs: never the whole (B, T, vocabulary) logits)."""
+    lp, _ = common.lm_logprobs(model, ids, mask, common.positions(mask), ids[:, 1:], latent_mask=slot,
+                               latent_vectors=vectors, ids=support)
+    return lp
 
 
 # ----------------------------------------------------------------------------------------------
 # two adapters on one model (--lora_r > 0), or two full copies
 
 class TwoRoles:
-    """The encoder and decoder: two full copies, or two LoRA adapters of one peft model (peft
-    freezes the inactive adapter when switching; both must keep training, so we re-enable it).
-    With LoRA the base model is frozen, the embedding table and LM head with it; `tables` are
-    kept trainable so that the marker rows learn (`mask_rows` keeps only those rows' gradient)."""
+    """The encoder and decoder: two full copies, or two LoRA adapters of one peft model, "default"
+    (the decoder) and "encoder" (peft freezes the inactive adapter when switching; both must keep
+    training in stage 1, so we re-enable it). With LoRA the base model is frozen, the embedding
+    table and LM head with it; each adapter has its own rows of the marker tokens (peft's trainable
+    tokens, `common.apply_lora`), as each full copy has its own tables."""
 
-    def __init__(self, model, args):
+    def __init__(self, model, args, marker_ids):
         self.lora = args.lora_r > 0
-        self.tables = []
         if not self.lora:
             self.decoder, self.encoder = model, copy.deepcopy(model)
             return
-        from peft import LoraConfig, get_peft_model
-        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear", lora_dropout=0.0)
-        self.peft = get_peft_model(model, config, adapter_name="decoder")
-        self.peft.add_adapter("encoder", config)
+        self.peft = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                                      marker_ids)
+        self.peft.add_adapter("encoder", self.peft.peft_config["default"])
+        self.adapter = {"decoder": "default", "encoder": "encoder"}
         self.encoder = self.decoder = self.peft
-        base = self.peft.get_base_model()
-        for module in (base.get_input_embeddings(), base.get_output_embeddings()):
-            w = getattr(module, "weight", None)
-            if w is not None and all(w is not t for t in self.tables):  # a tied head is the same tensor
-                self.tables.append(w.requires_grad_(True))
+        self.use("decoder")
 
-    def use(self, role):
+    def use(self, role, train=True):
+        """The model of `role`, in training mode (or eval); with LoRA, that adapter switched on."""
         if self.lora:
-            self.peft.base_model.set_adapter(role)
+            self.peft.base_model.set_adapter(self.adapter[role])
             for n, p in self.peft.named_parameters():
-                if "lora_" in n:
-                    p.requires_grad_(True)
-        return self.encoder if role == "encoder" else self.decoder
+                if "lora_" in n or "trainable_tokens_delta" in n:
+                    p.requires_grad_(True)  # (TrainState saves the encoder's too: the teacher of stage 2)
+        return (self.encoder if role == "encoder" else self.decoder).train(train)
 
     def parameters(self, stage):
-        if self.lora:
-            return [p for n, p in self.peft.named_parameters() if "lora_" in n and (stage == 1 or ".decoder." in n)]
-        return list(self.decoder.parameters()) + (list(self.encoder.parameters()) if stage == 1 else [])
+        """What a stage trains: (weights, marker rows), the rows without weight decay (LoRA only; full
+        copies train their whole tables). Stage 1: both roles; stage 2: the decoder."""
+        if not self.lora:
+            return list(self.decoder.parameters()) + (list(self.encoder.parameters()) if stage == 1 else []), []
+        ours = [(n, p) for n, p in self.peft.named_parameters()
+                if ("lora_" in n or "trainable_tokens_delta" in n) and (stage == 1 or self.adapter["decoder"] in n.split("."))]
+        return [p for n, p in ours if "trainable_tokens_delta" not in n], [p for n, p in ours if "trainable_tokens_delta" in n]
 
-    def mask_rows(self, rows):
-        """LoRA: zero the tables' gradient outside `rows` (the two adapters share the base rows)."""
-        if self.lora:
-            common.mask_row_grads(self.peft.get_base_model(), rows)
+    def checkpoint_in_role(self):
+        """--gradient_checkpointing with LoRA: a checkpointed decoder layer runs its forward again in
+        backward, and stage 1's backward reaches the encoder's passes after the decoder's adapter was
+        switched on. Each layer's recomputation here runs with the adapter its forward ran with (no
+        KV cache is passed in this file, so plain non-reentrant checkpointing)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from torch.utils.checkpoint import checkpoint
+        for layer in common.plain_model(self.peft).get_decoder().layers:
+            tuners = [m for m in layer.modules() if isinstance(m, BaseTunerLayer)]
+
+            def run(function, *args, tuners=tuners):
+                in_forward = [m.active_adapter for m in tuners]
+
+                @contextlib.contextmanager
+                def as_in_forward():
+                    now = [m.active_adapter for m in tuners]
+                    for m, a in zip(tuners, in_forward):
+                        m._active_adapter = a   # (peft's set_adapter would also change requires_grad, mid-backward)
+                    try:
+                        yield
+                    finally:
+                        for m, a in zip(tuners, now):
+                            m._active_adapter = a
+                return checkpoint(function, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), as_in_forward()))
+            layer._gradient_checkpointing_func = run
 
     def final_model(self):
-        if not self.lora:
-            return self.decoder
-        self.peft.base_model.set_adapter("decoder")
-        self.peft.delete_adapter("encoder")
-        return self.peft.merge_and_unload()
+        """The decoder: a full copy, or the peft model with the decoder's adapter active (the
+        checkpoint merges it, and its marker rows, into plain weights)."""
+        return self.use("decoder", train=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,6 +416,8 @@ def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
 def main(args):
     if args.compression < 1 or args.top_k < 1:
         common.die(f"--compression and --top_k must be at least 1 (got {args.compression}, {args.top_k})")
+    if args.lora_r < 0:
+        common.die(f"--lora_r must be >= 0 (got {args.lora_r})")
     d = common.setup_distributed(args.seed)
     if args.lora_r and d.world > 1:
         common.die("--lora_r runs on one device (two switching adapters in one DDP model are not supported); drop torchrun or use --lora_r 0")
@@ -374,23 +436,49 @@ def main(args):
     # new rows of their own (table mean + noise): a copy of an existing token would tie it
     think = common.add_special_tokens(model, tokenizer, [START_THINK, END_THINK], init_from=None)
     marker = common.add_special_tokens(model, tokenizer, [COMPRESS], init_from=None)[0]
-    # the rows a LoRA run trains: all three markers in stage 1; in stage 2 only </think>, since the
-    # frozen encoder (the teacher) reads <think> and the compress marker from the same shared rows
-    marker_rows = {1: [think[0], think[1], marker], 2: [think[1]]}
     bf16 = common.use_bf16(args.bf16, d.device)
-    roles = TwoRoles(model, args)
+    roles = TwoRoles(model, args, [think[0], think[1], marker])   # with LoRA, the three marker rows train
+    if args.gradient_checkpointing:
+        for m in [roles.peft] if roles.lora else [roles.encoder, roles.decoder]:
+            common.enable_gradient_checkpointing(m)
+        if roles.lora:
+            roles.checkpoint_in_role()
     if roles.lora:  # one device: wrap_model only turns bf16 compute on
         common.wrap_model(roles.peft, d, bf16=bf16)
     else:
         roles.encoder, roles.decoder = common.wrap_model(roles.encoder, d, "ddp", bf16), common.wrap_model(roles.decoder, d, "ddp", bf16)
-    logger = common.Logger(args.output_dir, args, d, args.track)
     per_rank, pad = args.train_batch_size // d.world, tokenizer.pad_token_id
     micro = min(args.micro_batch_size, per_rank)
     rng = random.Random(args.seed)
-    step = 0
+    totals, first = {1: args.stage1_steps, 2: args.stage2_steps}, {1: 1, 2: args.stage1_steps + 1}   # global steps
+    # Trained: the decoder (saved as the checkpoint) and the encoder, trained in stage 1 and stage 2's
+    # frozen teacher (its parameters keep requires_grad, outside stage 2's optimizer, so every
+    # checkpoint holds it). Each stage makes its own optimizer and schedule; a resumed run makes
+    # those of the checkpoint's stage for resume() to fill.
+    state = common.TrainState(args, d, {"model": roles.peft} if roles.lora else {"model": roles.decoder, "encoder": roles.encoder},
+                              rngs=[rng])
 
-    def embeddings():
-        return common.unwrap(roles.decoder).get_input_embeddings().weight
+    def make_optimizer(stage):
+        body, rows = roles.parameters(stage)
+        groups = [{"params": body}] + ([{"params": rows, "weight_decay": 0.0}] if rows else [])
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, totals[stage], min_lr_rate=0.1)
+        state.optimizers, state.schedulers = [optimizer], [scheduler]
+        return body + rows, optimizer, scheduler
+
+    _, saved_step = state.checkpoint()
+    if saved_step:
+        params, optimizer, scheduler = make_optimizer(1 if saved_step <= args.stage1_steps else 2)
+    start_step, _ = state.resume()
+    logger = common.Logger(args.output_dir, args, d, args.track, resume_step=start_step)
+    parts = [split_example(tokenizer, ex, args, think, prompting, end_id) for ex in train[:1000]]
+    longest = max(len(p) + sum(len(c) + 1 for c in ch) + len(a) + 1 for p, ch, a in parts)   # a layout, at most
+    common.print_memory_plan(roles.decoder, d, args, micro, 3 * longest,   # stage 1 keeps 3 passes for backward
+                             64, max(len(p) for p, _, _ in parts) + args.max_completion_length,   # evaluation rollouts
+                             extra_modules=() if roles.lora else (roles.encoder,))
+
+    def embeddings():  # the decoder's table (with LoRA: its own marker rows), whose span the latents mix
+        return common.unwrap(roles.use("decoder")).get_input_embeddings().weight
 
     def run_eval(stage_step):
         model_now = roles.use("decoder")
@@ -403,20 +491,23 @@ def main(args):
             tqdm.write(f"  eval: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}")
         return res
 
-    for stage, total in ((1, args.stage1_steps), (2, args.stage2_steps)):
-        params = roles.parameters(stage)
-        groups = [{"params": params}] + ([{"params": roles.tables, "weight_decay": 0.0}] if roles.tables else [])
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, total, min_lr_rate=0.1)
-        t0 = time.time()
-        for i in tqdm(range(total), desc=f"latent-sft stage {stage}", disable=not d.main):
+    for stage in (1, 2):
+        total = totals[stage]
+        if first[stage] + total - 1 <= start_step:   # done before the checkpoint this run resumed from
+            continue
+        if start_step < first[stage]:                # the stage starts here (a resumed one keeps resume()'s optimizer)
+            params, optimizer, scheduler = make_optimizer(stage)
+        window = {"s": 0.0, "tokens": 0, "steps": 0}
+        done = max(0, start_step - first[stage] + 1)
+        for i in tqdm(range(done, total), desc=f"latent-sft stage {stage}", disable=not d.main, initial=done, total=total):
+            t0, n_positions = time.perf_counter(), 0
             picks = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
             parts = [split_example(tokenizer, train[j], args, think, prompting, end_id) for j in picks]
             n_ce = common.all_sum(sum(sum(len(c) for c in p[1][1:]) + len(p[2]) + 1 if stage == 1 else len(p[2]) + 1
                                       for p in parts), d)
             n_slots = common.all_sum(sum(len(p[1]) for p in parts), d)
             n_answer = common.all_sum(sum(len(p[2]) + 1 for p in parts), d)
-            stats = {"ce": 0.0, "kl": 0.0, "top1_weight": 0.0}
+            stats = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "top1_weight": 0.0}
             for m in range(0, len(parts), micro):
                 mb = parts[m:m + micro]
                 E = embeddings()
@@ -426,48 +517,50 @@ def main(args):
                     lat_ids, w = encode_latents(roles.use("encoder"), ids, mask, is_marker, attn, E, args.top_k)
                     dids, dmask, slot, loss_mask = decoder_batch(mb, think, pad, d.device)
                     latents = mixture(lat_ids, w, E)
-                    logits, _ = common.lm_forward(roles.use("decoder"), dids, dmask, common.positions(dmask), latent_mask=slot,
-                                                  latent_vectors=scatter_slots(latents, slot))
-                    ce, kl = token_ce(logits, dids, loss_mask, n_ce), torch.zeros(())
+                    lp = scored(roles.use("decoder"), dids, dmask, slot, scatter_slots(latents, slot))
+                    ce, kl = token_ce(lp.token, loss_mask, n_ce), torch.zeros(())
+                    n_positions += int(mask.sum() + dmask.sum())
                     if args.latent_only_pass:  # the same latents, no text between them: the answer must come from them
                         sids, smask, sslot, sloss_mask = student_batch(mb, think, pad, d.device)
-                        logits, _ = common.lm_forward(roles.decoder, sids, smask, common.positions(smask), latent_mask=sslot,
-                                                      latent_vectors=scatter_slots(latents, sslot))
-                        ce = ce + token_ce(logits, sids, sloss_mask, n_answer)
+                        lp = scored(roles.decoder, sids, smask, sslot, scatter_slots(latents, sslot))
+                        ce = ce + token_ce(lp.token, sloss_mask, n_answer)
+                        n_positions += int(smask.sum())
                 else:
                     # the frozen encoder's soft labels, noised, fed to the student; CE + KL on the slots
                     with torch.no_grad():
-                        lat_ids, q = encode_latents(roles.use("encoder"), ids, mask, is_marker, attn, E, args.top_k)
+                        lat_ids, q = encode_latents(roles.use("encoder", train=False), ids, mask, is_marker, attn, E, args.top_k)
                     q_noisy = noisy_soft_labels(q, args.gumbel_noise, args.gumbel_tau)
                     sids, smask, slot, loss_mask = student_batch(mb, think, pad, d.device)
-                    logits, _ = common.lm_forward(roles.use("decoder"), sids, smask, common.positions(smask), latent_mask=slot,
-                                                  latent_vectors=scatter_slots(mixture(lat_ids, q_noisy, E), slot))
-                    ce = token_ce(logits, sids, loss_mask, n_ce)
-                    before_slot = torch.roll(slot, -1, dims=1)  # the position whose logits predict each slot
-                    kl = support_kl(q_noisy, logits[before_slot], lat_ids).sum() / n_slots
+                    # the teacher's top-k at the position before each slot (position t predicts t + 1)
+                    support = lat_ids.new_zeros((len(sids), sids.shape[1] - 1, args.top_k))
+                    support[slot[:, 1:]] = lat_ids
+                    lp = scored(roles.use("decoder"), sids, smask, slot, scatter_slots(mixture(lat_ids, q_noisy, E), slot), support)
+                    ce = token_ce(lp.token, loss_mask, n_ce)
+                    kl = support_kl(q_noisy, lp.ids[slot[:, 1:]]).sum() / n_slots
                     w = q
+                    n_positions += int(mask.sum() + smask.sum())
                 loss = ce + args.kl_weight * kl
                 (loss * d.world).backward()
+                stats["loss"] += loss.item()
                 stats["ce"] += ce.item()
                 stats["kl"] += kl.item()
                 stats["top1_weight"] += w[:, 0].sum().item() / n_slots
-            roles.mask_rows(marker_rows[stage])
-            grad_norm = common.clip_grad_norm(params + roles.tables, args.max_grad_norm)
+            grad_norm = common.clip_grad_norm(params, args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            step = first[stage] + i
+            window = {"s": window["s"] + time.perf_counter() - t0, "tokens": window["tokens"] + n_positions, "steps": window["steps"] + 1}
             if (i + 1) % args.log_every == 0 or i + 1 == total:
                 row = {k: common.all_sum(v, d) for k, v in stats.items()}
-                row.update(stage=stage, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
-                           s_per_step=(time.time() - t0) / args.log_every)
+                row.update(stage=stage, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],   # step_s, tok_per_s: this rank's
+                           step_s=window["s"] / window["steps"], tok_per_s=window["tokens"] / window["s"])
                 logger.log(row, step)
-                t0 = time.time()
+                window = {"s": 0.0, "tokens": 0, "steps": 0}
             if stage == 2 and (i + 1) % args.eval_every == 0 and i + 1 != total:
                 run_eval(step)
-        if stage == 1:
-            roles.use("encoder").eval()  # frozen teacher from here on
-    final = run_eval(step)
+            state.maybe_save(step, tokenizer, cfg)   # (with LoRA the decoder's adapter is the active one: the one merged)
+    final = run_eval(args.stage1_steps + args.stage2_steps)
     out_model = roles.final_model()
     common.finish(out_model, tokenizer, cfg, args, d, final, plot_keys=["ce", "kl", "top1_weight", "eval_acc", "eval_mean_L"])
     return out_model

@@ -39,8 +39,8 @@ Deviations and choices:
    rarely makes it the top token, and uncapped its rollouts would spend the whole budget in
    latents. <think>/</think> are then added if missing, as rows of their own (table mean plus small
    noise, not a copy of an existing token, which it would tie); the whole model trains here, those
-   rows included. Other methods' checkpoints (Coconut, HRPO's hybrid, ATP-Latent) are refused in one
-   line naming the script that trains them.
+   rows included (with `--lora_r`, the adapters and those two rows). Other methods' checkpoints
+   (Coconut, HRPO's hybrid, ATP-Latent) are refused in one line naming the script that trains them.
 5. Prompts as the start checkpoint recorded them (latent_config.json), or `--chat_template` /
    `--system_prompt` for a plain model; rollouts stop at every id of `common.stop_ids` (an instruct
    model ends its turn with <|im_end|> or <|eot_id|>). `--dataset` is required off the toy model;
@@ -50,11 +50,31 @@ Deviations and choices:
 6. If no component's log(p~ + 1e-6) exceeds -3 (possible only for k > 20), the code density uses
    the most likely one; the authors' code would divide by zero.
 
+At real sizes: the log-probs are computed from the hidden states in chunks of positions, at the
+sampled token and the k stored ids only (`common.completion_logprobs`), never as whole (rows, T,
+vocabulary) logits. `--lora_r` trains LoRA adapters (the <think>/</think> rows with them, as peft
+trainable tokens), and the KL reference is then the model with its adapters off, not a copy;
+checkpoints hold the merged weights. `--gradient_checkpointing` recomputes each decoder layer in
+backward; `--generation_batch_size` bounds the rollouts generated at once (whole groups);
+`--save_steps` writes checkpoint-<step> folders that `--resume_from_checkpoint latest` continues
+exactly; the memory plan printed before the first step says whether a run fits.
+
 Commands:
     python soft_grpo.py                                           # toy: from checkpoints/toy-latent-sft
-    python soft_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --learning_rate 1e-6 \
-        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 128
-    torchrun --nproc_per_node 8 soft_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug ...
+    python soft_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --bf16 true --learning_rate 1e-6 \
+        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 32 --max_completion_length 128 --save_steps 50
+        # Llama-3.2-1B-Instruct after latent_sft.py, one 80 GB GPU, full fine-tuning (memory plan ~40 GB)
+    python soft_grpo.py --model runs/qwen-math-7b-latent-sft --dataset DigitalLearningGmbH/MATH-lighteval \
+        --eval_dataset HuggingFaceH4/MATH-500 --bf16 true --lora_r 64 --lora_alpha 128 --learning_rate 1e-5 \
+        --gradient_checkpointing --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 2 \
+        --generation_batch_size 64 --max_completion_length 4096 --save_steps 10 --output_dir runs/qwen-math-soft-grpo
+        # Qwen2.5-Math-7B (its latent_sft.py run), 4,096-token completions, one 80 GB GPU: LoRA (plan ~50 GB)
+    torchrun --nproc_per_node 8 soft_grpo.py --model runs/qwen-math-7b-latent-sft --dataset DigitalLearningGmbH/MATH-lighteval \
+        --eval_dataset HuggingFaceH4/MATH-500 --bf16 true --learning_rate 1e-6 --gradient_checkpointing \
+        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 4 --generation_batch_size 64 \
+        --max_completion_length 4096 --save_steps 10 --output_dir runs/qwen-math-soft-grpo
+        # the same on 8 GPUs: full fine-tuning under FSDP2 (plan ~39 GB per GPU)
+    python soft_grpo.py ... --resume_from_checkpoint latest      # the same command continues a stopped run
     python soft_grpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --chat_template \
         --learning_rate 1e-6 --max_completion_length 512 --max_latent_steps 256   # no Latent-SFT: warned, capped
 """
@@ -109,6 +129,15 @@ class Args:
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
     save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
     distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); the <think>/</think> rows train too (peft trainable tokens), and the KL reference is the model with its adapters off"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA's layers: all-linear, or comma-separated names (q_proj,v_proj)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward (less memory, about a third more time)"})
+    generation_batch_size: int = field(default=0, metadata={"help": "rollouts generated at once on a rank, a multiple of --num_generations (0 = all of a step's rollouts at once)"})
+    save_steps: int = field(default=0, metadata={"help": "write a checkpoint-<step> folder to resume from every N steps (0 = only the final save)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a run: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
     log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt to completions.jsonl"})
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
@@ -121,11 +150,10 @@ def gumbel(x):
     return torch.distributions.Gumbel(x.new_zeros(()), x.new_ones(())).sample(x.shape)
 
 
-def truncated_logprobs(logits, T, ids, keep):
-    """log p~ at `ids`: log softmax(z / T) renormalised over the entries where keep is 1."""
-    lp = (logits.float() / T).log_softmax(-1).gather(-1, ids)
-    norm = torch.logsumexp(lp.masked_fill(keep == 0, float("-inf")), -1, keepdim=True)
-    return lp - norm
+def truncated_logprobs(lp_ids, keep):
+    """log p~ at the stored ids: their log softmax(z / T) (`lp_ids`, (..., k)) renormalised over the
+    entries where keep is 1."""
+    return lp_ids - torch.logsumexp(lp_ids.masked_fill(keep == 0, float("-inf")), -1, keepdim=True)
 
 
 def soft_gumbel_latent(T, k, top_p, tau_g):
@@ -170,13 +198,13 @@ class ThinkStep:
         self.embedding = common.unwrap(model).get_input_embeddings()
         self.latent, self.end_id, self.max_latent_steps = latent, end_id, max_latent_steps
         self.temperature, self.top_p = temperature, top_p
-        self.records, self.thinking = [], None
+        self.records, self.thinking, self.E = [], None, None
 
     def __call__(self, t, logits, hidden, done):
-        if t == 0:
-            self.records, self.thinking = [], torch.ones_like(done)
-        # .weight read at each step: under FSDP2 it is the gathered table only during the rollout
-        vec, ids, record = self.latent(logits, self.embedding.weight)
+        if t == 0:  # .weight read once per rollout, in it: under FSDP2 it is the gathered table only
+            # during the rollout; under LoRA a table with the trained rows of the added tokens, built per read
+            self.records, self.thinking, self.E = [], torch.ones_like(done), self.embedding.weight
+        vec, ids, record = self.latent(logits, self.E)
         ends = self.thinking & (ids == self.end_id)
         forced = self.thinking & ~ends & (t >= self.max_latent_steps)
         latent = self.thinking & ~ends & ~forced
@@ -238,16 +266,17 @@ def paper_latent_logprob(log_pt, scores, keep):
 
 
 def position_logprobs(model, r, rows, T, density="code"):
-    """(n, T) log-probs: the Gumbel density at latent tokens, log pi(token) elsewhere."""
-    logits = common.completion_logits(model, r, rows)
-    tok_lp = common.gather_logprobs(logits / T, r.tokens[rows])
-    ids, scores, keep = r.extras["ids"][rows], r.extras["scores"][rows], r.extras["keep"][rows]
+    """(n, T) log-probs: the Gumbel density at latent tokens, log pi(token) elsewhere. One forward;
+    log softmax(z / T) is computed in chunks of positions, at the sampled token and at the k stored
+    ids only (common.completion_logprobs: never the whole (n, T, vocabulary) logits)."""
+    lp = common.completion_logprobs(model, r, rows, T, ids=r.extras["ids"][rows])   # lp.ids: log softmax(z / T)[ids]
+    scores, keep = r.extras["scores"][rows], r.extras["keep"][rows]
     if density == "code":
-        lat_lp = soft_latent_logprob(truncated_logprobs(logits, T, ids, torch.ones_like(keep)), scores)
+        lat_lp = soft_latent_logprob(truncated_logprobs(lp.ids, torch.ones_like(keep)), scores)
     else:
         keep = torch.where(keep.sum(-1, keepdim=True) > 0, keep, torch.ones_like(keep))  # rows outside the span: any finite value
-        lat_lp = paper_latent_logprob(truncated_logprobs(logits, T, ids, keep), scores, keep)
-    return torch.where(r.kinds[rows] == common.LATENT_STEP, lat_lp, tok_lp)
+        lat_lp = paper_latent_logprob(truncated_logprobs(lp.ids, keep), scores, keep)
+    return torch.where(r.kinds[rows] == common.LATENT_STEP, lat_lp, lp.token)
 
 
 LOSS_TYPES = {"dapo": "dapo", "grpo": "grpo", "dr_grpo": "dr_grpo", "token-mean": "dapo", "seq-mean-token-mean": "grpo"}
@@ -288,6 +317,9 @@ def main(args):
     if args.loss_type not in LOSS_TYPES or args.scale_rewards.lower() not in SCALE_REWARDS:
         common.die(f"--loss_type must be one of {', '.join(LOSS_TYPES)} and --scale_rewards one of {', '.join(SCALE_REWARDS)} "
                    f"(got {args.loss_type!r}, {args.scale_rewards!r})")
+    if args.lora_r < 0 or args.generation_batch_size < 0 or args.generation_batch_size % args.num_generations:
+        common.die(f"--lora_r must be >= 0 and --generation_batch_size 0 or a multiple of --num_generations {args.num_generations} "
+                   f"(got {args.lora_r}, {args.generation_batch_size})")
     loss_type, scale_rewards = LOSS_TYPES[args.loss_type], SCALE_REWARDS[args.scale_rewards.lower()]
     d = common.setup_distributed(args.seed)
     if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
@@ -307,19 +339,31 @@ def main(args):
         common.add_special_tokens(model, tokenizer, [START_THINK, END_THINK], init_from=None)
         start_cfg.update(mode="mixture", top_k=10)
     cfg = {**start_cfg, **prompting, "max_latent_steps": cap}
-    end_think = common.require_tokens(tokenizer, [START_THINK, END_THINK], "Soft-GRPO")[1]
+    saved_cfg = {**cfg, "method": "soft_grpo", "base_model": args.model_name_or_path}
+    markers = common.require_tokens(tokenizer, [START_THINK, END_THINK], "Soft-GRPO")
+    end_think = markers[1]
     bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
     ref = None
-    if args.beta > 0:  # frozen: kept in bf16 when computing in bf16
+    if args.beta > 0 and not args.lora_r:  # frozen: kept in bf16 when computing in bf16 (LoRA: the adapters off)
         ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
         if args.distributed == "fsdp":
             ref = common.wrap_model(ref, d, "fsdp")
+    # --lora_r: adapters on every linear layer, the marker rows trainable (the whole model trains otherwise)
+    model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, markers)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
     model = common.wrap_model(model, d, args.distributed, bf16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    logger = common.Logger(args.output_dir, args, d, args.track)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
     G, per_rank = args.num_generations, args.train_batch_size // d.world
     eps_low, eps_high = args.epsilon, args.epsilon if args.epsilon_high is None else args.epsilon_high
     rng = random.Random(args.seed + 1000 * d.rank)
+    state = common.TrainState(args, d, {"model": model}, [optimizer], rngs=[rng])
+    start_step, extra = state.resume()
+    logger = common.Logger(args.output_dir, args, d, args.track, resume_step=start_step)
+    longest_prompt = max(len(p) for p in think_prompts(tokenizer, cfg, [ex["question"] for ex in train[:1000]]))
+    common.print_memory_plan(model, d, args, min(args.micro_batch_size, per_rank * G), longest_prompt + args.max_completion_length,
+                             args.generation_batch_size or per_rank * G, longest_prompt + args.max_completion_length, frozen=ref)
 
     def run_eval(step):
         res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
@@ -327,17 +371,26 @@ def main(args):
         logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
         return res
 
-    start = run_eval(0)
-    for step in tqdm(range(1, args.max_steps + 1), desc="soft-grpo", disable=not d.main):
+    def position_logprobs_of(r, rows, reference=False):
+        """position_logprobs of the policy, or of the KL reference: the frozen copy, or with LoRA the
+        policy with its adapters off (the start model)."""
+        if reference and ref is None:
+            with common.unwrap(model).disable_adapter():
+                return position_logprobs(model, r, rows, args.temperature, args.latent_density)
+        return position_logprobs(ref if reference else model, r, rows, args.temperature, args.latent_density)
+
+    start = extra["start"] if start_step else {k: v for k, v in run_eval(0).items() if k != "examples"}  # (kept in checkpoints)
+    for step in tqdm(range(start_step + 1, args.max_steps + 1), desc="soft-grpo", disable=not d.main,
+                     initial=start_step, total=args.max_steps):
         times = {}
         batch = [train[i] for i in rng.sample(range(len(train)), per_rank)]
         model.eval()
-        with common.timer(times, "rollout_s"):
-            step_fn = ThinkStep(model, soft_gumbel_latent(args.temperature, args.top_k, args.top_p, args.tau_g),
-                                end_think, cfg["max_latent_steps"], args.temperature, args.top_p)
-            r = common.rollout(model, think_prompts(tokenizer, cfg, [ex["question"] for ex in batch]), step_fn,
-                               args.max_completion_length, stop, tokenizer.pad_token_id, num_generations=G)
-            r.extras.update(step_fn.extras())
+        with common.timer(times, "rollout_s"):  # in pieces of --generation_batch_size rollouts, a fresh step each
+            make_step = functools.partial(ThinkStep, model, soft_gumbel_latent(args.temperature, args.top_k, args.top_p, args.tau_g),
+                                          end_think, cfg["max_latent_steps"], args.temperature, args.top_p)
+            r = common.generate(model, think_prompts(tokenizer, cfg, [ex["question"] for ex in batch]), make_step,
+                                args.max_completion_length, stop, tokenizer.pad_token_id, G, args.generation_batch_size)
+        times["rollout_tok_per_s"] = r.lengths.sum().item() / times["rollout_s"]
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         rewards = torch.tensor([float(common.is_correct(t, batch[i // G]["answer"])) for i, t in enumerate(texts)], device=d.device)
         groups = rewards.view(-1, G)
@@ -347,9 +400,8 @@ def main(args):
         N, micro = len(r.tokens), args.micro_batch_size
         with common.timer(times, "update_s"):
             with torch.no_grad():
-                old_logp = torch.cat([position_logprobs(model, r, slice(i, i + micro), args.temperature, args.latent_density) for i in range(0, N, micro)])
-                ref_logp = None if ref is None else torch.cat(
-                    [position_logprobs(ref, r, slice(i, i + micro), args.temperature, args.latent_density) for i in range(0, N, micro)])
+                old_logp = torch.cat([position_logprobs_of(r, slice(i, i + micro)) for i in range(0, N, micro)])
+                ref_logp = None if args.beta <= 0 else torch.cat([position_logprobs_of(r, slice(i, i + micro), True) for i in range(0, N, micro)])
             model.train()
             stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "n": 0}
             rows_per_mini = args.mini_batch_size // d.world * G
@@ -358,7 +410,7 @@ def main(args):
                 n_tok = common.all_mean(loss_mask[mini].sum().item(), d) or 1.0
                 for i in range(mini.start, mini.stop, micro):
                     rows = slice(i, min(i + micro, mini.stop))
-                    logp = position_logprobs(model, r, rows, args.temperature, args.latent_density)
+                    logp = position_logprobs_of(r, rows)
                     ratio = torch.exp(logp - old_logp[rows])
                     a = adv[rows, None]
                     per_tok = torch.max(-a * ratio, -a * ratio.clamp(1 - eps_low, 1 + eps_high))
@@ -381,17 +433,18 @@ def main(args):
                "n_latents": is_lat.sum(1).mean().item(), "latent_frac": (is_lat.sum() / loss_mask.sum().clamp(min=1)).item(),
                "loss": stats["loss"] / stats["n"], "clip_frac": stats["clip_frac"] / stats["n"],
                "grad_norm": stats["grad_norm"] / stats["n"], **times}
-        if ref is not None:
+        if ref_logp is not None:
             row["kl"] = stats["kl"] / stats["n"]
-        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)
+        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)  # times: this rank's
         if args.log_completions:
             common.write_completions(args.output_dir, step, [{"question": ex["question"], "completion": texts[j * G],
                                                               "reward": rewards[j * G].item()} for j, ex in enumerate(batch)], d)
         if step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
+        state.maybe_save(step, tokenizer, saved_cfg, extra={"start": start})
     final = run_eval(args.max_steps)
-    cfg.update(method="soft_grpo", base_model=args.model_name_or_path)
-    common.finish(model, tokenizer, cfg, args, d, final, start, plot_keys=["reward", "eval_acc", "eval_mean_L", "completion_length", "kl"])
+    common.finish(model, tokenizer, saved_cfg, args, d, final, start,
+                  plot_keys=["reward", "eval_acc", "eval_mean_L", "completion_length", "kl"])
     return model
 
 

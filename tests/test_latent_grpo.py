@@ -3,11 +3,12 @@ against hand-computed values, its think-span step on a hand-worked case, dynamic
 batch, TRL's knobs by hand, and a few steps end to end (one process and two)."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import latent_grpo as lg
@@ -244,13 +245,22 @@ def test_evaluations_reason_as_eval_py_does(think_model, temperature):
     assert torch.equal(runs[0].latents, runs[1].latents) and (runs[0].kinds == common.LATENT_STEP).any()
 
 
+def whole_logits(model, r, rows=slice(None)):
+    """The whole (n, T, V) fp32 logits that predicted each generated position of rollout rows `rows`
+    (the stored latents fed back, detached): how the losses were computed before lm_logprobs."""
+    ids, mask, latent_mask, latents = r.inputs(rows)
+    logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask,
+                                  latent_vectors=None if latents is None else latents.detach(), logits_to_keep=r.tokens.shape[1] + 1)
+    return logits[:, :-1].float()
+
+
 def test_recomputed_surrogate_equals_the_rollouts_noise(think_model):
     model, tok, think = think_model
     torch.manual_seed(0)
     r = _rollout(model, tok, think, lg.one_sided_latent(10, 1.0, 1.0, think[1]))
     with torch.no_grad():
         logp, crossed = lg.position_logprobs(model, r, slice(None), 0.6)
-        logits = common.completion_logits(model, r, slice(None))
+        logits = whole_logits(model, r)
     is_lat = r.kinds == common.LATENT_STEP
     assert is_lat.sum() > 0 and crossed == 0.0
     g = r.extras["scores"] - logits.log_softmax(-1).gather(-1, r.extras["ids"])   # the noise, recovered
@@ -265,7 +275,7 @@ def test_select_and_concat_rebuild_the_same_inputs(think_model):
     torch.manual_seed(0)
     a = _rollout(model, tok, think, lg.one_sided_latent(10, 1.0, 1.0, think[1]), G=2)
     b = _rollout(model, tok, think, lg.one_sided_latent(10, 1.0, 1.0, think[1]), max_latent=2, G=2)
-    both = lg.concat_rollouts([lg.take_rows(a, [2, 3]), b], tok.pad_token_id)
+    both = common.concat_rollouts([lg.take_rows(a, [2, 3]), b], tok.pad_token_id)
     with torch.no_grad():
         la, lb, lab = (lg.position_logprobs(model, x, slice(None), 0.6)[0] for x in (a, b, both))
     m = both.mask.bool()
@@ -327,6 +337,8 @@ def test_latent_grpo_from_a_model_without_latent_sft(tmp_path):
     (["--ste", "sometimes"], "--ste must be paper, code or none"),
     (["--single_valid_advantage", "one"], "--single_valid_advantage must be reward or zero"),
     (["--loss_type", "bnpo"], "--loss_type must be one of dapo"),
+    (["--generation_batch_size", "12"], "--generation_batch_size 0 or a multiple of --num_generations 8"),
+    (["--lora_r", "-2"], "--lora_r must be >= 0"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path):
     assert words in main_error("latent_grpo", *argv, "--output_dir", tmp_path / "x")
@@ -439,3 +451,111 @@ def test_every_option_has_a_help_string():
     import dataclasses
     missing = [f.name for f in dataclasses.fields(lg.Args) if not f.metadata.get("help")]
     assert not missing, missing
+
+
+# ---- scale features (issue 13): chunked log-probs, resume, LoRA, gradient checkpointing, generation in pieces ----
+
+def old_position_logprobs(model, r, rows, temperature, ste="none", adv_tokens=None):
+    """latent_grpo.position_logprobs as it was before common.lm_logprobs: whole (n, T, V) logits, then
+    log-softmax at the token (at the temperature) and at the stored ids (at 1)."""
+    logits = whole_logits(model, r, rows)
+    tok_lp = (logits / temperature).log_softmax(-1).gather(-1, r.tokens[rows].unsqueeze(-1)).squeeze(-1)
+    is_latent = r.kinds[rows] == common.LATENT_STEP
+    logp_S = logits.log_softmax(-1).gather(-1, r.extras["ids"][rows])
+    scores = r.extras["scores"][rows]
+    lat_lp = lg.latent_logprob(logp_S, scores, ste, adv_tokens)
+    crossed = (((scores - logp_S) < 0).float().mean(-1) * is_latent).sum() / is_latent.sum().clamp(min=1)
+    return torch.where(is_latent, lat_lp, tok_lp), crossed.item()
+
+
+@pytest.mark.parametrize("ste", ["paper", "code"])
+def test_chunked_position_logprobs_equal_the_whole_logits_computation(ste, monkeypatch):
+    """On a rollout of the toy Latent-SFT model whose latent targets were moved so that some are
+    crossed (r < 0, where the straight-through rules act), the per-position log-probs from
+    lm_logprobs' chunks (3 positions each here) equal those of the whole logits, and so do the
+    crossed fraction and the gradients of a weighted sum of them."""
+    model, tok, _ = common.load_model(toy.LATENT_SFT, torch.device("cpu"), torch.float32)
+    think = common.require_tokens(tok, [lg.START_THINK, lg.END_THINK], "test")
+    torch.manual_seed(0)
+    r = _rollout(model.eval(), tok, think, lg.one_sided_latent(10, 1.0, 1.0, think[1]), max_latent=8, G=3, temperature=0.6)
+    r.extras["scores"] = r.extras["scores"] - 2.0 * torch.rand(r.extras["scores"].shape, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(common, "LOGPROB_CHUNK_ELEMENTS", 3 * model.config.vocab_size)
+    rows = slice(1, 5)
+    scored = (((r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP)) & r.mask.bool())[rows]
+    assert (r.kinds[rows][scored] == common.LATENT_STEP).sum() > 5 and (r.kinds[rows][scored] == common.TOKEN).sum() > 5
+    g = torch.Generator().manual_seed(1)
+    weights, adv = torch.rand(scored.shape, generator=g) * scored, torch.randn(scored.shape, generator=g)
+    out = {}
+    for name, fn in (("chunked", lg.position_logprobs), ("whole", old_position_logprobs)):
+        model.zero_grad()
+        lp, crossed = fn(model, r, rows, 0.6, ste, adv)
+        (lp * weights).sum().backward()
+        out[name] = lp.detach(), crossed, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (a, ca, ga), (b, cb, gb) = out["chunked"], out["whole"]
+    torch.testing.assert_close(a[scored], b[scored], rtol=1e-5, atol=1e-5)
+    assert ca == pytest.approx(cb, abs=1e-6) and 0.05 < ca < 0.95
+    assert ga.keys() == gb.keys() and len(ga) > 10
+    for n in ga:   # (fp32 sums in another order: differences of 1e-5 on gradients of size 1-10)
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=5e-5, msg=n)
+
+
+SCALE_FAST = ["--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "4", "--max_num_gen_batches", "2",
+              "--max_train_samples", "16", "--max_eval_samples", "2", "--max_completion_length", "24", "--eval_every", "100"]
+
+
+def same_run_rows(out):
+    """metrics.jsonl without what depends on the machine (times, speeds, memory)."""
+    return [{k: v for k, v in r.items() if not k.endswith("_s") and k != "peak_mem_gb"} for r in common.read_metrics(out / "metrics.jsonl")]
+
+
+def test_a_stopped_run_resumes_exactly(tmp_path, interrupted_after):
+    """4 steps straight (KL reference, dynamic sampling), against 4 steps stopped after the checkpoint
+    of step 2 (a killed job) and resumed from it: the same final weights and metrics, each step once."""
+    argv = [*SCALE_FAST, "--max_steps", "4", "--learning_rate", "1e-3", "--beta", "0.01"]
+    run_main("latent_grpo", *argv, "--output_dir", tmp_path / "straight")
+    with interrupted_after(2):
+        run_main("latent_grpo", *argv, "--save_steps", "2", "--output_dir", tmp_path / "run")
+    assert sorted(common.checkpoints(tmp_path / "run")) == [2]
+    run_main("latent_grpo", *argv, "--save_steps", "2", "--resume_from_checkpoint", "latest", "--output_dir", tmp_path / "run")
+    start, straight, resumed = (load_file(f / "model.safetensors") for f in (Path(toy.LATENT_SFT), tmp_path / "straight", tmp_path / "run"))
+    assert any(not torch.equal(straight[k], start[k]) for k in start)                # it trained
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    rows = same_run_rows(tmp_path / "run")
+    assert rows == same_run_rows(tmp_path / "straight") and [r["step"] for r in rows] == [0, 1, 2, 3, 4, 4]
+    model, _, cfg = common.load_model(str(tmp_path / "run" / "checkpoint-2"), torch.device("cpu"))   # eval.py's way in
+    assert cfg["mode"] == "mixture" and cfg["method"] == "latent_grpo"
+
+
+def test_lora_trains_adapters_and_the_added_rows_and_saves_plain_merged_weights(tmp_path, capsys):
+    """--lora_r from a CoT checkpoint without <think>/</think> (a seed whose groups carry signal), at
+    a high learning rate, rollouts in pieces of one group: the merged checkpoint moves every linear
+    weight and the two added rows (peft trainable tokens), and nothing else."""
+    out = tmp_path / "lora"
+    run_main("latent_grpo", "--model", toy.COT, *SCALE_FAST, "--max_steps", "1", "--seed", "0",
+             "--max_completion_length", "48", "--max_latent_steps", "2", "--lora_r", "4", "--lora_alpha", "8",
+             "--learning_rate", "1e-2", "--beta", "0.01", "--generation_batch_size", "4", "--output_dir", out)
+    assert "memory plan per device: weights" in capsys.readouterr().out
+    rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert finite(rows, ["loss", "kl", "grad_norm", "rollout_tok_per_s"]) and rows[0]["grad_norm"] > 0
+    before, after = load_file(f"{toy.COT}/model.safetensors"), load_file(out / "model.safetensors")
+    n_old, ids, init = fresh_marker_rows(toy.COT)
+    assert after.keys() == before.keys()                                           # plain weights: no lora_A
+    for name, w in before.items():
+        if name.endswith("proj.weight"):
+            assert not torch.allclose(after[name], w), name
+        elif name == "model.embed_tokens.weight":
+            assert torch.equal(after[name][:n_old], w) and (after[name][ids] - init).abs().sum(1).min() > 0.01
+        else:
+            assert torch.equal(after[name], w), name                              # the frozen base (norms, biases)
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    """One step (seed 1: its groups carry signal) with and without --gradient_checkpointing."""
+    for gc in ("false", "true"):
+        run_main("latent_grpo", *SCALE_FAST, "--max_steps", "1", "--seed", "1", "--learning_rate", "1e-3",
+                 "--gradient_checkpointing", gc, "--output_dir", tmp_path / gc)
+    start, plain, ckpt = (load_file(f / "model.safetensors") for f in (Path(toy.LATENT_SFT), tmp_path / "false", tmp_path / "true"))
+    assert any(not torch.equal(plain[k], start[k]) for k in start)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)

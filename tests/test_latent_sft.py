@@ -64,7 +64,7 @@ def test_latent_sft_noisy_labels_and_support_kl():
     noisy = latent_sft.noisy_soft_labels(q, 0.0, 1.0)
     assert torch.allclose(noisy, q, atol=1e-6)                       # no noise, tau 1: the label itself
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
-    kl = latent_sft.support_kl(q, logits, torch.tensor([[0, 1, 2]]))
+    kl = latent_sft.support_kl(q, logits.log_softmax(-1)[:, :3])        # log-probs at the support's ids
     hand = 0.7 * math.log(0.7 / 0.5) + 0.2 * math.log(0.2 / 0.25) + 0.1 * math.log(0.1 / 0.15)
     assert kl.item() == pytest.approx(hand, abs=1e-6)
 
@@ -107,7 +107,7 @@ def test_schedule_is_warmup_then_cosine_to_a_tenth():
     """transformers' cosine-with-min-lr schedule: warmup from 0 to the peak over --warmup_steps,
     then cosine to a tenth of it at the end."""
     import inspect
-    assert "get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, total, min_lr_rate=0.1)" \
+    assert "get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, totals[stage], min_lr_rate=0.1)" \
         in inspect.getsource(latent_sft.main)
     lrs = schedule_lrs(20, 300)
     assert lrs[0] == 0.0 and lrs[10] == pytest.approx(0.5e-3) and lrs[20] == pytest.approx(1e-3)
@@ -293,9 +293,12 @@ def fresh_marker_rows(start):
 def test_latent_sft_with_lora_learns_to_end_its_latent_span(tmp_path):
     """Toy LoRA Latent-SFT from checkpoints/toy-cot, which lacks the markers: with </think> a copy
     of '<<' under frozen tables (the old behaviour) every greedy span ran to the cap; now the
-    marker rows train, the merged checkpoint carries them, and spans end by choosing </think>."""
+    marker rows train (each adapter its own, as peft trainable tokens), the merged checkpoint
+    carries the decoder's, and spans end by choosing </think>. (Since the decoder's <think> row
+    trains in stage 2 too, this takes 30 stage-2 steps here; with both adapters sharing one row,
+    frozen in stage 2, 20 sufficed.)"""
     out, cap = tmp_path / "lsft", 24
-    run_main("latent_sft", "--lora_r", "8", "--lora_alpha", "16", "--stage1_steps", "1", "--stage2_steps", "20",
+    run_main("latent_sft", "--lora_r", "8", "--lora_alpha", "16", "--stage1_steps", "1", "--stage2_steps", "30",
              "--train_batch_size", "16", "--micro_batch_size", "16", "--max_train_samples", "128", "--learning_rate", "1e-2",
              "--warmup_steps", "0", "--max_eval_samples", "2", "--max_completion_length", "4", "--log_every", "10",
              "--max_latent_steps", cap, "--output_dir", out)
@@ -370,3 +373,56 @@ def test_answers_end_the_turn_with_the_chat_template(smol_tiny):
     think = common.add_special_tokens(model, tok, ["<think>", "</think>"], init_from=None)
     _, _, answer = latent_sft.split_example(tok, ex, latent_sft.Args(), think, chat, common.answer_end_id(tok, chat, stop))
     assert answer[-1] == im_end
+
+
+# ---- scale features (issue 13): resume across the two stages, gradient checkpointing in both roles ----
+
+SCALE_FAST = ["--stage1_steps", "2", "--stage2_steps", "2", "--train_batch_size", "4", "--micro_batch_size", "2",
+              "--max_train_samples", "32", "--max_eval_samples", "2", "--max_completion_length", "8", "--log_every", "1",
+              "--learning_rate", "1e-2", "--warmup_steps", "1"]
+
+
+def same_run_rows(out):
+    """metrics.jsonl without what depends on the machine (times, speeds, memory)."""
+    return [{k: v for k, v in r.items() if k not in ("step_s", "tok_per_s", "peak_mem_gb")} for r in common.read_metrics(out / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("lora", ["0", "8"])
+def test_a_stopped_run_resumes_exactly_in_either_stage(lora, tmp_path, interrupted_after):
+    """2 + 2 steps straight, against a run stopped after its checkpoint of step 3 (stage 2: the
+    teacher is the encoder trained in stage 1) and resumed, and a run resumed from step 2 (the end
+    of stage 1: stage 2 makes its optimizer): the same final weights. Two full copies, and two
+    LoRA adapters on one model."""
+    argv = [*SCALE_FAST, "--lora_r", lora, "--lora_alpha", "16"]
+    run_main("latent_sft", *argv, "--output_dir", tmp_path / "straight")
+    with interrupted_after(3):
+        run_main("latent_sft", *argv, "--save_steps", "1", "--output_dir", tmp_path / "run")
+    assert sorted(common.checkpoints(tmp_path / "run")) == [1, 2, 3]
+    run_main("latent_sft", *argv, "--resume_from_checkpoint", "latest", "--output_dir", tmp_path / "run")
+    run_main("latent_sft", *argv, "--resume_from_checkpoint", tmp_path / "run" / "checkpoint-2", "--output_dir", tmp_path / "from2")
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    start = load_file(f"{toy.COT}/model.safetensors")
+    assert not torch.allclose(straight["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
+    for out in ("run", "from2"):
+        resumed = load_file(tmp_path / out / "model.safetensors")
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), out
+    rows = same_run_rows(tmp_path / "run")
+    assert rows == same_run_rows(tmp_path / "straight") and [r["step"] for r in rows] == [1, 2, 3, 4, 4]
+    assert [r["stage"] for r in rows if "stage" in r] == [1, 1, 2, 2] and rows[2]["kl"] > 0
+    model, tok, cfg = common.load_model(str(tmp_path / "run" / "checkpoint-2"), torch.device("cpu"))   # eval.py's way in
+    assert cfg["mode"] == "mixture" and latent_sft.END_THINK in tok.get_vocab()
+
+
+@pytest.mark.parametrize("lora", ["0", "8"])
+def test_gradient_checkpointing_gives_the_same_steps_in_both_roles(lora, tmp_path, capsys):
+    """One step of each stage with and without --gradient_checkpointing (encoder and decoder: two
+    copies, or two adapters of one model): the same weights."""
+    argv = [*SCALE_FAST, "--stage1_steps", "1", "--stage2_steps", "1", "--warmup_steps", "0", "--lora_r", lora, "--lora_alpha", "16"]
+    for gc in ("false", "true"):
+        run_main("latent_sft", *argv, "--gradient_checkpointing", gc, "--output_dir", tmp_path / gc)
+    assert "memory plan per device: weights" in capsys.readouterr().out
+    plain, ckpt = (load_file(tmp_path / gc / "model.safetensors") for gc in ("false", "true"))
+    start = load_file(f"{toy.COT}/model.safetensors")
+    assert not torch.allclose(plain["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -2,6 +2,7 @@
 its think-span step on a hand-worked case, TRL's knobs by hand, and a few steps end to end."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,8 +35,9 @@ def test_soft_grpo_scores_and_both_densities_match_a_direct_computation():
     logits, E = torch.randn(6, 30) * 2, torch.randn(30, 4)
     vec, tok, rec = sg.soft_gumbel_latent(T, k, top_p, 0.1)(logits, E)
     ids, s, keep = rec["ids"], rec["scores"], rec["keep"]
-    code = sg.soft_latent_logprob(sg.truncated_logprobs(logits, T, ids, torch.ones_like(keep)), s)
-    paper = sg.paper_latent_logprob(sg.truncated_logprobs(logits, T, ids, keep), s, keep)
+    lp_ids = (logits / T).log_softmax(-1).gather(-1, ids)                 # what lm_logprobs gives at the ids
+    code = sg.soft_latent_logprob(sg.truncated_logprobs(lp_ids, torch.ones_like(keep)), s)
+    paper = sg.paper_latent_logprob(sg.truncated_logprobs(lp_ids, keep), s, keep)
     gumbel = torch.distributions.Gumbel(0.0, 1.0)
     assert (keep.sum(-1) < k).any()                                       # some rows drop entries (top-p)
     for n in range(6):
@@ -182,13 +184,22 @@ def test_evaluations_reason_as_eval_py_does(think_model, temperature):
     assert torch.equal(runs[0].latents, runs[1].latents) and (runs[0].kinds == common.LATENT_STEP).any()
 
 
+def whole_logits(model, r, rows=slice(None)):
+    """The whole (n, T, V) fp32 logits that predicted each generated position of rollout rows `rows`
+    (the stored latents fed back, detached): how the losses were computed before lm_logprobs."""
+    ids, mask, latent_mask, latents = r.inputs(rows)
+    logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask,
+                                  latent_vectors=None if latents is None else latents.detach(), logits_to_keep=r.tokens.shape[1] + 1)
+    return logits[:, :-1].float()
+
+
 def _soft_densities(model, tok, think):
     torch.manual_seed(0)
     r = _rollout(model, tok, think, sg.soft_gumbel_latent(0.6, 5, 0.95, 0.1), temperature=0.6)
     with torch.no_grad():
         code = sg.position_logprobs(model, r, slice(None), 0.6)
         paper = sg.position_logprobs(model, r, slice(None), 0.6, "paper")
-        logits = common.completion_logits(model, r, slice(None))
+        logits = whole_logits(model, r)
     keep = r.extras["keep"]
     p = (logits / 0.6).softmax(-1).gather(-1, r.extras["ids"])
     p_roll = p * keep / (p * keep).sum(-1, keepdim=True).clamp(min=1e-30)
@@ -240,6 +251,8 @@ def test_trl_knobs_run(tmp_path):
     (["--model", "no/such-model-here"], "no/such-model-here"),
     (["--loss_type", "bnpo"], "--loss_type must be one of dapo"),
     (["--scale_rewards", "yes"], "--scale_rewards one of group"),
+    (["--generation_batch_size", "6"], "--generation_batch_size 0 or a multiple of --num_generations 8"),
+    (["--lora_r", "-1"], "--lora_r must be >= 0"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path):
     assert words in main_error("soft_grpo", *argv, "--output_dir", tmp_path / "x")
@@ -305,3 +318,112 @@ def test_every_option_has_a_help_string():
     import dataclasses
     missing = [f.name for f in dataclasses.fields(sg.Args) if not f.metadata.get("help")]
     assert not missing, missing
+
+
+# ---- scale features (issue 13): chunked log-probs, resume, LoRA, gradient checkpointing, generation in pieces ----
+
+def old_position_logprobs(model, r, rows, T, density="code"):
+    """soft_grpo.position_logprobs as it was before common.lm_logprobs: whole (n, T, V) logits, then
+    log-softmax at the token and at the stored ids."""
+    logits = whole_logits(model, r, rows) / T
+    tok_lp = logits.log_softmax(-1).gather(-1, r.tokens[rows].unsqueeze(-1)).squeeze(-1)
+    ids, scores, keep = r.extras["ids"][rows], r.extras["scores"][rows], r.extras["keep"][rows]
+
+    def truncated(keep):
+        lp = logits.log_softmax(-1).gather(-1, ids)
+        return lp - torch.logsumexp(lp.masked_fill(keep == 0, float("-inf")), -1, keepdim=True)
+    if density == "code":
+        lat_lp = sg.soft_latent_logprob(truncated(torch.ones_like(keep)), scores)
+    else:
+        keep = torch.where(keep.sum(-1, keepdim=True) > 0, keep, torch.ones_like(keep))
+        lat_lp = sg.paper_latent_logprob(truncated(keep), scores, keep)
+    return torch.where(r.kinds[rows] == common.LATENT_STEP, lat_lp, tok_lp)
+
+
+@pytest.mark.parametrize("density", ["code", "paper"])
+def test_chunked_position_logprobs_equal_the_whole_logits_computation(density, monkeypatch):
+    """On a rollout of the toy Latent-SFT model (latents and answer tokens, rows that end early),
+    the per-position log-probs from lm_logprobs' chunks (3 positions each here) equal those of the
+    whole logits, and so do the gradients of a weighted sum of them."""
+    model, tok, _ = common.load_model(toy.LATENT_SFT, torch.device("cpu"), torch.float32)
+    think = common.require_tokens(tok, [sg.START_THINK, sg.END_THINK], "test")
+    torch.manual_seed(0)
+    r = _rollout(model.eval(), tok, think, sg.soft_gumbel_latent(0.6, 5, 0.95, 0.1), max_latent=8, G=3, temperature=0.6)
+    monkeypatch.setattr(common, "LOGPROB_CHUNK_ELEMENTS", 3 * model.config.vocab_size)
+    rows = slice(1, 5)
+    scored = (((r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP)) & r.mask.bool())[rows]
+    assert (r.kinds[rows][scored] == common.LATENT_STEP).sum() > 5 and (r.kinds[rows][scored] == common.TOKEN).sum() > 5
+    weights = torch.rand(scored.shape, generator=torch.Generator().manual_seed(1)) * scored
+    out = {}
+    for name, fn in (("chunked", sg.position_logprobs), ("whole", old_position_logprobs)):
+        model.zero_grad()
+        lp = fn(model, r, rows, 0.6, density)
+        (lp * weights).sum().backward()
+        out[name] = lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (a, ga), (b, gb) = out["chunked"], out["whole"]
+    torch.testing.assert_close(a[scored], b[scored], rtol=1e-5, atol=1e-5)
+    assert ga.keys() == gb.keys() and len(ga) > 10
+    for n in ga:   # (fp32 sums in another order: differences of 1e-5 on gradients of size 1-10)
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=5e-5, msg=n)
+
+
+SCALE_FAST = ["--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "4", "--max_train_samples", "16",
+              "--max_eval_samples", "2", "--max_completion_length", "24", "--eval_every", "100"]
+
+
+def same_run_rows(out):
+    """metrics.jsonl without what depends on the machine (times, speeds, memory)."""
+    return [{k: v for k, v in r.items() if not k.endswith("_s") and k != "peak_mem_gb"} for r in common.read_metrics(out / "metrics.jsonl")]
+
+
+def test_a_stopped_run_resumes_exactly(tmp_path, interrupted_after):
+    """4 steps straight, against 4 steps stopped after the checkpoint of step 2 (a killed job) and
+    resumed from it: the same final weights and the same metrics, each step once."""
+    argv = [*SCALE_FAST, "--max_steps", "4", "--learning_rate", "1e-3"]
+    run_main("soft_grpo", *argv, "--output_dir", tmp_path / "straight")
+    with interrupted_after(2):
+        run_main("soft_grpo", *argv, "--save_steps", "2", "--output_dir", tmp_path / "run")
+    assert sorted(common.checkpoints(tmp_path / "run")) == [2]
+    run_main("soft_grpo", *argv, "--save_steps", "2", "--resume_from_checkpoint", "latest", "--output_dir", tmp_path / "run")
+    start, straight, resumed = (load_file(f / "model.safetensors") for f in (Path(toy.LATENT_SFT), tmp_path / "straight", tmp_path / "run"))
+    assert any(not torch.equal(straight[k], start[k]) for k in start)                # it trained
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    rows = same_run_rows(tmp_path / "run")
+    assert rows == same_run_rows(tmp_path / "straight") and [r["step"] for r in rows] == [0, 1, 2, 3, 4, 4]
+    assert any(r.get("grad_norm", 0) > 0 for r in rows)
+    model, _, cfg = common.load_model(str(tmp_path / "run" / "checkpoint-2"), torch.device("cpu"))   # eval.py's way in
+    assert cfg["mode"] == "mixture" and cfg["method"] == "soft_grpo"
+
+
+def test_lora_trains_adapters_and_marker_rows_and_saves_plain_merged_weights(tmp_path, capsys):
+    """--lora_r at a high learning rate, rollouts in pieces of one group: the merged checkpoint moves
+    every linear weight and the <think>/</think> rows (trainable tokens), and nothing else."""
+    out = tmp_path / "lora"
+    run_main("soft_grpo", *SCALE_FAST, "--max_steps", "2", "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
+             "--generation_batch_size", "4", "--output_dir", out)
+    assert "memory plan per device: weights" in capsys.readouterr().out
+    rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert finite(rows, ["loss", "kl", "grad_norm", "rollout_tok_per_s"]) and rows[-1]["grad_norm"] > 0
+    before, after = load_file(f"{toy.LATENT_SFT}/model.safetensors"), load_file(out / "model.safetensors")
+    assert after.keys() == before.keys()                                           # plain weights: no lora_A
+    markers = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids([sg.START_THINK, sg.END_THINK])
+    for name, w in before.items():
+        if name.endswith("proj.weight"):
+            assert not torch.allclose(after[name], w), name
+        elif name == "model.embed_tokens.weight":
+            others = [i for i in range(len(w)) if i not in markers]
+            assert torch.equal(after[name][others], w[others]) and not torch.allclose(after[name][markers], w[markers])
+        else:
+            assert torch.equal(after[name], w), name                              # the frozen base (norms, biases)
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    """One step (seed 1: its groups carry signal) with and without --gradient_checkpointing."""
+    for gc in ("false", "true"):
+        run_main("soft_grpo", *SCALE_FAST, "--max_steps", "1", "--seed", "1", "--learning_rate", "1e-3", "--gradient_checkpointing", gc,
+                 "--output_dir", tmp_path / gc)
+    start, plain, ckpt = (load_file(f / "model.safetensors") for f in (Path(toy.LATENT_SFT), tmp_path / "false", tmp_path / "true"))
+    assert any(not torch.equal(plain[k], start[k]) for k in start)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
