@@ -1357,8 +1357,8 @@ def barrier(d: Dist):
 # logging: a line per step, metrics.jsonl, optional wandb, and plots
 
 class Logger:
-    """metrics.jsonl, args.json, a printed line, optionally wandb; training rows (those with a loss)
-    get the run's peak memory so far (peak_mem_gb). With `resume_step` (TrainState.resume)
+    """metrics.jsonl, args.json, a printed line, optionally wandb; training rows (those with a loss
+    or a *_loss) get the run's peak memory so far (peak_mem_gb). With `resume_step` (TrainState.resume)
     metrics.jsonl and completions.jsonl keep their rows up to that step and grow from there; a row
     logged again for a step <= resume_step (a step-0 evaluation) is dropped: no step appears twice."""
     def __init__(self, output_dir, args, d: Dist = Dist(), track=False, project="latent-rl", resume_step=0):
@@ -1380,7 +1380,7 @@ class Logger:
     def log(self, metrics, step, quiet=False):
         if not self.main or (self.resume_step and step <= self.resume_step):
             return
-        if "loss" in metrics:  # a training step: how much memory the run has needed so far
+        if any(k == "loss" or k.endswith("_loss") for k in metrics):  # a training step: the memory needed so far
             metrics = {**metrics, "peak_mem_gb": peak_memory_gb(self.device)}
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
