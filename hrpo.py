@@ -87,13 +87,13 @@ Commands:
     python hrpo.py                                                   # toy CoT checkpoint, LoRA
     python hrpo.py --lora_r 0 --learning_rate 1e-4 --output_dir runs/hrpo_full
     python hrpo.py --no_gate --output_dir runs/hrpo_no_gate         # the ablation
-    python hrpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --chat_template --bf16 true --gradient_checkpointing \
-        --learning_rate 5e-6 --gate_learning_rate 1e-4 --lambda_learning_rate 1e-3 --train_batch_size 32 --num_generations 8 \
-        --micro_batch_size 8 --generation_batch_size 128 --max_completion_length 1024 --max_steps 1000 --save_steps 100 \
+    python hrpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --chat_template --bf16 true --gradient_checkpointing \\
+        --learning_rate 5e-6 --gate_learning_rate 1e-4 --lambda_learning_rate 1e-3 --train_batch_size 32 --num_generations 8 \\
+        --micro_batch_size 8 --generation_batch_size 128 --max_completion_length 1024 --max_steps 1000 --save_steps 100 \\
         --output_dir runs/hrpo-qwen                                 # one 80 GB GPU
-    torchrun --nproc_per_node 8 hrpo.py --model Qwen/Qwen2.5-3B-Instruct --dataset openai/gsm8k --chat_template --bf16 true \
-        --gradient_checkpointing --learning_rate 5e-6 --gate_learning_rate 1e-4 --lambda_learning_rate 1e-3 \
-        --train_batch_size 64 --num_generations 8 --micro_batch_size 8 --generation_batch_size 64 \
+    torchrun --nproc_per_node 8 hrpo.py --model Qwen/Qwen2.5-3B-Instruct --dataset openai/gsm8k --chat_template --bf16 true \\
+        --gradient_checkpointing --learning_rate 5e-6 --gate_learning_rate 1e-4 --lambda_learning_rate 1e-3 \\
+        --train_batch_size 64 --num_generations 8 --micro_batch_size 8 --generation_batch_size 64 \\
         --max_completion_length 1024 --max_steps 1000 --save_steps 100 --output_dir runs/hrpo-qwen3b
     python eval.py --model runs/hrpo
     python eval.py --model runs/hrpo-qwen --dataset openai/gsm8k --max_completion_length 1024
