@@ -589,13 +589,12 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             n_steps += 1
             if (i + 1) % args.log_every == 0 or i + 1 == args.steps_per_stage:
+                row = {"ce": common.all_sum(stats["ce"], d), **{k: common.all_mean(v, d) for k, v in stats.items() if k != "ce"}}
+                loss = (row["ce"] + args.kl_weight * row["kl"] + args.decoder_weight * row["dec_ce"]
+                        + args.stop_weight * row["stop_ce"])
                 elapsed = time.time() - t0   # step_s, tok_per_s: this rank's time per step and positions (latents too) per second
-                row = {"phase": "sft", "stage": stage, "ce": common.all_sum(stats["ce"], d), "grad_norm": grad_norm,
-                       **{k: common.all_mean(v, d) for k, v in stats.items() if k != "ce"},
-                       "loss": common.all_sum(stats["ce"], d) + args.kl_weight * common.all_mean(stats["kl"], d)
-                       + args.decoder_weight * common.all_mean(stats["dec_ce"], d) + args.stop_weight * common.all_mean(stats["stop_ce"], d),
-                       "step_s": elapsed / n_steps, "tok_per_s": n_tok / elapsed}
-                logger.log(row, step)
+                logger.log({"phase": "sft", "stage": stage, "loss": loss, **row, "grad_norm": grad_norm,
+                            "step_s": elapsed / n_steps, "tok_per_s": n_tok / elapsed}, step)
                 t0, n_steps, n_tok = time.time(), 0, 0
             if i + 1 == args.steps_per_stage:  # ---- greedy evaluation after each stage, with this stage's latents
                 with torch.no_grad():
