@@ -37,7 +37,8 @@ Deviations and choices (numbered, so the README can refer to them):
    over fp32 master weights; the LM and decoder are saved in the start model's published dtype
    (--save_dtype).
 5. Under torchrun the LM is wrapped by FSDP2/DDP; the heads and the frozen decoder are kept whole
-   on every rank, and the heads' gradients are averaged by an all-reduce.
+   on every rank, and the heads' gradients are averaged by an all-reduce. --lora_r puts LoRA on
+   the LM (the three markers' rows stay trainable, peft's trainable tokens); the heads train fully.
 6. Coherence compares numbers (a result with a later step's operands, the last result with the
    extracted final answer); the authors' code tests substrings of the decoded text, under which
    an unparsable step's empty result, or "1" inside "12", counts as used.
@@ -45,19 +46,28 @@ Deviations and choices (numbered, so the README can refer to them):
 8. TRL's knobs with TRL's names: --epsilon_high (clip-higher; default: --epsilon, the paper's
    symmetric clip) and --scale_rewards (group, the paper's; batch; none). The loss aggregation is
    the authors' (above), none of TRL's loss types.
+9. At scale: the log-probs are computed a chunk of positions at a time (never whole
+   vocabulary-sized logits), --gradient_checkpointing recomputes each layer of the LM in backward,
+   --generation_batch_size bounds the rows generated at once on a rank, and a memory plan per
+   device is printed before the first step. --save_steps N writes resumable checkpoint-<step>
+   folders (LM, heads, decoder/, AdamW, data order, random states); --resume_from_checkpoint
+   latest continues the run exactly (with as many processes).
 
 Commands:
     python atp_sft.py                                       # first: the SFT checkpoint runs/atp_sft
     python atp_rl.py                                        # toy: RL from runs/atp_sft (runs/atp_rl)
     python atp_rl.py --model runs/atp_sft --learning_rate 1e-4 --max_steps 60 --eval_every 20 --output_dir runs/atp_rl_lr1e-4_60
     python eval.py --model runs/atp_rl --show_latents       # pass@1, #L, decoded latent steps
-    python atp_rl.py --model runs/llama-atp-sft --dataset whynlp/gsm8k-aug --chat_template \\
-        --learning_rate 1e-6 --num_generations 8 --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 \\
-        --max_completion_length 256 --output_dir runs/llama-atp
+    python atp_rl.py --model runs/llama-atp-sft --dataset whynlp/gsm8k-aug --chat_template --bf16 true \\
+        --gradient_checkpointing --learning_rate 1e-6 --num_generations 8 --train_batch_size 64 --mini_batch_size 16 \\
+        --micro_batch_size 16 --generation_batch_size 256 --max_completion_length 256 --save_steps 100 \\
+        --output_dir runs/llama-atp                                 # one 80 GB GPU
     torchrun --nproc_per_node 8 atp_rl.py --model runs/llama-atp-sft --dataset whynlp/gsm8k-aug --chat_template \\
-        --learning_rate 1e-6 --num_generations 8 --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 \\
-        --max_completion_length 256 --output_dir runs/llama-atp
+        --bf16 true --gradient_checkpointing --learning_rate 1e-6 --num_generations 8 --train_batch_size 64 \\
+        --mini_batch_size 16 --micro_batch_size 16 --generation_batch_size 64 --max_completion_length 256 \\
+        --save_steps 100 --output_dir runs/llama-atp
     python eval.py --model runs/llama-atp --dataset whynlp/gsm8k-aug --max_completion_length 256 --show_latents
+A stopped run continues with its own command plus --resume_from_checkpoint latest.
 """
 import functools
 import math
@@ -97,18 +107,27 @@ class Args:
     coherence_weight: float = field(default=0.1, metadata={"help": "reward weight of coherence (times correct)"})
     temperature: float = field(default=1.0, metadata={"help": "answer sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "answer nucleus sampling"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LM (0 = full fine-tuning); the Coconut markers' embedding rows stay trainable; the heads train fully"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets: all-linear (every linear layer of the decoder stack) or comma-separated module names"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward: less memory, about a third more compute"})
     learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate (LM and heads)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (the LM, and the heads apart)"})
     max_steps: int = field(default=30, metadata={"help": "RL steps"})
     max_completion_length: int = field(default=48, metadata={"help": "generated positions per rollout and evaluation, latents included"})
     max_step_tokens: int = field(default=24, metadata={"help": "tokens the decoder writes per latent pair"})
+    generation_batch_size: int = field(default=0, metadata={"help": "rollouts generated at once on one rank, a multiple of --num_generations (0 = all of a step's)"})
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
     max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
     eval_every: int = field(default=15, metadata={"help": "evaluate every N steps"})
     log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt to completions.jsonl"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights (and a bf16 frozen decoder); default: on for a bf16-capable GPU, off on CPU"})
     save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights (LM and decoder): auto (the start model's published dtype) | float32 | bfloat16"})
+    save_steps: int = field(default=0, metadata={"help": "write <output_dir>/checkpoint-<step> (resumable) every N steps (0 = only the final save)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a stopped run exactly: a checkpoint-<step> folder, or latest (the newest in --output_dir); same arguments and process count"})
     distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
@@ -283,7 +302,8 @@ def decode_latent_pairs(decoder, tokenizer, latents, c, max_tokens=24):
     mask = torch.ones((M, c + max_tokens), dtype=torch.long, device=device)
     cache = DynamicCache(config=dec.config)
     pos = torch.arange(c, device=device).expand(M, c)
-    logits, _ = common.lm_forward(decoder, ids, mask[:, :c], pos, cache, torch.ones_like(ids, dtype=torch.bool), vec)
+    logits, _ = common.lm_forward(decoder, ids, mask[:, :c], pos, cache, torch.ones_like(ids, dtype=torch.bool), vec,
+                                  logits_to_keep=1)
     done = torch.zeros(M, dtype=torch.bool, device=device)
     written = []
     for t in range(max_tokens):
@@ -360,15 +380,14 @@ def group_advantages(rewards, G, scale_rewards="group", batch_rewards=None, eps=
 def position_logprobs(model, heads, r, rows, temperature):
     """Per generated position of rows `rows`: sum_d log N(z; mu, sigma) (+ log p(continue) after a
     stop check) at latents, log p(stop) where the stop head ended the span, log pi(token) at
-    temperature for sampled tokens. Also sigma's mean over latents (for the log)."""
+    temperature for sampled tokens (computed in chunks of positions: never whole logits). Also
+    sigma's mean over latents (for the log)."""
     ids, mask, latent_mask, latents = r.inputs(rows)
-    T = r.tokens.shape[1]  # logits of the positions that predict the completion only (not the prompt's)
-    logits, hidden = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask,
-                                       latent_vectors=None if latents is None else latents.detach(), logits_to_keep=T + 1)
+    lp, hidden = common.lm_logprobs(model, ids, mask, common.positions(mask), r.tokens[rows], temperature, latent_mask,
+                                    None if latents is None else latents.detach())
     P = r.prompt_ids.shape[1]
-    logits = logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
     h_prev = hidden[:, P - 1:-1]                    # the hidden state each generated position was chosen from
-    tok_lp = common.gather_logprobs(logits, r.tokens[rows])
+    tok_lp = lp.token
     kinds, check = r.kinds[rows], r.extras["check"][rows]
     is_lat = kinds == common.LATENT_STEP
     out = tok_lp
@@ -413,6 +432,11 @@ def main(args):
     if args.scale_rewards not in SCALE_REWARDS:
         common.die(f"unknown --scale_rewards {args.scale_rewards!r} ({' | '.join(SCALE_REWARDS)})")
     scale_rewards = SCALE_REWARDS[args.scale_rewards]
+    if args.lora_r < 0 or not 0 <= args.lora_dropout < 1:
+        common.die(f"--lora_r must be >= 0 and --lora_dropout in [0, 1) (got {args.lora_r}, {args.lora_dropout})")
+    if args.generation_batch_size < 0 or args.generation_batch_size % args.num_generations:
+        common.die(f"--generation_batch_size must be 0 (all at once) or a multiple of --num_generations {args.num_generations}: "
+                   f"a group is generated together (got {args.generation_batch_size})")
     if not (Path(args.model_name_or_path) / "config.json").is_file():   # missing, or an atp_sft run cut short
         common.die(f"{args.model_name_or_path} holds no checkpoint: make it first with atp_sft.py (atp_rl.py starts from "
                    "an ATP-Latent SFT checkpoint)")
@@ -430,35 +454,49 @@ def main(args):
     train, test = common.load_train_eval(args, start)
     cfg = {**cfg, **common.prompt_settings(args, start, train), "dataset": start["dataset"], "phase": "rl", "method": "atp_rl"}
     bf16 = common.use_bf16(args.bf16, d.device)
+    markers = common.require_tokens(tokenizer, [START_LATENT, END_LATENT, LATENT], "an ATP-Latent model")
+    model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                              trainable_token_ids=markers)   # (--lora_r 0: the model as it is)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
     heads = attach_heads(model, load_heads(args.model_name_or_path, model.config.hidden_size, d.device))
     decoder = load_decoder(args.model_name_or_path, d.device, torch.bfloat16 if bf16 else torch.float32)  # frozen
     decoder = common.wrap_model(decoder, common.Dist(), bf16=bf16)  # whole on every rank
     model = common.wrap_model(model, d, args.distributed, bf16)
-    logger = common.Logger(args.output_dir, args, d, args.track)
     G = args.num_generations
-    optimizer = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + list(heads.parameters()),
+                                  lr=args.learning_rate, weight_decay=args.weight_decay)
     rng = random.Random(args.seed + 1000 * d.rank)
+    # ---- intermediate checkpoints (--save_steps) and --resume_from_checkpoint: the LM (its adapters
+    # with LoRA), the heads, AdamW, the data order and every random state (the decoder is frozen)
+    state = common.TrainState(args, d, {"model": model, "heads": heads}, [optimizer], rngs=[rng])
+    start_step, extra = state.resume()
+    logger = common.Logger(args.output_dir, args, d, args.track, resume_step=start_step)
+    n_rows = args.train_batch_size // d.world * G          # rollouts per step on this rank
+    seq_len = max(len(p) for p in encode_prompts(tokenizer, [ex["question"] for ex in train[:1000]], cfg)) + args.max_completion_length
+    common.print_memory_plan(model, d, args, min(args.micro_batch_size, n_rows), seq_len, args.generation_batch_size or n_rows,
+                             seq_len, frozen=decoder, extra_modules=[heads])
 
     def run_eval(step):
         res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
                               max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
         logger.log({"phase": "rl", "eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
-        return res
+        return {"pass@1": res["pass@1"], "mean_L": res["mean_L"]}
 
-    start = run_eval(0)
-    for step in tqdm(range(1, args.max_steps + 1), desc="atp rl", disable=not d.main):
+    start = extra["start"] if start_step else run_eval(0)   # a resumed run has it from its checkpoint
+    for step in tqdm(range(start_step + 1, args.max_steps + 1), desc="atp rl", initial=start_step, total=args.max_steps,
+                     disable=not d.main):
         times = {}
         # ---- rollout: G per prompt, latents and stop decisions sampled; the frozen decoder reads the latents
         batch = [train[i] for i in rng.sample(range(len(train)), args.train_batch_size // d.world)]
         model.eval(), heads.eval()
         with common.timer(times, "rollout_s"), torch.no_grad():
-            step_fn = ATPStep(model, cfg, tokenizer, args.temperature, top_p=args.top_p, sample=True)
-            r = common.rollout(model, encode_prompts(tokenizer, [ex["question"] for ex in batch], cfg), step_fn,
-                               args.max_completion_length, common.stop_ids(model, tokenizer), tokenizer.pad_token_id,
-                               num_generations=G)
-            r.extras.update(step_fn.extras())
+            r = common.generate(model, encode_prompts(tokenizer, [ex["question"] for ex in batch], cfg),
+                                lambda: ATPStep(model, cfg, tokenizer, args.temperature, top_p=args.top_p, sample=True),
+                                args.max_completion_length, common.stop_ids(model, tokenizer), tokenizer.pad_token_id,
+                                G, args.generation_batch_size)   # r.extras["check"]: the stop checks (ATPStep.extras)
             texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
+        times["rollout_tok_per_s"] = r.lengths.sum().item() / times["rollout_s"]   # positions, latents included
         with common.timer(times, "decode_s"):
             decoded = decode_latent_pairs(decoder, tokenizer, rollout_latents(r), cfg["c_thought"], args.max_step_tokens)
         answers = [batch[i // G]["answer"] for i in range(len(texts))]
@@ -517,6 +555,8 @@ def main(args):
                  "reward": rewards[i].item()} for i in range(0, N, G)], d)
         if step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
+        state.maybe_save(step, tokenizer, cfg, extra={"start": start}, extra_modules={"vae_head": heads.vae, "stop_head": heads.stop},
+                         subfolders={"decoder": decoder})
     final = run_eval(args.max_steps)
     # ---- save: the LM and decoder/ in --save_dtype, the heads in fp32, latent_config.json
     common.finish(model, tokenizer, cfg, args, d, final, start, ["reward", "coherence", "eval_acc", "eval_mean_L"],

@@ -35,7 +35,9 @@ Deviations and choices (numbered, so the README can refer to them):
    inference a row thinks at least c_thought latents and at most max_latents (then the end is
    forced and not scored).
 4. Step counts instead of epochs (`--steps_per_stage`); the optimizer is reset at each stage as in
-   Coconut. Greedy evaluation (pass@1, #L) after each stage.
+   Coconut. Greedy evaluation (pass@1, #L) after each stage. --save_steps counts steps over all
+   stages; --resume_from_checkpoint continues in the checkpoint's stage, with that stage's AdamW
+   state, data order and random states, and the heads and decoder as they were.
 5. Defaults are sized for the toy task: lr 1e-3 (as coconut_sft.py), 4 stages x 100 steps of 64
    examples (about 20 minutes at one thread on a shared 2-core CPU). Real models: starts are a
    plain or CoT model (from stage 1; stage 0, language CoT, is coconut_sft.py's); --dataset is
@@ -43,11 +45,17 @@ Deviations and choices (numbered, so the README can refer to them):
    --chat_template and --system_prompt shape the prompts (saved in latent_config.json, so
    atp_rl.py and eval.py prompt the same); --bf16 computes in bf16 over fp32 master weights; the LM
    and decoder are saved in the start model's published dtype (--save_dtype).
-6. Under torchrun the LM is wrapped by FSDP2/DDP; the heads and the decoder are small, kept whole
-   on every rank, and their gradients are averaged by an all-reduce.
+6. Under torchrun the LM is wrapped by FSDP2/DDP; the heads and the decoder are kept whole on
+   every rank, and their gradients are averaged by an all-reduce. --lora_r puts LoRA on the LM
+   (the three markers' rows stay trainable, peft's trainable tokens); the decoder, a separate
+   model, trains fully.
 7. The heads are not part of the LM's weights (plain transformers loads the LM alone): they are
    vae_head.safetensors and stop_head.safetensors (fp32), the decoder is the decoder/ folder, and
    latent_config.json says {"mode": "atp", "phase": "sft", ...}.
+8. At scale: no forward makes whole vocabulary-sized logits (the last latent pass scores its
+   positions a chunk at a time, each earlier pass only its last position), --gradient_checkpointing
+   recomputes each layer of the LM and the decoder in backward (the latent passes' KV cache is
+   kept, so the gradients are exact), and a memory plan per device is printed before the first step.
 
 Commands:
     python atp_sft.py                                       # toy: CoT checkpoint -> stages 1..4 (runs/atp_sft)
@@ -55,12 +63,13 @@ Commands:
     python eval.py --model runs/atp_sft --show_latents      # pass@1, #L, decoded latent steps
     python coconut_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug --chat_template \\
         --start_stage 0 --end_stage 0 --learning_rate 1e-4 --epochs_per_stage 3 --output_dir runs/llama-cot
-    python atp_sft.py --model runs/llama-cot --dataset whynlp/gsm8k-aug --chat_template \\
+    python atp_sft.py --model runs/llama-cot --dataset whynlp/gsm8k-aug --chat_template --bf16 true --gradient_checkpointing \\
         --learning_rate 1e-4 --steps_per_stage 3000 --train_batch_size 128 --micro_batch_size 16 \\
-        --max_completion_length 256 --output_dir runs/llama-atp-sft
-    torchrun --nproc_per_node 8 atp_sft.py --model runs/llama-cot --dataset whynlp/gsm8k-aug --chat_template \\
-        --learning_rate 1e-4 --steps_per_stage 3000 --train_batch_size 128 --micro_batch_size 16 \\
-        --max_completion_length 256 --output_dir runs/llama-atp-sft
+        --max_completion_length 256 --save_steps 500 --output_dir runs/llama-atp-sft      # one 80 GB GPU
+    torchrun --nproc_per_node 8 atp_sft.py --model runs/llama-cot --dataset whynlp/gsm8k-aug --chat_template --bf16 true \\
+        --gradient_checkpointing --learning_rate 1e-4 --steps_per_stage 3000 --train_batch_size 128 --micro_batch_size 16 \\
+        --max_completion_length 256 --save_steps 500 --output_dir runs/llama-atp-sft
+A stopped run continues with its own command plus --resume_from_checkpoint latest.
 """
 import copy
 import functools
@@ -96,6 +105,11 @@ class Args:
     steps_per_stage: int = field(default=100, metadata={"help": "optimizer steps per stage"})
     train_batch_size: int = field(default=64, metadata={"help": "examples per optimizer step, all ranks together"})
     micro_batch_size: int = field(default=64, metadata={"help": "examples per forward on one rank"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LM (0 = full fine-tuning); the Coconut markers' embedding rows stay trainable; the decoder trains fully"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets: all-linear (every linear layer of the decoder stack) or comma-separated module names"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward (exact: the latent passes' KV cache is kept), for the LM and the step decoder: less memory, about a third more compute"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (LM, heads and decoder)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (the LM, and the heads and decoder apart)"})
@@ -109,6 +123,9 @@ class Args:
     max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions after each stage (0 = all)"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
     save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights (LM and decoder): auto (the start model's published dtype) | float32 | bfloat16"})
+    save_steps: int = field(default=0, metadata={"help": "write <output_dir>/checkpoint-<step> (resumable) every N optimizer steps, counted over all stages (0 = only the final save)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a stopped run exactly (its stage, AdamW, heads, decoder): a checkpoint-<step> folder, or latest (the newest in --output_dir); same arguments and process count"})
     distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
@@ -273,7 +290,8 @@ def decode_latent_pairs(decoder, tokenizer, latents, c, max_tokens=24):
     mask = torch.ones((M, c + max_tokens), dtype=torch.long, device=device)
     cache = DynamicCache(config=dec.config)
     pos = torch.arange(c, device=device).expand(M, c)
-    logits, _ = common.lm_forward(decoder, ids, mask[:, :c], pos, cache, torch.ones_like(ids, dtype=torch.bool), vec)
+    logits, _ = common.lm_forward(decoder, ids, mask[:, :c], pos, cache, torch.ones_like(ids, dtype=torch.bool), vec,
+                                  logits_to_keep=1)
     done = torch.zeros(M, dtype=torch.bool, device=device)
     written = []
     for t in range(max_tokens):
@@ -374,23 +392,42 @@ def collate(examples, pad_id, device):
 def atp_forward(model, heads, ids, mask, n_latent, c0):
     """Coconut's forward with z ~ N(mu, sigma^2) from the VAE head fed at latent slot c0 + k instead
     of the hidden state: pass 0 covers columns [0, c0), pass k the single column c0 + k - 1, the
-    last pass the rest, over one KV cache, gradients through the chain. Returns logits (B, L, V),
-    mu, logvar, z (B, n_max, d) and the hidden state after each latent slot (B, n_max, d) for the
-    stop head."""
+    last pass the rest, over one KV cache, gradients through the chain. Returns logp (B, L-1),
+    logp[:, j] = log p(ids[:, j+1] | columns <= j) (0 at the prompt's positions, which predict no
+    label), mu, logvar, z (B, n_max, d) and the hidden state after each latent slot (B, n_max, d)
+    for the stop head.
+
+    No pass makes whole (B, L, V) logits: the last pass scores its positions with lm_logprobs (in
+    chunks), and each earlier pass needs only its last position's logits (B, 1, V), which predict
+    the next pass's first column (a label for rows with fewer latents than the batch's most)."""
     pos = common.positions(mask)
     n_max = common.global_max(n_latent.max())  # the same number of passes on every rank
+    B, d = ids.shape[0], common.unwrap(model).config.hidden_size
+    if n_max == 0:  # no row has a latent: one plain pass
+        lp, _ = common.lm_logprobs(model, ids, mask, pos, ids[:, 1:])
+        empty = torch.zeros((B, 0, d), device=ids.device)
+        return lp.token, empty, empty, empty, empty
+
+    def next_logprob(logits, b):  # log p(ids[:, b]) from the logits of column b-1 (B, 1, V)
+        return logits[:, -1].float().log_softmax(-1).gather(-1, ids[:, b, None])
+
     cache = DynamicCache(config=common.unwrap(model).config)
-    logits, hidden = common.lm_forward(model, ids[:, :c0], mask[:, :c0], pos[:, :c0], cache)
-    chunks, mus, logvars, zs, after = [logits], [], [], [], []
+    logits, hidden = common.lm_forward(model, ids[:, :c0], mask[:, :c0], pos[:, :c0], cache, logits_to_keep=1)
+    chunks, mus, logvars, zs, after = [torch.zeros((B, c0 - 1), device=ids.device), next_logprob(logits, c0)], [], [], [], []
     for k in range(n_max):
         a, b = c0 + k, (c0 + k + 1 if k < n_max - 1 else ids.shape[1])
-        is_latent = torch.zeros((ids.shape[0], b - a), dtype=torch.bool, device=ids.device)
+        is_latent = torch.zeros((B, b - a), dtype=torch.bool, device=ids.device)
         is_latent[:, 0] = k < n_latent
         mu, logvar = heads.vae(hidden[:, -1])
         z = sample_latent(mu, logvar)
-        logits, hidden = common.lm_forward(model, ids[:, a:b], mask[:, :b], pos[:, a:b], cache, latent_mask=is_latent,
-                                           latent_vectors=z.to(hidden.dtype)[:, None].expand(-1, b - a, -1))
-        chunks.append(logits)
+        latent = dict(latent_mask=is_latent, latent_vectors=z.to(hidden.dtype)[:, None].expand(-1, b - a, -1))
+        if b < ids.shape[1]:
+            logits, hidden = common.lm_forward(model, ids[:, a:b], mask[:, :b], pos[:, a:b], cache, logits_to_keep=1, **latent)
+            chunks.append(next_logprob(logits, b))
+        else:
+            lp, hidden = common.lm_logprobs(model, ids[:, a:b], mask[:, :b], pos[:, a:b], ids[:, a + 1:b],
+                                            past_key_values=cache, **latent)
+            chunks.append(lp.token)
         mus.append(mu), logvars.append(logvar), zs.append(z), after.append(hidden[:, 0])
     return torch.cat(chunks, 1), torch.stack(mus, 1), torch.stack(logvars, 1), torch.stack(zs, 1), torch.stack(after, 1)
 
@@ -418,9 +455,8 @@ def decoder_loss(decoder, zs, n_latent, targets, c, pad_id):
     lat_mask[:, :c] = True
     vec = torch.zeros(ids.shape + (zs.shape[-1],), dtype=zs.dtype, device=device)
     vec[:, :c] = torch.stack(vecs)
-    logits, _ = common.lm_forward(decoder, ids, mask, common.positions(mask), latent_mask=lat_mask, latent_vectors=vec)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
+    lp, _ = common.lm_logprobs(decoder, ids, mask, common.positions(mask), ids[:, 1:], latent_mask=lat_mask, latent_vectors=vec)
+    return -(lp.token * (labels[:, 1:] != -100)).sum(), int((labels != -100).sum())
 
 
 def stop_targets(n_latent, n_max, c):
@@ -448,8 +484,12 @@ def main(args):
     end = args.max_latent_stage + 1 if args.end_stage < 0 else args.end_stage
     if end < args.start_stage:
         common.die(f"--end_stage {end} comes before --start_stage {args.start_stage}")
+    if args.steps_per_stage < 1:
+        common.die(f"--steps_per_stage must be at least 1 (got {args.steps_per_stage})")
     if args.kl_weight < 0:
         common.die(f"--kl_weight must be >= 0 (got {args.kl_weight})")
+    if args.lora_r < 0 or not 0 <= args.lora_dropout < 1:
+        common.die(f"--lora_r must be >= 0 and --lora_dropout in [0, 1) (got {args.lora_r}, {args.lora_dropout})")
     d = common.setup_distributed(args.seed)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)  # fp32 master weights
     if (cfg or {}).get("mode") == "atp":
@@ -467,34 +507,61 @@ def main(args):
         common.die(f"dataset {base['dataset']!r} has no reasoning steps: the latents replace steps")
     special = common.add_special_tokens(model, tokenizer, [START_LATENT, END_LATENT, LATENT])
     decoder = copy.deepcopy(model)                    # the decoder starts as a copy of the start model
+    model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                              trainable_token_ids=special)   # (--lora_r 0: the model as it is)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+        common.enable_gradient_checkpointing(decoder)
     heads = attach_heads(model, ATPHeads(model.config.hidden_size, args.init_logvar).to(d.device))
     decoder = common.wrap_model(decoder, common.Dist(), bf16=bf16)  # whole on every rank; computes in bf16 like the LM
     model = common.wrap_model(model, d, args.distributed, bf16)
-    logger = common.Logger(args.output_dir, args, d, args.track)
+    # ---- intermediate checkpoints (--save_steps) and --resume_from_checkpoint: the LM (its adapters
+    # with LoRA), the heads, the decoder, and the AdamW and data order of the stage the step is in
+    state = common.TrainState(args, d, {"model": model, "heads": heads, "decoder": decoder})
+    _, resume_step = state.checkpoint()
+    logger = common.Logger(args.output_dir, args, d, args.track, resume_step=resume_step)
     # ---- the curriculum: stages start_stage..end_stage, the optimizer reset at each
     per_rank = args.train_batch_size // d.world
     micro = min(args.micro_batch_size, per_rank)
-    params = [p for m in (model, heads, decoder) for p in m.parameters()]
-    step, cfg, res = 0, None, None
+    params = [p for m in (model, heads, decoder) for p in m.parameters() if p.requires_grad]
+    stop = common.stop_ids(model, tokenizer)
+    first_cfg = latent_config(args, args.start_stage, base)
+    longest = max(len(e.prompt) + len(e.tail) for e in (
+        build_example(tokenizer, ex, args.start_stage, args, special, first_cfg, common.answer_end_id(tokenizer, first_cfg, stop))
+        for ex in train[:1000]))   # the first stage keeps the most text
+    prompt = max(len(p) for p in encode_prompts(tokenizer, [ex["question"] for ex in test[:1000]], first_cfg))
+    common.print_memory_plan(model, d, args, micro, longest, min(64, len(test)), prompt + args.max_completion_length,
+                             extra_modules=[heads, decoder])
+    cfg, res = None, None
     for stage in range(args.start_stage, end + 1):
-        stage_cfg = latent_config(args, stage, base)
-        end_id = common.answer_end_id(tokenizer, stage_cfg, common.stop_ids(model, tokenizer))  # chat: end of turn
+        first = (stage - args.start_stage) * args.steps_per_stage   # the steps of the stages before
+        cfg = latent_config(args, stage, base)
+        if resume_step > first + args.steps_per_stage:
+            continue                                  # a stage the resumed run finished
+        end_id = common.answer_end_id(tokenizer, cfg, stop)  # chat: end of turn
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)  # reset per stage
-        model.train(), heads.train(), decoder.train()
         rng = random.Random(args.seed * 1000 + stage)
-        t0 = time.time()
-        for i in tqdm(range(args.steps_per_stage), desc=f"sft stage {stage}", disable=not d.main):
+        state.optimizers, state.rngs = [optimizer], [rng]
+        done = 0
+        if resume_step > first:  # the checkpoint's step is in this stage: its AdamW, data order and random states
+            done, extra = state.resume()
+            done, res = done - first, extra["eval"]
+        model.train(), heads.train(), decoder.train()
+        t0, n_steps, n_tok = time.time(), 0, 0
+        for i in tqdm(range(done, args.steps_per_stage), desc=f"sft stage {stage}", initial=done, total=args.steps_per_stage,
+                      disable=not d.main):
+            step = first + i + 1
             batch = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
-            exs = [build_example(tokenizer, train[j], stage, args, special, stage_cfg, end_id) for j in batch]
-            n_tok = common.all_sum(sum(sum(y != -100 for y in ex.labels) for ex in exs), d)
+            exs = [build_example(tokenizer, train[j], stage, args, special, cfg, end_id) for j in batch]
+            n_lab = common.all_sum(sum(sum(y != -100 for y in ex.labels) for ex in exs), d)
             stats = {"ce": 0.0, "dec_ce": 0.0, "kl": 0.0, "stop_ce": 0.0, "stop_acc": 0.0, "sigma": 0.0}
             for m0 in range(0, len(exs), micro):
                 part = exs[m0:m0 + micro]
                 w = len(part) / per_rank
                 ids, mask, labels, n_latent, c0 = collate(part, tokenizer.pad_token_id, d.device)
-                logits, mu, logvar, zs, after = atp_forward(model, heads, ids, mask, n_latent, c0)
+                logp, mu, logvar, zs, after = atp_forward(model, heads, ids, mask, n_latent, c0)
                 # the answer's CE: every labelled token of the global batch weighs the same
-                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+                ce = -(logp * (labels[:, 1:] != -100)).sum()
                 # the VAE's KL to N(0, I), averaged over the latent slots used
                 is_lat = torch.arange(mu.shape[1], device=d.device)[None] < n_latent[:, None]
                 kl = (gaussian_kl(mu, logvar) * is_lat).sum() / is_lat.sum().clamp(min=1)
@@ -504,36 +571,41 @@ def main(args):
                 # the stop head: stop after the last latent pair, continue before it
                 checked, target = stop_targets(n_latent, mu.shape[1], args.c_thought)
                 stop_logits = heads.stop(after[checked])
-                stop = F.cross_entropy(stop_logits.float(), target[checked]) if checked.any() else kl * 0
-                loss = (ce * d.world / n_tok + w * (args.kl_weight * kl + args.decoder_weight * dec + args.stop_weight * stop))
+                stop_ce = F.cross_entropy(stop_logits.float(), target[checked]) if checked.any() else kl * 0
+                loss = (ce * d.world / n_lab + w * (args.kl_weight * kl + args.decoder_weight * dec + args.stop_weight * stop_ce))
                 loss.backward()
-                stats["ce"] += ce.item() / n_tok
+                stats["ce"] += ce.item() / n_lab
                 stats["dec_ce"] += w * dec.item()
                 stats["kl"] += w * kl.item()
-                stats["stop_ce"] += w * stop.item()
+                stats["stop_ce"] += w * stop_ce.item()
                 if checked.any():
                     stats["stop_acc"] += w * (stop_logits.argmax(-1) == target[checked]).float().mean().item()
                 stats["sigma"] += w * ((0.5 * logvar).exp().mean(-1) * is_lat).sum().item() / is_lat.sum().clamp(min=1).item()
+                n_tok += int(mask.sum())
             common.average_gradients([heads, decoder], d)
             grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
             torch.nn.utils.clip_grad_norm_(list(heads.parameters()) + list(decoder.parameters()), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            n_steps += 1
             if (i + 1) % args.log_every == 0 or i + 1 == args.steps_per_stage:
-                row = {"phase": "sft", "stage": stage, "ce": common.all_sum(stats["ce"], d), "grad_norm": grad_norm,
-                       **{k: common.all_mean(v, d) for k, v in stats.items() if k != "ce"},
-                       "s_per_step": (time.time() - t0) / args.log_every}
-                logger.log(row, step)
-                t0 = time.time()
-        # ---- greedy evaluation after each stage, with this stage's latents
-        cfg = stage_cfg
-        with torch.no_grad():
-            res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
-                                  max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
-        logger.log({"phase": "sft", "stage": stage, "eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
-        if d.main:
-            print(f"stage {stage}: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}  ({len(test)} test questions)")
+                row = {"ce": common.all_sum(stats["ce"], d), **{k: common.all_mean(v, d) for k, v in stats.items() if k != "ce"}}
+                loss = (row["ce"] + args.kl_weight * row["kl"] + args.decoder_weight * row["dec_ce"]
+                        + args.stop_weight * row["stop_ce"])
+                elapsed = time.time() - t0   # step_s, tok_per_s: this rank's time per step and positions (latents too) per second
+                logger.log({"phase": "sft", "stage": stage, "loss": loss, **row, "grad_norm": grad_norm,
+                            "step_s": elapsed / n_steps, "tok_per_s": n_tok / elapsed}, step)
+                t0, n_steps, n_tok = time.time(), 0, 0
+            if i + 1 == args.steps_per_stage:  # ---- greedy evaluation after each stage, with this stage's latents
+                with torch.no_grad():
+                    full = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                                           max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+                res = {"pass@1": full["pass@1"], "mean_L": full["mean_L"]}
+                logger.log({"phase": "sft", "stage": stage, "eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
+                if d.main:
+                    print(f"stage {stage}: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}  ({len(test)} test questions)")
+            state.maybe_save(step, tokenizer, cfg, extra={"eval": res}, extra_modules={"vae_head": heads.vae, "stop_head": heads.stop},
+                             subfolders={"decoder": decoder})
     # ---- save: the LM and decoder/ in --save_dtype, the heads in fp32, latent_config.json
     common.finish(model, tokenizer, cfg, args, d, res, plot_keys=["ce", "dec_ce", "kl", "stop_acc", "eval_acc", "eval_mean_L"],
                   extra_modules={"vae_head": heads.vae, "stop_head": heads.stop}, subfolders={"decoder": decoder})

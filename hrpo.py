@@ -27,8 +27,8 @@ base model (adapters off, no gate, plain token inputs), averaged over each compl
 then over completions. The rollout stores h~ and the span; the training forward recomputes the
 gates from the stored h~ (and the token embeddings), so the gradient reaches W_r, W_i and Lambda
 through every later token's log-prob. The language model trains through LoRA (peft, r 32, alpha 64,
-all linear layers) or fully (--lora_r 0); the gate and Lambda always train fully, each at its own
-learning rate.
+all linear layers: --lora_r, --lora_alpha, --lora_target_modules) or fully (--lora_r 0); the gate
+and Lambda always train fully, each at its own learning rate.
 
 Where the code lives: everything of mode "hybrid" is here: the gate, h~, the span, the hybrid
 rollout step, and `reasoning` and `load_extras`, which eval.py calls to run a saved HRPO
@@ -51,18 +51,21 @@ Deviations and choices:
    Lambda toward 0 and raise the hidden ratio by itself, and a rising hidden ratio is the finding.
 4. Gradient clipping (--max_grad_norm 0.1) is done separately for the language model and for the
    gate (a sharded model and a replicated gate do not share one norm under FSDP2).
-5. LoRA dropout is 0 so that the training forward reproduces the rollout's log-probs exactly.
+5. LoRA dropout (--lora_dropout) is 0 so that the training forward reproduces the rollout's log-probs exactly.
 6. --no_gate is the paper's "interpolation, no gating" ablation as this file reads it: the input
    is (1 - w) e + w h~ with a fixed w (--interp_weight 0.5), no W_r, W_i or Lambda.
-7. Distributed: LoRA runs under DDP (the default); full fine-tuning (--lora_r 0) also runs
-   under FSDP2 (--distributed fsdp). The gate is replicated and its gradient averaged by hand.
+7. Distributed: DDP (the default) or FSDP2 (--distributed fsdp), with LoRA or full fine-tuning.
+   The gate is replicated and its gradient averaged by hand.
 8. Defaults are sized for the toy task (60 steps of 16 prompts x 8; LoRA learning rate 1e-4, and
    gate 1e-2 and Lambda 5e-2, large enough for the hidden ratio to be free to move in 60 steps;
    LoRA at 1e-3 lost half the reward within 20 steps); the real-model command uses the paper's
    5e-6 / 1e-4 / 1e-3.
 9. Saved checkpoints hold merged weights (LoRA folded into the base), so plain transformers loads
    them, in the start model's published dtype (--save_dtype); the gate is gate.safetensors (fp32)
-   and latent_config.json says {"mode": "hybrid", ...}.
+   and latent_config.json says {"mode": "hybrid", ...}. --save_steps N also writes such a
+   checkpoint-<step> folder every N steps (with training_state/: adapters or weights, gate, AdamW,
+   data order, random states), and --resume_from_checkpoint latest continues the run from the
+   newest one exactly as if it had not stopped (with as many processes).
 10. Real models: starts are a plain causal LM, a CoT checkpoint, or an HRPO checkpoint (training
     continues with its gate); --dataset is required off the toy model (a single local file gives a
     tenth of its rows, held out, to evaluation). --chat_template and --system_prompt set the prompt,
@@ -75,17 +78,26 @@ Deviations and choices:
     (A = (R - group mean) / (group std + 1e-4)). "dapo" averages over every token of the batch,
     "dr_grpo" divides the token sum by rows x --max_completion_length; "batch" divides by the std
     of the whole batch's rewards, "none" by nothing.
+12. At scale: the log-probs are computed a chunk of positions at a time (never whole
+    vocabulary-sized logits), --gradient_checkpointing recomputes each decoder layer in backward,
+    and --generation_batch_size bounds the rows generated at once on a rank (their KV cache and
+    stored h~); a memory plan per device is printed before the first step.
 
 Commands:
     python hrpo.py                                                   # toy CoT checkpoint, LoRA
     python hrpo.py --lora_r 0 --learning_rate 1e-4 --output_dir runs/hrpo_full
     python hrpo.py --no_gate --output_dir runs/hrpo_no_gate         # the ablation
-    python hrpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --chat_template --learning_rate 5e-6 \\
-        --gate_learning_rate 1e-4 --lambda_learning_rate 1e-3 --train_batch_size 32 --num_generations 8 \\
-        --micro_batch_size 8 --max_completion_length 1024 --max_steps 1000 --output_dir runs/hrpo-qwen
-    torchrun --nproc_per_node 8 hrpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --chat_template ...
+    python hrpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --chat_template --bf16 true --gradient_checkpointing \\
+        --learning_rate 5e-6 --gate_learning_rate 1e-4 --lambda_learning_rate 1e-3 --train_batch_size 32 --num_generations 8 \\
+        --micro_batch_size 8 --generation_batch_size 128 --max_completion_length 1024 --max_steps 1000 --save_steps 100 \\
+        --output_dir runs/hrpo-qwen                                 # one 80 GB GPU
+    torchrun --nproc_per_node 8 hrpo.py --model Qwen/Qwen2.5-3B-Instruct --dataset openai/gsm8k --chat_template --bf16 true \\
+        --gradient_checkpointing --learning_rate 5e-6 --gate_learning_rate 1e-4 --lambda_learning_rate 1e-3 \\
+        --train_batch_size 64 --num_generations 8 --micro_batch_size 8 --generation_batch_size 64 \\
+        --max_completion_length 1024 --max_steps 1000 --save_steps 100 --output_dir runs/hrpo-qwen3b
     python eval.py --model runs/hrpo
     python eval.py --model runs/hrpo-qwen --dataset openai/gsm8k --max_completion_length 1024
+A stopped run continues with its own command plus --resume_from_checkpoint latest.
 """
 import copy
 import functools
@@ -120,8 +132,11 @@ class Args:
     scale_rewards: str = field(default="group", metadata={"help": "advantage scaling (TRL's): group = (R - group mean) / (group std + 1e-4) (the paper's); batch = the same baseline over the std of the whole batch's rewards; none = R - group mean; true/false = group/none"})
     temperature: float = field(default=0.5, metadata={"help": "tau: sampling temperature and the sharpness of h~"})
     max_completion_length: int = field(default=48, metadata={"help": "generated tokens per rollout"})
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank on all linear layers; 0 = full fine-tuning"})
-    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha"})
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank (peft; the paper's 32); 0 = full fine-tuning"})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (scaling alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (0: the training forward reproduces the rollout's log-probs)"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets: all-linear (every linear layer of the decoder) or comma-separated module names"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward (less memory, about a third more compute)"})
     learning_rate: float = field(default=1e-4, metadata={"help": "language model (LoRA or full)"})
     gate_learning_rate: float = field(default=1e-2, metadata={"help": "W_r, W_i and their biases"})
     lambda_learning_rate: float = field(default=5e-2, metadata={"help": "Lambda"})
@@ -133,13 +148,17 @@ class Args:
     no_gate: bool = field(default=False, metadata={"help": "ablation: plain interpolation (1-w) e + w h~, no gate"})
     interp_weight: float = field(default=0.5, metadata={"help": "w of --no_gate"})
     max_steps: int = field(default=60, metadata={"help": "training steps"})
+    generation_batch_size: int = field(default=0, metadata={"help": "rollouts generated at once on one rank, a multiple of --num_generations (0 = all of a step's)"})
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
     max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
     eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
     log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt to completions.jsonl"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
     save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
-    distributed: str = field(default="ddp", metadata={"help": "under torchrun: ddp | fsdp (fsdp only with --lora_r 0)"})
+    save_steps: int = field(default=0, metadata={"help": "write <output_dir>/checkpoint-<step> (merged weights, gate, training state) every N steps (0 = only the final save)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a run from a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
+    distributed: str = field(default="ddp", metadata={"help": "under torchrun: ddp | fsdp (FSDP2), with LoRA or full fine-tuning"})
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
@@ -247,7 +266,8 @@ def hybrid_step(model, tokenizer, cfg, temperature=0.0, top_p=1.0, store=False):
     """The rollout step_fn of mode "hybrid": sample a token (greedy at temperature 0), compute h~ at
     the checkpoint's tau, and arm the hook so the next forward feeds the gated mix for rows still in
     their reasoning span. With `store`, the lists step.hs (N, d) and step.spans (N,) keep, per step,
-    what training needs."""
+    what training needs, and step.extras() stacks them ((N, T, d) and (N, T): common.generate puts
+    them in r.extras)."""
     hyb = hybrid_input(model)
     emb = common.unwrap(model).get_input_embeddings()
     marker, tau = cfg.get("answer_marker", common.ANSWER_MARKER), cfg["tau"]
@@ -271,6 +291,8 @@ def hybrid_step(model, tokenizer, cfg, temperature=0.0, top_p=1.0, store=False):
             step.spans.append(span)
         return tok, None, torch.full_like(done, common.TOKEN, dtype=torch.int8)
 
+    if store:
+        step.extras = lambda: {"h": torch.stack(step.hs, 1), "span": torch.stack(step.spans, 1)}
     return step
 
 
@@ -332,22 +354,23 @@ def reinforce_loss(logp, ref_logp, adv, loss_mask, beta, n_seqs, loss_type="grpo
     return loss, ((kl * loss_mask).sum(1) / n_tok).sum().detach()
 
 
-def hybrid_rollout(model, tokenizer, cfg, questions, num_generations, max_new_tokens, temperature):
+def hybrid_rollout(model, tokenizer, cfg, questions, num_generations, max_new_tokens, temperature, batch_size=0):
     """`num_generations` hybrid completions per question, sampled at tau, each ending at any stop id
     (`common.stop_ids`: an instruct model ends its turn with <|im_end|> or <|eot_id|>, not only the
-    tokenizer's eos). The h~ and span of every step are stored in r.extras for the training forward."""
-    step_fn = hybrid_step(model, tokenizer, cfg, temperature, store=True)
-    r = common.rollout(model, encode_prompts(tokenizer, questions, cfg), step_fn, max_new_tokens, common.stop_ids(model, tokenizer),
-                       tokenizer.pad_token_id, num_generations=num_generations)
-    T = r.tokens.shape[1]
-    r.extras.update(h=torch.stack(step_fn.hs[:T], 1).clone(), span=torch.stack(step_fn.spans[:T], 1).clone() & r.mask.bool())
+    tokenizer's eos), generated `batch_size` rows at a time (0 = all). The h~ and span of every step
+    are stored in r.extras for the training forward."""
+    r = common.generate(model, encode_prompts(tokenizer, questions, cfg),
+                        lambda: hybrid_step(model, tokenizer, cfg, temperature, store=True), max_new_tokens,
+                        common.stop_ids(model, tokenizer), tokenizer.pad_token_id, num_generations, batch_size)
+    r.extras["span"] = r.extras["span"] & r.mask.bool()
     return r
 
 
 def completion_logprobs(model, r, rows, hyb=None):
-    """log pi(token) at T = 1 of rollout rows `rows`, from one forward over prompt + completion. With
-    `hyb`, the stored h~ and span are fed back through the gate (recomputed, with gradients);
-    without, plain token inputs (the reference model)."""
+    """log pi(token) at T = 1 of rollout rows `rows`, from one forward over prompt + completion
+    (computed in chunks of positions: never whole logits). With `hyb`, the stored h~ and span are
+    fed back through the gate (recomputed, with gradients); without, plain token inputs (the
+    reference model)."""
     ids, mask, _, _ = r.inputs(rows)
     P = r.prompt_ids.shape[1]
     if hyb is not None:
@@ -355,9 +378,7 @@ def completion_logprobs(model, r, rows, hyb=None):
         n = h.shape[0]
         hyb.arm(ids, torch.cat([h.new_zeros(n, P, h.shape[2]), h], 1),
                 torch.cat([span.new_zeros(n, P), span], 1))
-    T = r.tokens.shape[1]  # logits of the positions that predict the completion only (not the prompt's)
-    logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), logits_to_keep=T + 1)
-    return common.gather_logprobs(logits[:, :-1].float(), r.tokens[rows])
+    return common.lm_logprobs(model, ids, mask, common.positions(mask), r.tokens[rows])[0].token
 
 
 def main(args):
@@ -365,6 +386,11 @@ def main(args):
         common.die(f"--num_generations must be at least 2: the advantage compares rollouts within a group (got {args.num_generations})")
     if args.lora_r < 0:
         common.die(f"--lora_r must be >= 0 (0 = full fine-tuning; got {args.lora_r})")
+    if not 0 <= args.lora_dropout < 1:
+        common.die(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
+    if args.generation_batch_size < 0 or args.generation_batch_size % args.num_generations:
+        common.die(f"--generation_batch_size must be 0 (all at once) or a multiple of --num_generations {args.num_generations}: "
+                   f"a group is generated together (got {args.generation_batch_size})")
     if not 0 < args.r_min <= args.r_max < 1:
         common.die(f"need 0 < --r_min <= --r_max < 1 (got {args.r_min}, {args.r_max})")
     if args.temperature <= 0:
@@ -377,8 +403,6 @@ def main(args):
         common.die(f"unknown --scale_rewards {args.scale_rewards!r} ({' | '.join(SCALE_REWARDS)})")
     loss_type, scale_rewards = LOSS_TYPES[args.loss_type], SCALE_REWARDS[args.scale_rewards]
     d = common.setup_distributed(args.seed)   # seeds python, numpy and torch with seed + rank
-    if args.lora_r > 0 and args.distributed == "fsdp" and d.world > 1:
-        common.die("LoRA runs under DDP (--distributed ddp); FSDP2 is for full fine-tuning (--lora_r 0)")
     if args.train_batch_size % d.world:
         common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of the {d.world} processes")
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)  # fp32 master weights
@@ -399,10 +423,9 @@ def main(args):
     if cfg["mode"] == "hybrid":  # continue training an HRPO checkpoint: its own gate
         common.load_extra_module(args.model_name_or_path, "gate", gate)
     hyb = HybridInput(model, gate)
-    if args.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
     torch.manual_seed(args.seed + d.rank)     # back to this rank's own stream for the rollouts
     model = common.wrap_model(model, d, args.distributed, bf16)
     gate_params = [p for n, p in gate.named_parameters() if n != "Lambda"]
@@ -412,10 +435,19 @@ def main(args):
         {"params": [gate.Lambda], "lr": args.lambda_learning_rate, "weight_decay": 0.0},
     ], lr=args.learning_rate, weight_decay=args.weight_decay)
     cfg.update(mode="hybrid", tau=args.temperature, answer_marker=common.ANSWER_MARKER,
-               gate={"c": args.c, "interp_weight": args.interp_weight if args.no_gate else None})
-    logger = common.Logger(args.output_dir, args, d, args.track)
+               gate={"c": args.c, "interp_weight": args.interp_weight if args.no_gate else None},
+               method="hrpo", base_model=args.model_name_or_path, lora_r=args.lora_r)
     G = args.num_generations
     rng = random.Random(args.seed)
+    # ---- intermediate checkpoints (--save_steps) and --resume_from_checkpoint: the model (its
+    # adapters with LoRA), the gate, AdamW, the data order and every random state
+    state = common.TrainState(args, d, {"model": model, "gate": gate}, [optimizer], rngs=[rng])
+    start_step, extra = state.resume()
+    logger = common.Logger(args.output_dir, args, d, args.track, resume_step=start_step)
+    n_rows = args.train_batch_size // d.world * G          # rollouts per step on this rank
+    seq_len = max(len(p) for p in encode_prompts(tokenizer, [ex["question"] for ex in train[:1000]], cfg)) + args.max_completion_length
+    common.print_memory_plan(model, d, args, min(args.micro_batch_size, n_rows), seq_len, args.generation_batch_size or n_rows,
+                             seq_len, frozen=ref, extra_modules=[gate])
 
     def run_eval(step):
         hyb.reset_stats()
@@ -423,10 +455,12 @@ def main(args):
                               max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
         logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"],
                     "eval_hidden_ratio": common.all_mean(hyb.hidden_ratio, d)}, step)
-        return res
+        return {"pass@1": res["pass@1"], "mean_L": res["mean_L"]}
 
-    start, hidden_ratio = run_eval(0), float("nan")
-    for step in tqdm(range(1, args.max_steps + 1), desc="hrpo", disable=not d.main):
+    start = extra["start"] if start_step else run_eval(0)   # a resumed run has it from its checkpoint
+    hidden_ratio = extra.get("hidden_ratio", float("nan"))
+    for step in tqdm(range(start_step + 1, args.max_steps + 1), desc="hrpo", initial=start_step, total=args.max_steps,
+                     disable=not d.main):
         times = {}
         # ---- rollout: G hybrid completions per prompt, sampled at tau, h~ and the span stored
         picks = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
@@ -435,7 +469,8 @@ def main(args):
         hyb.reset_stats()
         with common.timer(times, "rollout_s"):
             r = hybrid_rollout(model, tokenizer, cfg, [ex["question"] for ex in batch], G, args.max_completion_length,
-                               args.temperature)
+                               args.temperature, args.generation_batch_size)
+        times["rollout_tok_per_s"] = r.lengths.sum().item() / times["rollout_s"]
         hidden_ratio = hyb.hidden_ratio
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         rewards = torch.tensor([reward(t, batch[i // G]["answer"], args.strict_format) for i, t in enumerate(texts)],
@@ -487,11 +522,9 @@ def main(args):
                 for i in range(0, len(texts), G)], d)
         if step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
+        state.maybe_save(step, tokenizer, cfg, extra={"start": start, "hidden_ratio": hidden_ratio}, extra_modules={"gate": gate})
     final = run_eval(args.max_steps)
     # ---- save: merged weights (plain transformers loads them), gate.safetensors, latent_config.json
-    if args.lora_r > 0:
-        model = common.unwrap(model).merge_and_unload()
-    cfg.update(method="hrpo", base_model=args.model_name_or_path, lora_r=args.lora_r)
     common.finish(model, tokenizer, cfg, args, d, final, start, ["reward", "eval_acc", "completion_length", "hidden_ratio", "kl"],
                   extra_modules={"gate": gate}, note=f"hidden ratio {hidden_ratio:.4f}")
     return model

@@ -1,7 +1,9 @@
 """atp_rl.py (ATP-Latent's RL): the Gaussian log-density, the coherence score, the reward, the
 per-rollout loss aggregation, TRL's clip-higher and reward scalings by hand, sampled rollouts that
 stop on the boundary, 2-step runs from an atp_sft.py checkpoint with eval.py on the result, the
-frozen decoder, the shape of a real instruct model (`smol_tiny` in conftest), and torchrun."""
+frozen decoder, the shape of a real instruct model (`smol_tiny` in conftest), torchrun, and the
+scale features (log-probs without whole logits against the old computation, generation in pieces,
+LoRA, gradient checkpointing, resuming a stopped run)."""
 import dataclasses
 import json
 import re
@@ -217,9 +219,136 @@ def test_rl_high_lr_step_trains_lm_and_heads_not_the_decoder(sft_checkpoint, tmp
     assert all(torch.equal(dec_before[n], dec_after[n]) for n in dec_before)  # frozen in RL
 
 
+# ----------------------------------------------------------------------------------------------
+# the scale features
+
+def sampled_rollout(model, tok, G=3, batch_size=0, sample=True):
+    cfg = {"mode": "atp", "c_thought": 2, "max_latents": 6}
+    prompts = atp_rl.encode_prompts(tok, ["Tom has 3 boxes of 4 pens.", "Ann has 2 eggs.", "Bo has 5 cats."], cfg)
+    return common.generate(model, prompts, lambda: atp_rl.ATPStep(model, cfg, tok, 1.0 if sample else 0.0), 14,
+                           tok.eos_token_id, tok.pad_token_id, G, batch_size)
+
+
+def test_position_logprobs_without_whole_logits_equal_the_old_computation(toy):
+    """position_logprobs (token log-probs in chunks) equals the old whole-logits computation on a
+    sampled rollout with latents and stop decisions, in value and in the heads' gradients."""
+    model, tok, _ = toy
+    torch.manual_seed(0)
+    heads = atp_rl.attach_heads(model, atp_rl.ATPHeads(model.config.hidden_size))
+    try:
+        r = sampled_rollout(model, tok)
+        assert (r.kinds == common.LATENT_STEP).any() and (r.extras["check"] == 2).any() and (r.kinds == common.TOKEN).any()
+        rows = slice(1, 5)
+        new, _ = atp_rl.position_logprobs(model, heads, r, rows, 0.7)
+        new_grad = torch.autograd.grad((new * r.mask[rows]).sum(), list(heads.parameters()))
+        # the old way: whole (n, T, V) logits divided by the temperature, then log-softmax at the tokens
+        ids, mask, latent_mask, latents = r.inputs(rows)
+        T, P = r.tokens.shape[1], r.prompt_ids.shape[1]
+        logits, hidden = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask,
+                                           latent_vectors=latents, logits_to_keep=T + 1)
+        old = (logits[:, :-1].float() / 0.7).log_softmax(-1).gather(-1, r.tokens[rows, :, None]).squeeze(-1)
+        h_prev, kinds, check = hidden[:, P - 1:-1], r.kinds[rows], r.extras["check"][rows]
+        is_lat = kinds == common.LATENT_STEP
+        mu, logvar = heads.vae(h_prev[is_lat])
+        lat = torch.zeros_like(old)
+        lat[is_lat] = atp_rl.gaussian_logprob(r.latents[rows][is_lat], mu, logvar)
+        stop_lp = heads.stop(h_prev).log_softmax(-1).gather(-1, (check == 2).long()[..., None]).squeeze(-1) * (check > 0)
+        old = torch.where(check == 2, stop_lp, torch.where(is_lat, lat, old) + stop_lp)
+        old_grad = torch.autograd.grad((old * r.mask[rows]).sum(), list(heads.parameters()))
+        m = r.mask[rows].bool()
+        assert torch.allclose(new[m], old[m], atol=1e-4)
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(new_grad, old_grad))
+    finally:
+        del common.unwrap(model).atp_heads
+
+
+def test_generation_in_pieces_is_the_same_rollout():
+    """Greedy ATP rollouts (z = mu, the stop head's argmax) 3 rows at a time (--generation_batch_size)
+    equal one batch of 9: tokens, kinds, latents and the stop checks (the trained toy CoT model: an
+    untrained one's argmax ties break on rounding)."""
+    model, tok, _ = common.load_model(toy_task.COT, torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    atp_rl.attach_heads(model, atp_rl.ATPHeads(model.config.hidden_size))
+    try:
+        whole = sampled_rollout(model, tok, sample=False)
+        parts = sampled_rollout(model, tok, batch_size=3, sample=False)
+    finally:
+        del common.unwrap(model).atp_heads
+    assert torch.equal(whole.lengths, parts.lengths) and (whole.kinds == common.LATENT_STEP).any()
+    for i in range(9):
+        n = int(whole.lengths[i])
+        for a, b in ((whole.tokens, parts.tokens), (whole.kinds, parts.kinds), (whole.extras["check"], parts.extras["check"])):
+            assert torch.equal(a[i, :n], b[i, :n])
+        assert torch.allclose(whole.latents[i, :n], parts.latents[i, :n], atol=1e-5)
+
+
+ONE = ["--max_steps", "1", "--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
+       "--micro_batch_size", "4", "--max_train_samples", "32", "--max_eval_samples", "2", "--max_completion_length", "24",
+       "--max_step_tokens", "8", "--eval_every", "100", "--learning_rate", "1e-2"]
+
+
+def test_gradient_checkpointing_gives_the_same_step(sft_checkpoint, tmp_path):
+    for name, extra in (("plain", []), ("ckpt", ["--gradient_checkpointing"])):
+        run_main(atp_rl, "--model", sft_checkpoint, *ONE, *extra, "--output_dir", tmp_path / name)
+    for f in ("model.safetensors", "vae_head.safetensors", "stop_head.safetensors"):
+        a, b = load_file(tmp_path / "plain" / f), load_file(tmp_path / "ckpt" / f)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), f
+    assert not torch.equal(load_file(tmp_path / "ckpt" / "model.safetensors")["model.norm.weight"],
+                           load_file(sft_checkpoint / "model.safetensors")["model.norm.weight"])
+
+
+def test_lora_and_generation_in_pieces(sft_checkpoint, tmp_path, capsys):
+    """A LoRA step at a high learning rate, generating 2 rows at a time: the adapters and the markers'
+    rows train (merged into weights plain transformers loads), the rest of the LM and the decoder
+    stay; the memory plan is printed; the metrics are finite."""
+    out = tmp_path / "lora"
+    model = run_main(atp_rl, "--model", sft_checkpoint, *ONE, "--train_batch_size", "4", "--mini_batch_size", "4",
+                     "--lora_r", "4", "--lora_alpha", "8", "--generation_batch_size", "2", "--output_dir", out)
+    assert "memory plan per device: weights" in capsys.readouterr().out
+    rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 1 and finite(rows, ["loss", "reward", "grad_norm", "sigma", "rollout_tok_per_s"])
+    before, after = load_file(sft_checkpoint / "model.safetensors"), load_file(out / "model.safetensors")
+    AutoModelForCausalLM.from_pretrained(out)
+    tok = common.load_model(str(out), torch.device("cpu"))[1]
+    markers = tok.convert_tokens_to_ids([atp_rl.START_LATENT, atp_rl.END_LATENT, atp_rl.LATENT])
+    emb, emb0 = after["model.embed_tokens.weight"], before["model.embed_tokens.weight"]
+    others = [i for i in range(emb0.shape[0]) if i not in markers]
+    assert torch.equal(emb[others], emb0[others]) and not torch.allclose(emb[markers[:2]], emb0[markers[:2]])
+    assert not torch.allclose(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])
+    assert all("lora_" in n or "trainable_tokens" in n for n, p in model.named_parameters() if p.requires_grad)
+    dec_before, dec_after = load_file(sft_checkpoint / "decoder/model.safetensors"), load_file(out / "decoder/model.safetensors")
+    assert all(torch.equal(dec_before[n], dec_after[n]) for n in dec_before)
+
+
+def test_a_stopped_run_resumes_exactly(sft_checkpoint, tmp_path, interrupted_after):
+    """4 steps straight = 2 steps, killed after checkpoint-2, then --resume_from_checkpoint latest:
+    the same LM, heads and metrics (each step once); checkpoint-2 is a model eval.py loads."""
+    four = [*ONE, "--max_steps", "4", "--learning_rate", "1e-3"]
+    run_main(atp_rl, "--model", sft_checkpoint, *four, "--output_dir", tmp_path / "straight")
+    with interrupted_after(2):
+        run_main(atp_rl, "--model", sft_checkpoint, *four, "--save_steps", "2", "--output_dir", tmp_path / "run")
+    run_main(atp_rl, "--model", sft_checkpoint, *four, "--save_steps", "2", "--resume_from_checkpoint", "latest",
+             "--output_dir", tmp_path / "run")
+    for f in ("model.safetensors", "vae_head.safetensors", "stop_head.safetensors"):
+        a, b = load_file(tmp_path / "straight" / f), load_file(tmp_path / "run" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    machine = ("rollout_s", "decode_s", "update_s", "rollout_tok_per_s", "peak_mem_gb")
+    rows = [{k: v for k, v in r.items() if k not in machine} for r in common.read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert rows == [{k: v for k, v in r.items() if k not in machine}
+                    for r in common.read_metrics(tmp_path / "straight" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4] and [r["step"] for r in rows if "eval_acc" in r] == [0, 4]
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    model, _, cfg = common.load_model(str(ckpt), torch.device("cpu"))    # eval.py's way in
+    atp_sft.load_extras(model, ckpt, cfg)
+    assert cfg["mode"] == "atp" and cfg["phase"] == "rl" and (ckpt / "decoder" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--num_generations", "1"], "--num_generations must be at least 2"),
     (["--scale_rewards", "yes"], "unknown --scale_rewards 'yes'"),
+    (["--lora_r", "-1"], "--lora_r must be >= 0"),
+    (["--generation_batch_size", "3"], "--generation_batch_size must be 0 (all at once) or a multiple of --num_generations"),
     (["--model", "no/such/folder"], "holds no checkpoint: make it first with atp_sft.py"),
     (["--model", toy_task.COT], "is not an ATP-Latent checkpoint"),
     (["--model", toy_task.COCONUT], "atp_rl.py does not train 'coconut' checkpoints"),

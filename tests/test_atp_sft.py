@@ -1,6 +1,8 @@
 """atp_sft.py (ATP-Latent's SFT, and mode "atp" as eval.py runs it): the VAE's KL, the stop head's
 targets and its decision every c_thought latents, the chat prompts, a 4-stage run with eval.py
---show_latents on the result, a high-lr step that moves the LM, heads and decoder, and torchrun."""
+--show_latents on the result, a high-lr step that moves the LM, heads and decoder, torchrun, and
+the scale features: log-probs without whole logits against the old forward, gradient
+checkpointing of the latent passes, LoRA, and resuming a stopped run in mid-stage and between stages."""
 import dataclasses
 import json
 import re
@@ -202,11 +204,145 @@ def test_sft_high_lr_step_trains_lm_heads_and_decoder(tmp_path):
     assert vae["logvar.bias"].mean().item() != -4.0 and (vae["logvar.weight"] != 0).any()
 
 
+# ----------------------------------------------------------------------------------------------
+# the scale features
+
+def old_atp_forward(model, heads, ids, mask, n_latent, c0):
+    """atp_forward as it was: whole (B, L, V) logits from every pass."""
+    from transformers import DynamicCache
+    pos = common.positions(mask)
+    n_max = int(n_latent.max())
+    cache = DynamicCache(config=model.config)
+    logits, hidden = common.lm_forward(model, ids[:, :c0], mask[:, :c0], pos[:, :c0], cache)
+    chunks, zs = [logits], []
+    for k in range(n_max):
+        a, b = c0 + k, (c0 + k + 1 if k < n_max - 1 else ids.shape[1])
+        is_latent = torch.zeros((ids.shape[0], b - a), dtype=torch.bool)
+        is_latent[:, 0] = k < n_latent
+        mu, logvar = heads.vae(hidden[:, -1])
+        z = atp_sft.sample_latent(mu, logvar)
+        logits, hidden = common.lm_forward(model, ids[:, a:b], mask[:, :b], pos[:, a:b], cache, latent_mask=is_latent,
+                                           latent_vectors=z[:, None].expand(-1, b - a, -1))
+        chunks.append(logits)
+        zs.append(z)
+    return torch.cat(chunks, 1), torch.stack(zs, 1)
+
+
+def test_log_probs_without_whole_logits_equal_the_old_forward(toy):
+    """The new forward's per-position log-probs (the last pass in chunks, each earlier pass its last
+    position) equal log-softmax of the old forward's whole logits at every labelled position, rows
+    with fewer latents than the batch's most included; the decoder's CE equals F.cross_entropy."""
+    model, tok, special = toy
+    torch.manual_seed(0)
+    heads = atp_sft.ATPHeads(model.config.hidden_size)
+    args = SimpleNamespace(c_thought=2, max_latent_stage=3)
+    cfg = {"prompt_format": "plain", "system_prompt": ""}
+    exs = [atp_sft.build_example(tok, ex, 3, args, special, cfg) for ex in toy_task.dataset("train", 8)]
+    ids, mask, labels, n_latent, c0 = atp_sft.collate(exs, tok.pad_token_id, torch.device("cpu"))
+    assert len(set(n_latent.tolist())) > 1                                  # some rows stop thinking earlier
+    with torch.no_grad():
+        torch.manual_seed(1)
+        logp, mu, logvar, zs, after = atp_sft.atp_forward(model, heads, ids, mask, n_latent, c0)
+        torch.manual_seed(1)
+        logits, old_zs = old_atp_forward(model, heads, ids, mask, n_latent, c0)
+    whole = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    labelled = labels[:, 1:] != -100
+    assert torch.equal(zs, old_zs) and labelled.sum() > 0
+    assert torch.allclose(logp[labelled], whole[labelled], atol=1e-5)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+    assert torch.allclose(-(logp * labelled).sum(), ce, rtol=1e-5)
+    # the decoder: its loss against whole logits, by hand
+    targets = [e.targets for e in exs]
+    with torch.no_grad():
+        dec_sum, dec_n = atp_sft.decoder_loss(model, zs, n_latent, targets, 2, tok.pad_token_id)
+    want, n = 0.0, 0
+    for i, tg in enumerate(targets):
+        for j, t in enumerate(tg[:int(n_latent[i]) // 2]):
+            x = torch.tensor([[tok.pad_token_id] * 2 + t])
+            vec = torch.zeros(1, x.shape[1], zs.shape[-1])
+            vec[0, :2] = zs[i, 2 * j:2 * j + 2]
+            with torch.no_grad():
+                lg, _ = common.lm_forward(model, x, torch.ones_like(x), latent_mask=vec.abs().sum(-1) > 0, latent_vectors=vec)
+            want += -lg[0, 1:-1].log_softmax(-1).gather(-1, torch.tensor(t)[:, None]).sum().item()
+            n += len(t)
+    assert dec_n == n and dec_sum.item() == pytest.approx(want, rel=1e-5)
+
+
+ONE = ["--start_stage", "4", "--steps_per_stage", "1", "--train_batch_size", "8", "--micro_batch_size", "8",
+       "--max_train_samples", "64", "--max_eval_samples", "2", "--max_completion_length", "16"]
+
+
+def test_gradient_checkpointing_keeps_the_latent_passes_exact(tmp_path):
+    """One step at stage 4 (every step latent, rows of 4 and 6 latents) with and without
+    --gradient_checkpointing: the same LM, decoder and heads."""
+    for name, extra in (("plain", []), ("ckpt", ["--gradient_checkpointing"])):
+        run_main(atp_sft, *ONE, "--learning_rate", "1e-2", *extra, "--output_dir", tmp_path / name)
+    for f in ("model.safetensors", "decoder/model.safetensors", "vae_head.safetensors", "stop_head.safetensors"):
+        a, b = load_file(tmp_path / "plain" / f), load_file(tmp_path / "ckpt" / f)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), f
+    before = load_file(f"{toy_task.COT}/model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.allclose(load_file(tmp_path / "ckpt" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"], before)
+
+
+def test_lora_trains_adapters_and_the_markers_rows_and_saves_merged_weights(tmp_path, capsys):
+    out = tmp_path / "lora"
+    model = run_main(atp_sft, *ONE, "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--output_dir", out)
+    assert "memory plan per device: weights" in capsys.readouterr().out
+    start, _, _ = common.load_model(toy_task.COT, torch.device("cpu"), torch.float32)
+    tok = AutoTokenizer.from_pretrained(out)
+    new = tok.convert_tokens_to_ids([atp_sft.START_LATENT, atp_sft.END_LATENT, atp_sft.LATENT])
+    before = start.state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()        # plain transformers: merged weights
+    assert not any("lora" in k for k in after)
+    emb, emb0 = after["model.embed_tokens.weight"], before["model.embed_tokens.weight"]   # (the toy has the markers)
+    others = [i for i in range(emb0.shape[0]) if i not in new]
+    assert torch.equal(emb[others], emb0[others])                         # the other rows are frozen ...
+    assert all(not torch.allclose(emb[i], emb0[i]) for i in new)          # ... the markers' rows train
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert not torch.allclose(after[name], before[name]), name        # adapters merged in
+    assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])   # not a LoRA target: untouched
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n or "trainable_tokens" in n for n in trained)
+    dec = load_file(out / "decoder/model.safetensors")                    # the decoder trains fully
+    assert not torch.allclose(dec["model.norm.weight"], before["model.norm.weight"])
+
+
+def test_a_stopped_run_resumes_exactly_between_and_within_stages(tmp_path, interrupted_after):
+    """Stages 3 and 4, two steps each. Straight, and killed after step 2 (the end of stage 3, after
+    its evaluation) then resumed: the same LM, decoder, heads and metrics, each step once; resumed
+    from checkpoint-3 (within stage 4: its AdamW state and data order): the same weights."""
+    two = ["--start_stage", "3", "--steps_per_stage", "2", "--train_batch_size", "4", "--micro_batch_size", "4",
+           "--max_train_samples", "32", "--max_eval_samples", "2", "--max_completion_length", "16", "--log_every", "1",
+           "--learning_rate", "1e-2"]
+    run_main(atp_sft, *two, "--output_dir", tmp_path / "straight")
+    with interrupted_after(3):
+        run_main(atp_sft, *two, "--save_steps", "1", "--save_total_limit", "2", "--output_dir", tmp_path / "run")
+    assert sorted(common.checkpoints(tmp_path / "run")) == [2, 3]
+    run_main(atp_sft, *two, "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-3"), "--output_dir", tmp_path / "mid")
+    run_main(atp_sft, *two, "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-2"), "--output_dir", tmp_path / "run")
+    files = ("model.safetensors", "decoder/model.safetensors", "vae_head.safetensors", "stop_head.safetensors")
+    for run in ("run", "mid"):
+        for f in files:
+            a, b = load_file(tmp_path / "straight" / f), load_file(tmp_path / run / f)
+            assert all(torch.equal(a[k], b[k]) for k in a), (run, f)
+    rows = [{k: v for k, v in r.items() if k not in ("step_s", "tok_per_s", "peak_mem_gb")}
+            for r in common.read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert rows == [{k: v for k, v in r.items() if k not in ("step_s", "tok_per_s", "peak_mem_gb")}
+                    for r in common.read_metrics(tmp_path / "straight" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "ce" in r] == [1, 2, 3, 4] and [r["stage"] for r in rows if "eval_acc" in r] == [3, 4]
+    ckpt = tmp_path / "run" / "checkpoint-2"                               # eval.py's way in
+    model, _, cfg = common.load_model(str(ckpt), torch.device("cpu"))
+    atp_sft.load_extras(model, ckpt, cfg)
+    assert cfg["mode"] == "atp" and cfg["stage"] == 3 and (ckpt / "decoder" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--c_thought", "0"], "--c_thought must be at least 1"),
     (["--start_stage", "0"], "--start_stage must be at least 1"),
     (["--start_stage", "3", "--end_stage", "2"], "--end_stage 2 comes before --start_stage 3"),
     (["--model", toy_task.COCONUT], "atp_sft.py does not train 'coconut' checkpoints"),
+    (["--lora_r", "-1"], "--lora_r must be >= 0"),
+    (["--steps_per_stage", "0"], "--steps_per_stage must be at least 1"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path):
     assert words in main_error("atp_sft", *argv, "--output_dir", tmp_path / "x")

@@ -1,8 +1,9 @@
 """hrpo.py: the gate and h~ against their closed forms, the hybrid rollout against the training
 forward, the KL, TRL's loss types and reward scalings by hand, which parameters a step moves, the
 mode "hybrid" eval.py runs (reasoning, load_extras), end-to-end runs (LoRA, full, --no_gate,
-torchrun) with eval.py on the saved checkpoint, and the shape of a real instruct model (chat
-prompts, the end of turn, bf16; `smol_tiny` in conftest)."""
+torchrun) with eval.py on the saved checkpoint, the scale features (chunked log-probs against
+whole logits, generation in pieces, gradient checkpointing, resuming a stopped run), and the shape
+of a real instruct model (chat prompts, the end of turn, bf16; `smol_tiny` in conftest)."""
 import copy
 import dataclasses
 import json
@@ -91,9 +92,8 @@ def test_kl_is_zero_against_an_identical_reference(cot):
     v = hrpo.k3_kl(torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.25])))
     assert torch.allclose(v, torch.tensor([0.5 - torch.log(torch.tensor(0.5)).item() - 1]))
     # a fresh LoRA policy (B = 0) against itself with the adapters off: KL exactly 0
-    from peft import LoraConfig, get_peft_model
     model, tok = cot
-    policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    policy = common.apply_lora(copy.deepcopy(model), 4, 8)
     prompts = [common.encode_prompt(tok, ex["question"]) for ex in toy.dataset("test")[:2]]
     torch.manual_seed(0)
     r = common.rollout(policy, prompts, common.sampling_step(1.0), 16, tok.eos_token_id, tok.pad_token_id, num_generations=2)
@@ -155,7 +155,15 @@ def test_training_forward_reproduces_the_hybrid_rollout(fresh_cot):
     with torch.no_grad():
         logp = hrpo.completion_logprobs(model, r, slice(None), hyb)
         plain = hrpo.completion_logprobs(model, r, slice(None))
+        # the old way: whole (n, T, V) logits of the same hybrid forward, then log-softmax at the tokens
+        ids, mask, _, _ = r.inputs()
+        P, T, n = r.prompt_ids.shape[1], r.tokens.shape[1], len(r.tokens)
+        hyb.arm(ids, torch.cat([r.extras["h"].new_zeros(n, P, 128), r.extras["h"]], 1),
+                torch.cat([r.extras["span"].new_zeros(n, P), r.extras["span"]], 1))
+        logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), logits_to_keep=T + 1)
+        whole = logits[:, :-1].float().log_softmax(-1).gather(-1, r.tokens[..., None]).squeeze(-1)
     m = r.mask.bool()
+    assert torch.allclose(logp[m], whole[m], atol=1e-5)
     assert (logp - r.logprobs)[m].abs().max() < 1e-4
     assert (plain - r.logprobs)[m].abs().max() > 1e-2  # the hybrid inputs mattered
     for b in range(len(r.tokens)):
@@ -182,13 +190,12 @@ def test_hook_is_armed_for_one_matching_forward_only(fresh_cot):
 
 
 def test_gate_gets_gradient_and_lora_base_does_not(fresh_cot):
-    from peft import LoraConfig, get_peft_model
     model, tok = fresh_cot
     torch.manual_seed(0)
     gate = hrpo.Gate(128)
     torch.manual_seed(2)
     r, hyb = hybrid_rollout(model, tok, gate, temperature=1.0)
-    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    policy = common.apply_lora(model, 4, 8)
     logp = hrpo.completion_logprobs(policy, r, slice(None), hyb)
     loss, _ = hrpo.reinforce_loss(logp, None, torch.tensor([1.0, -1.0] * 3), r.mask.float(), 0.0, 6)
     loss.backward()
@@ -210,18 +217,24 @@ def initial_gate():
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
+    """Two LoRA steps at a high learning rate (the default LoRA), generating 2 rows at a time."""
     out = tmp_path_factory.mktemp("hrpo") / "lora"
-    run_script("hrpo.py", *FAST, "--learning_rate", "1e-2", "--gate_learning_rate", "1e-2", "--log_completions",
-               "--output_dir", out)
-    return out
+    import io
+    from contextlib import redirect_stdout
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        model = run_main(hrpo, *FAST, "--learning_rate", "1e-2", "--gate_learning_rate", "1e-2", "--log_completions",
+                         "--generation_batch_size", "4", "--output_dir", out)
+    return out, model, printed.getvalue()
 
 
-@pytest.mark.slow
 def test_lora_run_moves_adapters_and_gate_only(lora_run):
-    out = lora_run
+    out, model, printed = lora_run
+    assert "memory plan per device: weights" in printed                # before the first step
     rows = common.read_metrics(out / "metrics.jsonl")
     train = [r for r in rows if "loss" in r]
     assert len(train) == 2 and all(r["kl"] >= 0 and 0 < r["hidden_ratio"] < 0.01 and r["completion_length"] > 0 for r in train)
+    assert all(r["rollout_tok_per_s"] > 0 and r["update_s"] > 0 and r["loss"] == r["loss"] for r in train)
     assert [r["step"] for r in rows if "eval_acc" in r] == [0, 2] and all("eval_hidden_ratio" in r for r in rows if "eval_acc" in r)
     cfg = json.loads((out / "latent_config.json").read_text())
     assert cfg["mode"] == "hybrid" and cfg["method"] == "hrpo" and cfg["tau"] == 0.5 and cfg["gate"]["c"] == 8.0
@@ -232,11 +245,83 @@ def test_lora_run_moves_adapters_and_gate_only(lora_run):
     linear = {n for n in before if n.endswith("proj.weight")}
     assert changed(before, after) == linear                           # LoRA on all linear layers, nothing else
     assert changed(initial_gate(), load_file(out / "gate.safetensors")) == {"W_r.weight", "W_r.bias", "W_i.weight", "W_i.bias", "Lambda"}
+    # the training model: adapters moved, the frozen base it holds is the start model's
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert all(p.abs().sum() > 0 for n, p in trained.items() if "lora_B" in n)   # B starts at 0
+    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in model.named_parameters()
+            if not p.requires_grad}
+    assert set(base) == set(before) and all(torch.equal(base[n], before[n]) for n in before)
+
+
+TINY = ["--train_batch_size", "2", "--num_generations", "2", "--max_eval_samples", "4", "--max_completion_length", "16",
+        "--eval_every", "100", "--learning_rate", "1e-2", "--gate_learning_rate", "1e-2"]
+
+
+def same_rows(path):
+    """metrics.jsonl without what depends on the machine (times, memory)."""
+    return [{k: v for k, v in r.items() if not k.endswith("_s") and k not in ("rollout_tok_per_s", "peak_mem_gb")}
+            for r in common.read_metrics(path)]
+
+
+def test_a_stopped_run_resumes_exactly(tmp_path, interrupted_after):
+    """4 steps straight = 2 steps, killed after checkpoint-2, then --resume_from_checkpoint latest:
+    the same merged weights, gate and metrics (each step once); checkpoint-2 is a model eval.py loads."""
+    run_main(hrpo, *TINY, "--max_steps", "4", "--output_dir", tmp_path / "straight")
+    with interrupted_after(2):
+        run_main(hrpo, *TINY, "--max_steps", "4", "--save_steps", "2", "--output_dir", tmp_path / "run")
+    assert not (tmp_path / "run" / "model.safetensors").exists() and common.checkpoints(tmp_path / "run").keys() == {2}
+    run_main(hrpo, *TINY, "--max_steps", "4", "--save_steps", "2", "--resume_from_checkpoint", "latest",
+             "--output_dir", tmp_path / "run")
+    for f in ("model.safetensors", "gate.safetensors"):
+        a, b = load_file(tmp_path / "straight" / f), load_file(tmp_path / "run" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    rows = same_rows(tmp_path / "run" / "metrics.jsonl")
+    assert rows == same_rows(tmp_path / "straight" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4] and [r["step"] for r in rows if "eval_acc" in r] == [0, 4]
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    assert ckpt.is_dir() and (ckpt / "gate.safetensors").is_file()
+    model, _, cfg = common.load_model(str(tmp_path / "run" / "checkpoint-2"), torch.device("cpu"))   # eval.py's way in
+    assert cfg["mode"] == "hybrid" and cfg["method"] == "hrpo"
+    hrpo.load_extras(model, tmp_path / "run" / "checkpoint-2", cfg)
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    """One step with and without --gradient_checkpointing: the same weights and gate (the gate's
+    gradient comes through the checkpointed layers from the hooked embedding)."""
+    for name, extra in (("plain", []), ("ckpt", ["--gradient_checkpointing"])):
+        run_main(hrpo, *TINY, "--max_steps", "1", "--lora_r", "0", *extra, "--output_dir", tmp_path / name)
+    for f in ("model.safetensors", "gate.safetensors"):
+        a, b = load_file(tmp_path / "plain" / f), load_file(tmp_path / "ckpt" / f)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), f
+    start = load_file(f"{toy.COT}/model.safetensors")
+    assert changed(start, load_file(tmp_path / "ckpt" / "model.safetensors"))
+
+
+def test_generation_in_pieces_is_the_same_rollout(fresh_cot):
+    """Greedy hybrid rollouts 2 rows at a time (--generation_batch_size) equal one batch of 6:
+    tokens, stored h~ and span (a strong gate, so the hybrid inputs matter)."""
+    model, tok = fresh_cot
+    torch.manual_seed(0)
+    gate = hrpo.Gate(128)
+    with torch.no_grad():
+        gate.Lambda.fill_(-2.0)
+    hrpo.HybridInput(model, gate)
+    questions = [ex["question"] for ex in toy.dataset("test")[:3]]
+    whole = hrpo.hybrid_rollout(model, tok, CFG, questions, 2, 40, 0.0)
+    parts = hrpo.hybrid_rollout(model, tok, CFG, questions, 2, 40, 0.0, batch_size=2)
+    assert torch.equal(whole.lengths, parts.lengths) and whole.extras["span"].any()
+    for i in range(6):
+        n = int(whole.lengths[i])
+        assert torch.equal(whole.tokens[i, :n], parts.tokens[i, :n])
+        assert torch.equal(whole.extras["span"][i], parts.extras["span"][i, :whole.tokens.shape[1]])
+        assert torch.allclose(whole.extras["h"][i, :n], parts.extras["h"][i, :n], atol=1e-5)
+    assert hrpo.hybrid_input(model).hidden_ratio > 0.3
 
 
 @pytest.mark.slow
 def test_eval_runs_the_hybrid_checkpoint(lora_run, tmp_path):
-    p = run_script("eval.py", "--model", lora_run, "--max_samples", "6", "--num_samples", "2", "--max_completion_length", "40",
+    p = run_script("eval.py", "--model", lora_run[0], "--max_samples", "6", "--num_samples", "2", "--max_completion_length", "40",
                    "--output_file", tmp_path / "r.json")
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["mode"] == "hybrid" and res["n"] == 6 and 0 <= res["pass@1"] <= 1 and "pass@2" in res
@@ -259,6 +344,10 @@ def test_no_gate_ablation_leaves_the_gate_alone(tmp_path):
     (["--r_min", "0.9995"], "need 0 < --r_min <= --r_max < 1"),
     (["--temperature", "0"], "--temperature (tau) must be > 0"),
     (["--distributed", "deepspeed"], "unknown --distributed"),
+    (["--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
+    (["--generation_batch_size", "6"], "--generation_batch_size must be 0 (all at once) or a multiple of --num_generations 4"),
+    (["--save_steps", "-1"], "--save_steps and --save_total_limit must be >= 0"),
+    (["--resume_from_checkpoint", "latest"], "has no checkpoint-<step> folder to resume from"),
     (["--model", toy.COCONUT], "hrpo.py does not train 'coconut' checkpoints"),
     (["--loss_type", "sum"], "unknown --loss_type 'sum'"),
     (["--scale_rewards", "yes"], "unknown --scale_rewards 'yes'"),
@@ -274,10 +363,12 @@ def test_bad_input_from_the_command_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,extra", [("ddp", []), ("fsdp", ["--lora_r", "0"])])
+@pytest.mark.parametrize("strategy,extra", [("ddp", ["--lora_r", "0"]), ("fsdp", ["--gradient_checkpointing"])])
 def test_two_process_runs(strategy, extra, tmp_path):
-    """torchrun, 2 CPU processes: LoRA under DDP (the default), full fine-tuning under FSDP2. Ranks end
-    with the same weights; the full run moves every parameter; plain transformers loads the result."""
+    """torchrun, 2 CPU processes: full fine-tuning under DDP, LoRA (the default) with gradient
+    checkpointing under FSDP2 (the gate's hook on the sharded model's embedding). Ranks end with
+    the same weights; the full run moves every parameter, LoRA the linear layers (merged in the
+    save); plain transformers loads the result."""
     out = tmp_path / strategy
     run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521" if strategy == "ddp" else "29522",
                ROOT / "tests" / "dist_worker.py", "hrpo", *FAST, "--learning_rate", "1e-2", "--gate_learning_rate", "1e-2",
@@ -289,10 +380,10 @@ def test_two_process_runs(strategy, extra, tmp_path):
     AutoModelForCausalLM.from_pretrained(out)
     before, after = load_file(f"{toy.COT}/model.safetensors"), load_file(out / "model.safetensors")
     moved = changed(before, after)
-    assert moved == (set(before) if strategy == "fsdp" else {n for n in before if n.endswith("proj.weight")})
+    assert moved == (set(before) if strategy == "ddp" else {n for n in before if n.endswith("proj.weight")})
     assert changed(initial_gate(), load_file(out / "gate.safetensors"))
     cfg = json.loads((out / "latent_config.json").read_text())
-    assert cfg["mode"] == "hybrid" and cfg["lora_r"] == (0 if strategy == "fsdp" else 32)
+    assert cfg["mode"] == "hybrid" and cfg["lora_r"] == (0 if strategy == "ddp" else 32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,8 +563,8 @@ def docstring_commands(module, script):
 
 def test_hrpo_docstring_commands_parse_and_real_models_say_dataset_and_chat_template():
     commands = docstring_commands(hrpo, "hrpo.py")
-    real = [argv for argv in commands if "Qwen/Qwen2.5-1.5B-Instruct" in argv]
+    real = [argv for argv in commands if any(a.startswith("Qwen/Qwen2.5-") for a in argv)]
     assert len(commands) >= 5 and len(real) == 2
-    assert all("--dataset" in argv and "--chat_template" in argv for argv in real)
+    assert all("--dataset" in argv and "--chat_template" in argv and "--save_steps" in argv for argv in real)
     for argv in commands:
         common.parse_args(hrpo.Args, argv)                               # every flag exists
