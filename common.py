@@ -719,7 +719,7 @@ def lm_logprobs(model, input_ids, attention_mask, position_ids, tokens, temperat
     token = log softmax(z / temperature)[tokens], lse = logsumexp(z / temperature), entropy (if
     asked) that of softmax(z / temperature), and with `ids` (n, T, K) the log softmax(z /
     ids_temperature) at those ids (ids_temperature defaults to temperature; 0 means 1 for both,
-    as in completion_logits). Values and gradients equal those of the whole logits (under bf16
+    as the rollout's sampler saw them). Values and gradients equal those of the whole logits (under bf16
     autocast, but for rounding: the head's bf16 weight gradient is summed over chunks in bf16); the
     logits are made in chunks of `chunk_elements` (default LOGPROB_CHUNK_ELEMENTS) logits. For SFT,
     tokens=input_ids[:, 1:] gives every target's log-prob (tokens must be real ids: not -100)."""
@@ -980,31 +980,11 @@ def decode_completion(tokenizer, r: Rollout, i):
     return tokenizer.decode(r.tokens[i, keep].tolist(), skip_special_tokens=True)
 
 
-def completion_logits(model, r: Rollout, rows=None, temperature=1.0, detach_latents=True):
-    """Logits (n, T, V) that predicted each generated position of rollout rows `rows`, from one
-    forward over prompt + completion with the stored latent vectors fed back (detached: latent
-    inputs are inputs, not actions). Divided by `temperature`, as the sampler saw them. Whole fp32
-    logits: a loss should use `completion_logprobs`, which never holds them."""
-    ids, mask, latent_mask, latents = r.inputs(slice(None) if rows is None else rows)
-    if latents is not None and detach_latents:
-        latents = latents.detach()
-    T = r.tokens.shape[1]  # the LM head runs on the completion's positions only, not the prompt's
-    logits, _ = lm_forward(model, ids, mask, positions(mask), latent_mask=latent_mask, latent_vectors=latents,
-                           logits_to_keep=T + 1)
-    return logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
-
-
-def gather_logprobs(logits, tokens):
-    """log softmax(logits)[token] without materialising the whole log-softmax twice (of whole logits:
-    `completion_logprobs` and `lm_logprobs` compute it in chunks, from the hidden states)."""
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
 def completion_logprobs(model, r: Rollout, rows=None, temperature=1.0, ids=None, ids_temperature=None, entropy=False,
                         detach_latents=True, chunk_elements=None):
     """`lm_logprobs` (LogProbs, never whole logits) of the generated positions of rollout rows `rows`:
-    one forward over prompt + completion with the stored latent vectors fed back (detached, as in
-    completion_logits); `token` is log softmax(z / temperature)[r.tokens], and `ids` are the rows'
+    one forward over prompt + completion with the stored latent vectors fed back (detached: latent
+    inputs are inputs, not actions); `token` is log softmax(z / temperature)[r.tokens], and `ids` are the rows'
     own (n, T, K), e.g. r.extras["ids"][rows]."""
     rows = slice(None) if rows is None else rows
     input_ids, mask, latent_mask, latents = r.inputs(rows)

@@ -5,8 +5,8 @@ A tiny random decoder (Qwen2: hidden 256, 1 layer, untied head) with the real vo
 tokens scores 4 rows of 1,024 completion positions (after a 64-token prompt) and backpropagates a
 policy-gradient-like loss (the mean of the token log-probs times fixed advantages), two ways:
 
-- whole: what the losses do today, `completion_logits` style: (4, 1025, 151936) fp32 logits divided
-  by the temperature, `common.gather_logprobs`, loss, backward;
+- whole: what the losses did before `lm_logprobs`: (4, 1025, 151936) fp32 logits divided
+  by the temperature, log-softmax at the tokens, loss, backward;
 - chunked: `common.lm_logprobs` (LOGPROB_CHUNK_ELEMENTS = 2**26 logits per chunk: 441 positions,
   10 chunks), same loss, backward.
 
@@ -23,7 +23,7 @@ Measured with `OMP_NUM_THREADS=2 python benchmarks/memory.py` (the defaults; CPU
 with other jobs, torch 2.13.0, transformers 5.23.0; benchmarks/results/memory.json):
 
     variant                                               peak MiB  seconds       loss
-    whole logits (completion_logits + gather_logprobs)      11,983     33.0   9.631055
+    whole logits (then log-softmax at the tokens)           11,983     33.0   9.631055
     chunked (lm_logprobs)                                    1,549     34.7   9.631055
     chunked / whole peak: 0.129 (required: <= 0.25)
 
@@ -50,7 +50,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
-VARIANTS = {"whole": "whole logits (completion_logits + gather_logprobs)", "chunked": "chunked (lm_logprobs)"}
+VARIANTS = {"whole": "whole logits (then log-softmax at the tokens)", "chunked": "chunked (lm_logprobs)"}
 
 
 def rss_mb():
@@ -95,7 +95,7 @@ def run_variant(args):
     start = time.perf_counter()
     if args.variant == "whole":
         logits, _ = common.lm_forward(model, ids, mask, pos, logits_to_keep=T + 1)
-        logp = common.gather_logprobs(logits[:, :-1].float() / temperature, tokens)
+        logp = (lambda z: z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1))(logits[:, :-1].float() / temperature)
     else:
         logp = common.lm_logprobs(model, ids, mask, pos, tokens, temperature)[0].token
     loss = -(logp * adv).mean()

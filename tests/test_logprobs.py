@@ -32,14 +32,29 @@ def batch(V, d, n=3, L=12, T=7, K=4, seed=1):
     return ids, mask, latent_mask, vectors, ids[:, -T:], torch.randint(0, V, (n, T, K), generator=g)
 
 
+def gather_logprobs(logits, tokens):
+    """log softmax(logits)[token], the unchunked way."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def whole_logits(model, r, rows):
+    """Whole (n, T, V) fp32 logits over a rollout's completion, latents fed back (what the losses
+    computed before lm_logprobs)."""
+    ids, mask, latent_mask, latents = r.inputs(rows)
+    T = r.tokens.shape[1]
+    logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask,
+                                  latent_vectors=latents, logits_to_keep=T + 1)
+    return logits[:, :-1].float()
+
+
 def whole(model, ids, mask, latent_mask, vectors, tokens, K, t=1.0, t_ids=None):
-    """The same quantities the unchunked way: whole logits (as completion_logits), then log-softmax."""
+    """The same quantities the unchunked way: whole logits, then log-softmax."""
     T = tokens.shape[1]
     logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask,
                                   latent_vectors=vectors, logits_to_keep=T + 1)
     z = logits[:, :-1].float()
     p = (z / t).softmax(-1)
-    return common.LogProbs(common.gather_logprobs(z / t, tokens), (z / (t_ids or t)).log_softmax(-1).gather(-1, K),
+    return common.LogProbs(gather_logprobs(z / t, tokens), (z / (t_ids or t)).log_softmax(-1).gather(-1, K),
                            (z / t).logsumexp(-1), -(p * (z / t).log_softmax(-1)).sum(-1))
 
 
@@ -130,7 +145,7 @@ def test_columns_without_ids_or_entropy_and_sft_targets(toy):
     torch.testing.assert_close(lp.token, -ce.view_as(lp.token), rtol=1e-5, atol=1e-5)
 
 
-def test_completion_logprobs_matches_completion_logits(toy):
+def test_completion_logprobs_matches_whole_logits(toy):
     """A rollout with latent steps and rows that ended early: rows 1-2, temperature 0.7 (and 0,
     which means 1), the stored ids at temperature 1."""
     model, _, _ = toy
@@ -148,11 +163,11 @@ def test_completion_logprobs_matches_completion_logits(toy):
     rows = slice(1, 3)
     with torch.no_grad():
         lp = common.completion_logprobs(model, r, rows, 0.7, r.extras["ids"][rows], 1.0, entropy=True, chunk_elements=2 * V)
-        z = common.completion_logits(model, r, rows)
-        torch.testing.assert_close(lp.token, common.gather_logprobs(z / 0.7, r.tokens[rows]), rtol=1e-5, atol=1e-5)
+        z = whole_logits(model, r, rows)
+        torch.testing.assert_close(lp.token, gather_logprobs(z / 0.7, r.tokens[rows]), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lp.ids, z.log_softmax(-1).gather(-1, r.extras["ids"][rows]), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(common.completion_logprobs(model, r, rows, 0.0).token,
-                                   common.gather_logprobs(z, r.tokens[rows]), rtol=1e-5, atol=1e-5)
+                                   gather_logprobs(z, r.tokens[rows]), rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_autocast_matches_the_whole_bf16_logits():
