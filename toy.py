@@ -58,12 +58,17 @@ def problem(rng):
 
 def dataset(split, n=None, seed=0):
     """Deterministic splits: train and test come from disjoint seeds and share no question."""
-    n = n or {"train": 12800, "test": 500}.get(split, 500)
-    rng = random.Random(f"toy-{split}-{seed}")
+    return _split(problem, "toy", 12800, split, n, seed)
+
+
+def _split(make, name, n_train, split, n, seed):
+    """n problems from make(rng) seeded by (name, split, seed); train never repeats a test question."""
+    n = n or {"train": n_train, "test": 500}.get(split, 500)
+    rng = random.Random(f"{name}-{split}-{seed}")
     out, seen = [], set()
-    held_out = set() if split == "test" else {ex["question"] for ex in dataset("test", seed=seed)}
+    held_out = set() if split == "test" else {ex["question"] for ex in _split(make, name, n_train, "test", None, seed)}
     while len(out) < n:
-        ex = problem(rng)
+        ex = make(rng)
         if ex["question"] in seen or ex["question"] in held_out:
             continue
         seen.add(ex["question"])
@@ -196,17 +201,7 @@ def prosqa_problem(rng):
 
 def prosqa_dataset(split, n=None, seed=0):
     """Like `dataset`: deterministic splits from disjoint seeds sharing no question (10000 train, 500 test)."""
-    n = n or {"train": 10000, "test": 500}.get(split, 500)
-    rng = random.Random(f"prosqa-toy-{split}-{seed}")
-    out, seen = [], set()
-    held_out = set() if split == "test" else {ex["question"] for ex in prosqa_dataset("test", seed=seed)}
-    while len(out) < n:
-        ex = prosqa_problem(rng)
-        if ex["question"] in seen or ex["question"] in held_out:
-            continue
-        seen.add(ex["question"])
-        out.append(ex)
-    return out
+    return _split(prosqa_problem, "prosqa-toy", 10000, split, n, seed)
 
 
 DATASETS = {"toy": dataset, "prosqa-toy": prosqa_dataset}   # common.load_data's names for them
