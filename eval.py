@@ -33,7 +33,7 @@ import toy
 @dataclass
 class Args:
     model_name_or_path: str = field(default=toy.COCONUT, metadata={"aliases": ["--model"], "help": "checkpoint folder, hub id or .gguf"})
-    dataset: str = field(default="toy", metadata={"help": "toy, a hub dataset, or a local .jsonl/.parquet"})
+    dataset: str = field(default="", metadata={"help": "toy, prosqa-toy, a hub dataset, or a local .jsonl/.parquet; default: the checkpoint's built-in toy task, else toy"})
     split: str = field(default="test", metadata={"help": "dataset split to evaluate"})
     max_samples: int = field(default=200, metadata={"help": "questions to evaluate (0 = the whole split)"})
     num_samples: int = field(default=1, metadata={"help": "k for pass@k; > 1 adds sampled rollouts"})
@@ -69,6 +69,9 @@ def method_file(cfg):
 def main(args):
     set_seed(args.seed)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path)
+    if not args.dataset:  # a checkpoint trained on a built-in task is evaluated on it (its test split)
+        trained_on = (cfg or {}).get("dataset", "")
+        args.dataset = trained_on.partition(":")[0] if common.toy_task(trained_on) else "toy"
     data = common.load_data(args.dataset, args.split, args.max_samples or None, seed=args.seed)
     cfg = cfg or {"mode": "cot", **common.prompt_settings(args, None, data)}
     module = method_file(cfg)
