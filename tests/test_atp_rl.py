@@ -304,7 +304,7 @@ def test_lora_and_generation_in_pieces(sft_checkpoint, tmp_path, capsys):
     out = tmp_path / "lora"
     model = run_main(atp_rl, "--model", sft_checkpoint, *ONE, "--train_batch_size", "4", "--mini_batch_size", "4",
                      "--lora_r", "4", "--lora_alpha", "8", "--generation_batch_size", "2", "--output_dir", out)
-    assert "memory plan per device: weights" in capsys.readouterr().out
+    assert "memory plan per device (GB): weights" in capsys.readouterr().out
     rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 1 and finite(rows, ["loss", "reward", "grad_norm", "sigma", "rollout_tok_per_s"])
     before, after = load_file(sft_checkpoint / "model.safetensors"), load_file(out / "model.safetensors")

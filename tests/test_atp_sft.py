@@ -287,7 +287,7 @@ def test_gradient_checkpointing_keeps_the_latent_passes_exact(tmp_path):
 def test_lora_trains_adapters_and_the_markers_rows_and_saves_merged_weights(tmp_path, capsys):
     out = tmp_path / "lora"
     model = run_main(atp_sft, *ONE, "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--output_dir", out)
-    assert "memory plan per device: weights" in capsys.readouterr().out
+    assert "memory plan per device (GB): weights" in capsys.readouterr().out
     start, _, _ = common.load_model(toy_task.COT, torch.device("cpu"), torch.float32)
     tok = AutoTokenizer.from_pretrained(out)
     new = tok.convert_tokens_to_ids([atp_sft.START_LATENT, atp_sft.END_LATENT, atp_sft.LATENT])

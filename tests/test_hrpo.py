@@ -230,7 +230,7 @@ def lora_run(tmp_path_factory):
 
 def test_lora_run_moves_adapters_and_gate_only(lora_run):
     out, model, printed = lora_run
-    assert "memory plan per device: weights" in printed                # before the first step
+    assert "memory plan per device (GB): weights" in printed                # before the first step
     rows = common.read_metrics(out / "metrics.jsonl")
     train = [r for r in rows if "loss" in r]
     assert len(train) == 2 and all(r["kl"] >= 0 and 0 < r["hidden_ratio"] < 0.01 and r["completion_length"] > 0 for r in train)

@@ -534,7 +534,7 @@ def test_lora_trains_adapters_and_the_added_rows_and_saves_plain_merged_weights(
     run_main("latent_grpo", "--model", toy.COT, *SCALE_FAST, "--max_steps", "1", "--seed", "0",
              "--max_completion_length", "48", "--max_latent_steps", "2", "--lora_r", "4", "--lora_alpha", "8",
              "--learning_rate", "1e-2", "--beta", "0.01", "--generation_batch_size", "4", "--output_dir", out)
-    assert "memory plan per device: weights" in capsys.readouterr().out
+    assert "memory plan per device (GB): weights" in capsys.readouterr().out
     rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert finite(rows, ["loss", "kl", "grad_norm", "rollout_tok_per_s"]) and rows[0]["grad_norm"] > 0
     before, after = load_file(f"{toy.COT}/model.safetensors"), load_file(out / "model.safetensors")

@@ -420,7 +420,7 @@ def test_gradient_checkpointing_gives_the_same_steps_in_both_roles(lora, tmp_pat
     argv = [*SCALE_FAST, "--stage1_steps", "1", "--stage2_steps", "1", "--warmup_steps", "0", "--lora_r", lora, "--lora_alpha", "16"]
     for gc in ("false", "true"):
         run_main("latent_sft", *argv, "--gradient_checkpointing", gc, "--output_dir", tmp_path / gc)
-    assert "memory plan per device: weights" in capsys.readouterr().out
+    assert "memory plan per device (GB): weights" in capsys.readouterr().out
     plain, ckpt = (load_file(tmp_path / gc / "model.safetensors") for gc in ("false", "true"))
     start = load_file(f"{toy.COT}/model.safetensors")
     assert not torch.allclose(plain["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])

@@ -401,7 +401,7 @@ def test_lora_trains_adapters_and_marker_rows_and_saves_plain_merged_weights(tmp
     out = tmp_path / "lora"
     run_main("soft_grpo", *SCALE_FAST, "--max_steps", "2", "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
              "--generation_batch_size", "4", "--output_dir", out)
-    assert "memory plan per device: weights" in capsys.readouterr().out
+    assert "memory plan per device (GB): weights" in capsys.readouterr().out
     rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert finite(rows, ["loss", "kl", "grad_norm", "rollout_tok_per_s"]) and rows[-1]["grad_norm"] > 0
     before, after = load_file(f"{toy.LATENT_SFT}/model.safetensors"), load_file(out / "model.safetensors")
