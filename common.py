@@ -1442,7 +1442,7 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
         tied = (getattr(plain_model(m), "_tied_weights_keys", None) or {}) if getattr(plain_model(m).config, "tie_word_embeddings", False) else {}
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items() if k not in tied}
     state = cast(model, merge_lora(model, full_state_dict(model)))  # LoRA adapters merged in
-    sub_states = {name: cast(m, full_state_dict(m)) for name, m in (subfolders or {}).items()}
+    sub_states = {name: cast(m, merge_lora(m, full_state_dict(m))) for name, m in (subfolders or {}).items()}
     extra = {name: {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
              for name, m in (extra_modules or {}).items()}
     out = Path(output_dir)
@@ -1454,7 +1454,7 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
         for name, sd in extra.items():
             save_file(sd, tmp / f"{name}.safetensors")
         for name, sd in sub_states.items():
-            unwrap(subfolders[name]).save_pretrained(tmp / name, state_dict=sd, safe_serialization=True)
+            plain_model(subfolders[name]).save_pretrained(tmp / name, state_dict=sd, safe_serialization=True)
         for config in [tmp / "config.json", *(tmp / name / "config.json" for name in sub_states)]:
             config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": str(dtype).split(".")[1]}, indent=2))
         (tmp / LATENT_CONFIG).write_text(json.dumps(latent_config, indent=2))

@@ -297,3 +297,21 @@ def test_lora_run_saves_merged_checkpoints_and_resumes_its_adapters(tmp_path):
     m1 = [s["exp_avg_sq"] for s in opt.state.values()]
     m2 = [s["exp_avg_sq"] for s in opt2.state.values()]
     assert len(m1) == len(m2) == len(trained) and all(torch.equal(a, b) for a, b in zip(m1, m2))
+
+
+def test_a_lora_subfolder_model_is_saved_merged_too(tmp_path):
+    """save_checkpoint's subfolders (ATP's decoder) are merged like the main model."""
+    model, tok, _ = toy_model()
+    second, _, _ = toy_model()
+    second = common.apply_lora(second, 4, 8)
+    with torch.no_grad():
+        for n, p in second.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        want = second(input_ids=x).logits
+    common.save_checkpoint(model, tok, tmp_path / "ck", {"mode": "cot"}, subfolders={"decoder": second})
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ck" / "decoder")
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=x).logits, want, atol=1e-5)
