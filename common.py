@@ -207,7 +207,9 @@ def apply_lora(model, r, alpha, dropout=0.0, target_modules="all-linear", traina
     stay trainable through peft's trainable tokens, in the input table and in an untied LM head.
     r = 0 returns the model as it is (full fine-tuning). Checkpoints are written with the adapters
     merged (`save_checkpoint`), so plain transformers and eval.py load them."""
-    if r <= 0:
+    if r < 0 or not 0 <= dropout < 1:
+        die(f"--lora_r must be >= 0 and --lora_dropout in [0, 1) (got {r}, {dropout})")
+    if r == 0:
         return model
     from peft import LoraConfig, get_peft_model
     names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
@@ -936,14 +938,16 @@ def sampling_step(temperature=1.0, top_k=0, top_p=1.0):
 def generate(model, prompts, make_step, max_new_tokens, eos_id, pad_id, num_generations=1, batch_size=0,
              store_latents=True):
     """`rollout` in pieces of at most `batch_size` rows (--generation_batch_size; whole groups of
-    `num_generations`; 0 = all at once), so that a rollout's KV cache and activations stay bounded
+    `num_generations`, else one line of error; 0 = all at once), so that a rollout's KV cache and activations stay bounded
     however many prompts a step takes. `make_step()` returns a fresh step function per piece (a
     stateful step object starts over); if it has an `extras()` method, its per-position records
     become the piece's `r.extras`. The pieces are joined into one Rollout (`concat_rollouts`); each
     row is generated exactly as it would be in one piece, except for the order random numbers
     are drawn in."""
     G, pieces = num_generations, []
-    per_piece = len(prompts) if batch_size <= 0 else max(1, batch_size // G)
+    if batch_size < 0 or batch_size % G:
+        die(f"--generation_batch_size must be 0 (all at once) or a multiple of --num_generations {G} (got {batch_size})")
+    per_piece = len(prompts) if batch_size == 0 else batch_size // G
     for i in range(0, len(prompts), per_piece):
         step = make_step()
         r = rollout(model, prompts[i:i + per_piece], step, max_new_tokens, eos_id, pad_id, G, store_latents)

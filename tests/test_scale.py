@@ -315,3 +315,11 @@ def test_a_lora_subfolder_model_is_saved_merged_too(tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ck" / "decoder")
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=x).logits, want, atol=1e-5)
+
+
+def test_bad_lora_and_generation_sizes_are_one_line():
+    model, tok, _ = toy_model()
+    with pytest.raises(SystemExit, match="--lora_r must be >= 0"):
+        common.apply_lora(model, -1, 8)
+    with pytest.raises(SystemExit, match="multiple of --num_generations 4"):
+        common.generate(model, [[1, 2]], CountingLatentStep, 4, tok.eos_token_id, tok.pad_token_id, 4, batch_size=6)
