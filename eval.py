@@ -95,6 +95,7 @@ def main(args):
                             [f"{res[k]:.3f}" if isinstance(res[k], float) else str(res[k]) for k in keys]) + " |")
     out = args.output_file or (str(Path(args.model_name_or_path) / f"eval_{Path(args.dataset).stem}_{args.split}.json")
                                if Path(args.model_name_or_path).is_dir() else f"eval_{Path(args.dataset).stem}.json")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(res, indent=2))
     print(f"results written to {out}")
     return res

@@ -63,7 +63,7 @@ def dataset(split, n=None, seed=0):
 
 def _split(make, name, n_train, split, n, seed):
     """n problems from make(rng) seeded by (name, split, seed); train never repeats a test question."""
-    n = n or {"train": n_train, "test": 500}.get(split, 500)
+    n = n or {"train": n_train, "test": 1000}.get(split, 1000)
     rng = random.Random(f"{name}-{split}-{seed}")
     out, seen = [], set()
     held_out = set() if split == "test" else {ex["question"] for ex in _split(make, name, n_train, "test", None, seed)}
@@ -200,7 +200,7 @@ def prosqa_problem(rng):
 
 
 def prosqa_dataset(split, n=None, seed=0):
-    """Like `dataset`: deterministic splits from disjoint seeds sharing no question (10000 train, 500 test)."""
+    """Like `dataset`: deterministic splits from disjoint seeds sharing no question (10000 train, 1000 test)."""
     return _split(prosqa_problem, "prosqa-toy", 10000, split, n, seed)
 
 

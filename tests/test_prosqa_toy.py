@@ -50,7 +50,7 @@ def splits():
 
 def test_deterministic_per_seed_and_disjoint(splits):
     train, test = splits
-    assert len(train) == 10000 and len(test) == 500
+    assert len(train) == 10000 and len(test) == 1000
     assert toy.prosqa_dataset("train", 200) == train[:200] and toy.prosqa_dataset("test") == test
     assert toy.prosqa_dataset("test", seed=1) != test and toy.prosqa_dataset("test", seed=1) == toy.prosqa_dataset("test", seed=1)
     assert len({ex["question"] for ex in train}) == len(train) and len({ex["question"] for ex in test}) == len(test)
