@@ -75,6 +75,9 @@ METHODS = [
 ]
 
 
+ABLATIONS = {"hrpo_no_gate", "latent_value_rl_frozen", "latent_grpo_zero_single"}   # run after the methods' seeds
+
+
 def start_dir(name):
     """The start's model folder: committed, or trained by this script."""
     s = STARTS[name]
@@ -93,12 +96,14 @@ def jobs(only=(), seeds=(0, 1, 2)):
     for name, s in STARTS.items():
         cmd = [a.replace("{" + s["after"] + "}", str(start_dir(s["after"]))) for a in s["cmd"]] if "after" in s else s.get("cmd")
         (trained_starts if cmd else out).append((name, 0, RUNS / name, cmd, s.get("after")))
-    for seed in seeds:
-        for name, _, _, start, argv in METHODS:
-            folder = RUNS / name / f"seed{seed}"
-            out.append((name, seed, folder, argv + ["--model", str(start_dir(start)), "--seed", str(seed)], start))
+    def job(name, seed, start, argv):
+        return name, seed, RUNS / name / f"seed{seed}", argv + ["--model", str(start_dir(start)), "--seed", str(seed)], start
+    for seed in seeds:   # the methods first, seed by seed; the ablations' later seeds last
+        out += [job(name, seed, start, argv) for name, _, _, start, argv in METHODS
+                if seed == seeds[0] or name not in ABLATIONS]
         if seed == seeds[0]:
             out += trained_starts
+    out += [job(name, seed, start, argv) for seed in seeds[1:] for name, _, _, start, argv in METHODS if name in ABLATIONS]
     return [j for j in out if not only or j[0] in only]
 
 
@@ -287,38 +292,36 @@ def collapse_table(results):
 
 
 def figure(results, out):
+    """Accuracy against #L: a panel per task, a colour per start checkpoint (squares, with their
+    binomial interval), a marker per method trained from it (mean of seeds, t-interval bars on both
+    axes), listed in the legend under its start."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tasks = [("toy", "arithmetic toy (GSM8K-Aug format)"), ("prosqa-toy", "ProsQA-toy (graph reachability)")]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    colors = {}
-    for ax, (task, title) in zip(axes, tasks):
-        for sname, s in results["starts"].items():
-            if s["task"] != task:
-                continue
-            c = colors.setdefault(sname, f"C{len(colors)}")
+    tasks = [(t, title) for t, title in (("toy", "arithmetic toy (GSM8K-Aug format)"), ("prosqa-toy", "ProsQA-toy (graph reachability)"))
+             if any(s["task"] == t for s in results["starts"].values())]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 6.5), squeeze=False)
+    markers = "ov^D<>PXhp*"
+    for ax, (task, title) in zip(axes[0], tasks):
+        for i, (sname, s) in enumerate((k, v) for k, v in results["starts"].items() if v["task"] == task):
+            c = f"C{i}"
             lo, hi = s["pass@1_ci"]
             ax.errorbar(s["mean_L"], 100 * s["pass@1"], yerr=[[100 * (s["pass@1"] - lo)], [100 * (hi - s["pass@1"])]],
-                        fmt="s", color=c, ms=9, capsize=3, mfc="white", mew=2)
-            ax.annotate(s["label"].split(" (")[0], (s["mean_L"], 100 * s["pass@1"]), textcoords="offset points",
-                        xytext=(6, 6), fontsize=8, color=c, weight="bold")
-            for name, m in results["methods"].items():
-                if m["start"] != sname:
-                    continue
+                        fmt="s", color=c, ms=10, capsize=3, mfc="white", mew=2, label=f"{s['label'].split(' (')[0]} (start)")
+            for j, m in enumerate(m for m in results["methods"].values() if m["start"] == sname):
                 ax.errorbar(m["mean_L"], 100 * m["pass@1"], xerr=m.get("mean_L_ci") or 0,
-                            yerr=100 * (m.get("pass@1_ci") or 0), fmt="o", color=c, ms=6, capsize=3, alpha=0.9)
+                            yerr=100 * (m.get("pass@1_ci") or 0), fmt=markers[j % len(markers)], color=c, ms=7,
+                            capsize=3, alpha=0.85, label=f"   {m['label']}")
                 ax.plot([s["mean_L"], m["mean_L"]], [100 * s["pass@1"], 100 * m["pass@1"]], color=c, lw=0.6, ls=":")
-                ax.annotate(m["label"].split(" (")[0], (m["mean_L"], 100 * m["pass@1"]), textcoords="offset points",
-                            xytext=(6, -10), fontsize=7, color=c)
         ax.set_title(title)
         ax.set_xlabel("reasoning length #L (latents + reasoning tokens)")
         ax.set_ylabel(f"greedy pass@1 on {N_TEST} test questions (%)")
         ax.grid(alpha=0.3)
-    fig.suptitle("squares: start checkpoints (95% binomial interval); dots: after RL, mean of seeds (95% t-interval)",
-                 fontsize=9)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    fig.suptitle("open squares: start checkpoints (95% binomial interval); filled: after RL from them, "
+                 "mean of seeds (95% t-interval over seeds)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

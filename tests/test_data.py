@@ -12,7 +12,8 @@ def test_toy_is_deterministic_disjoint_and_consistent():
     a, b = toy.dataset("train", 300), toy.dataset("train", 300)
     assert a == b
     test = toy.dataset("test")
-    assert not {x["question"] for x in test} & {x["question"] for x in toy.dataset("train")}
+    assert len(test) == 1000 and test[:500] == toy.dataset("test", 500)   # the first 500 are the old split
+    assert not {x["question"] for x in test} & {x["question"] for x in toy.dataset("train", 20000)}  # toy:20000 too
     for ex in a + test:
         assert 2 <= len(ex["steps"]) <= 3
         value = None
