@@ -72,7 +72,7 @@ def main(args):
     if not args.dataset:  # a checkpoint trained on a built-in task is evaluated on it (its test split)
         trained_on = (cfg or {}).get("dataset", "")
         args.dataset = trained_on.partition(":")[0] if common.toy_task(trained_on) else "toy"
-    data = common.load_data(args.dataset, args.split, args.max_samples or None, seed=args.seed)
+    data = common.load_data(args.dataset, args.split, args.max_samples or None)  # the same questions whatever --seed
     cfg = cfg or {"mode": "cot", **common.prompt_settings(args, None, data)}
     module = method_file(cfg)
     if hasattr(module, "load_extras"):  # modules a method keeps beside the weights (ATP-Latent's heads)
