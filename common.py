@@ -425,7 +425,8 @@ def load_data(name, split, limit=None, seed=0):
 
 def load_train_eval(args, cfg=None):
     """The training and evaluation rows of a training script (`args.dataset`, `args.eval_dataset`,
-    `args.max_train_samples`, `args.max_eval_samples`, `args.seed`, `args.model_name_or_path`).
+    `args.max_train_samples`, `args.max_eval_samples`, `args.model_name_or_path`; not `args.seed`:
+    a seed varies training, not the questions).
     The toy task is the default only for the toy model and checkpoints trained on a toy task (then
     theirs, e.g. "prosqa-toy", from latent_config.json); a single local file without --eval_dataset
     gives up a tenth of its rows (by a hash of the question) for evaluation, never its own training
@@ -438,9 +439,9 @@ def load_train_eval(args, cfg=None):
             die(f"--dataset is required with {args.model_name_or_path!r} (the toy task is the default only for "
                 "the toy model): e.g. --dataset openai/gsm8k or a local .jsonl")
         name = start or "toy"
-    train = load_data(name, "train", seed=args.seed)
+    train = load_data(name, "train")  # the toy tasks: one pool and one test split whatever --seed
     if args.eval_dataset:
-        test = load_data(args.eval_dataset, "test", seed=args.seed)
+        test = load_data(args.eval_dataset, "test")
     elif Path(name).is_file():
         import zlib
         held = [zlib.crc32(ex["question"].encode()) % 10 == 0 for ex in train]
@@ -451,7 +452,7 @@ def load_train_eval(args, cfg=None):
             print(f"note: {name} is one file: {len(test)} of its rows (a tenth, by question hash) are held out for "
                   "evaluation and not trained on; pass --eval_dataset to choose", flush=True)
     else:
-        test = load_data(name, "test", seed=args.seed)
+        test = load_data(name, "test")
     if cfg is not None:
         cfg["dataset"] = name
     return train[:args.max_train_samples or None], test[:args.max_eval_samples or None]

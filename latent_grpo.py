@@ -70,8 +70,9 @@ Deviations and choices:
    published dtype (`--save_dtype`).
 
 On the toy task the full method (all three designs) drifted into non-terminating latent chains
-late in both runs we made, while `--first_token_selection false` and `--one_sided_noise false`
-stayed stable; see README.md ("Toy results (seed 001)") before drawing conclusions from one seed.
+in 1 of 3 seeds (and in every earlier single-seed run), its training reward fell in all 3, while
+`--first_token_selection false` stayed stable and trained best in all 3; see README.md ("The
+Latent-GRPO collapse, seed by seed") for what to watch on a real model.
 
 At real sizes: the log-probs are computed from the hidden states in chunks of positions, at the
 sampled token and the k stored ids only (`common.completion_logprobs`), never as whole (rows, T,

@@ -106,6 +106,18 @@ def test_a_single_file_holds_out_evaluation_rows(tmp_path):
     assert common.load_train_eval(args)[1] == test                       # the same split every time
 
 
+def test_the_toy_questions_do_not_depend_on_the_seed():
+    """--seed seeds training, not the benchmark: every seed trains on the same pool and evaluates on
+    the same test questions (the committed starts' split), so seeds can be compared."""
+    from types import SimpleNamespace
+    def split(seed, name="toy"):
+        return common.load_train_eval(SimpleNamespace(dataset=name, eval_dataset="", max_train_samples=0, max_eval_samples=0,
+                                                      seed=seed, model_name_or_path="toy"))
+    for name in ("toy", "prosqa-toy"):
+        (train0, test0), (train2, test2) = split(0, name), split(2, name)
+        assert test2 == test0 == common.load_data(name, "test") and train2 == train0
+
+
 def test_a_missing_default_checkpoint_falls_back_to_the_toy_model(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(toy, "COT", str(tmp_path / "checkpoints" / "toy-cot"))   # as in a folder without checkpoints/
     model, tok, cfg = common.load_model(toy.COT, torch.device("cpu"), torch.float32)
