@@ -226,7 +226,7 @@ def collect(seeds):
             per_seed[seed] = {"pass@1": res["pass@1"], f"pass@{K}": res.get(f"pass@{K}"), "mean_L": res["mean_L"],
                               "train_seconds": res.get("train_seconds"), "steps": steps,
                               **{f"{key}_{a}-{b}": window(rows, key, a, b)
-                                 for key in ("reward", "valid_frac", "n_latents", "eval_acc", "eval_mean_L")
+                                 for key in ("reward", "valid_frac", "n_latents", "kl", "hidden_ratio", "acc", "mean_value", "coherence")
                                  for a, b in ((1, 10), (steps - 9, steps)) if steps}}
             for step in (20, 40):
                 acc = [r["eval_acc"] for r in rows if r.get("step") == step and "eval_acc" in r]
@@ -275,7 +275,7 @@ def table(results, table_name):
 
 def collapse_table(results):
     """Latent-GRPO and its ablations, per seed: training-time signs of drift."""
-    lines = ["| run | seed | pass@1 (%) | #L | eval pass@1 at step 20 / 40 (200 q.) | valid fraction, steps 1-10 -> last 10 | latents per rollout | train reward |",
+    lines = ["| run | seed | pass@1 (%) | #L | eval pass@1 at step 20 / 40 (200 q. of the seed's split) | valid fraction, steps 1-10 -> last 10 | latents per rollout | train reward |",
              "|---|---|---|---|---|---|---|---|"]
     for name, m in results["methods"].items():
         if not name.startswith("latent_grpo") and name != "soft_grpo":
