@@ -244,7 +244,7 @@ def test_dr_grpo_and_batch_scaling_run(tmp_path):
 
 SCALE = ["--model", toy_task.COCONUT, "--train_batch_size", "2", "--mini_batch_size", "1", "--num_generations", "4",
          "--max_train_samples", "32", "--max_eval_samples", "2", "--max_completion_length", "14", "--beta", "0.04",
-         "--seed", "3"]  # (seed 3: the first step's rollouts carry a reward signal)
+         "--seed", "1"]  # (seed 1: the first step's rollouts carry a reward signal)
 
 
 def train(out, *extra):
@@ -277,7 +277,7 @@ def test_lora_trains_adapters_and_markers_against_the_adapters_off_reference(tmp
     from peft import PeftModel
     out = tmp_path / "lora"
     model = train(out, "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2", "--learning_rate", "1e-2", "--eval_every", "100",
-                  "--mini_batch_size", "2", "--seed", "4")  # one update a step; seed 4: the first step has a reward signal
+                  "--mini_batch_size", "2", "--seed", "1")  # one update a step; seed 1: the first step has a reward signal
     assert isinstance(model, PeftModel)
     kl = [r["kl"] for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert kl[0] == 0 and kl[1] > 0   # step 1: B = 0, the policy is the start model; step 2: the reference still is

@@ -419,9 +419,9 @@ def test_lora_trains_adapters_and_marker_rows_and_saves_plain_merged_weights(tmp
 
 
 def test_gradient_checkpointing_gives_the_same_step(tmp_path):
-    """One step (seed 1: its groups carry signal) with and without --gradient_checkpointing."""
+    """One step (seed 15: its groups carry signal) with and without --gradient_checkpointing."""
     for gc in ("false", "true"):
-        run_main("soft_grpo", *SCALE_FAST, "--max_steps", "1", "--seed", "1", "--learning_rate", "1e-3", "--gradient_checkpointing", gc,
+        run_main("soft_grpo", *SCALE_FAST, "--max_steps", "1", "--seed", "15", "--learning_rate", "1e-3", "--gradient_checkpointing", gc,
                  "--output_dir", tmp_path / gc)
     start, plain, ckpt = (load_file(f / "model.safetensors") for f in (Path(toy.LATENT_SFT), tmp_path / "false", tmp_path / "true"))
     assert any(not torch.equal(plain[k], start[k]) for k in start)
