@@ -380,7 +380,7 @@ def toy_task(name):
     return toy.DATASETS.get(str(name).partition(":")[0])
 
 
-def load_data(name, split, limit=None, seed=0):
+def load_data(name, split, limit=None):
     """A built-in toy task ("toy" or "prosqa-toy", or "toy:N" / "prosqa-toy:N" for N training
     problems), a local .jsonl/.json/.parquet file, or a hub dataset from HF_DATASETS (or any hub id)."""
     generate = toy_task(name)
@@ -388,7 +388,7 @@ def load_data(name, split, limit=None, seed=0):
         count = name.partition(":")[2]
         if ":" in name and not (count.isdigit() and int(count) > 0):
             die(f"dataset {name!r}: the number after ':' must be a positive count of training rows")
-        rows = generate(split, int(count) if count and split == "train" else None, seed=seed)
+        rows = generate(split, int(count) if count and split == "train" else None)  # one split, whatever --seed
     elif Path(name).suffix in (".jsonl", ".json", ".parquet"):
         if not Path(name).is_file():
             die(f"dataset file {name!r} does not exist")
@@ -408,7 +408,7 @@ def load_data(name, split, limit=None, seed=0):
         files = sorted(Path(name).glob(f"{split}*.jsonl")) or sorted(Path(name).glob(f"*{split}*.parquet"))
         if not files:
             die(f"dataset folder {name!r} has no {split}*.jsonl or *{split}*.parquet file")
-        return load_data(str(files[0]), split, limit, seed)
+        return load_data(str(files[0]), split, limit)
     else:
         import datasets
         config, splits = HF_DATASETS.get(name, (None, {}))
