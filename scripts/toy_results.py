@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -204,6 +205,24 @@ def window(rows, key, lo, hi):
     return sum(xs) / len(xs) if xs else None
 
 
+def prosqa_steps(examples):
+    """What a ProsQA-toy model's greedy completions do, from eval.py's examples: the fraction whose
+    answer names one of the two offered concepts (a guess is right half the time), and the
+    fraction of written steps "Every a is a b." that are facts of the question (None without
+    written steps: a Coconut model thinks them in latents). It tells a model that cannot look a
+    fact up in its context from one that looks facts up but takes wrong turns."""
+    options = facts = steps = 0
+    for ex in examples:
+        offered = re.search(r"Is \w+ a (\w+) or a (\w+)\?", ex["question"]).groups()
+        given = set(re.findall(r"Every (\w+) is a (\w+)\.", ex["question"]))
+        written = re.findall(r"Every (\w+) is a (\w+)\.", ex["completion"])
+        answer = re.search(r"###\s*(\w+)", ex["completion"])
+        options += bool(answer) and answer.group(1) in offered
+        facts += sum(step in given for step in written)
+        steps += len(written)
+    return {"answer_offered": options / len(examples), "steps_in_question": facts / steps if steps else None}
+
+
 def collect(seeds):
     results = {"n_test": N_TEST, "k": K, "starts": {}, "methods": {}}
     for name, s in STARTS.items():
@@ -214,6 +233,8 @@ def collect(seeds):
         results["starts"][name] = {"label": s["label"], "task": s["task"], "pass@1": res["pass@1"],
                                    f"pass@{K}": res.get(f"pass@{K}"), "mean_L": res["mean_L"],
                                    "pass@1_ci": wilson(res["pass@1"], res["n"]), "n": res["n"]}
+        if s["task"] == "prosqa-toy":
+            results["starts"][name].update(prosqa_steps(res["examples"]))
     for name, table, label, start, argv in METHODS:
         per_seed = {}
         for seed in seeds:
@@ -228,6 +249,8 @@ def collect(seeds):
                               **{f"{key}_{a}-{b}": window(rows, key, a, b)
                                  for key in ("reward", "valid_frac", "n_latents", "kl", "hidden_ratio", "acc", "mean_value", "coherence")
                                  for a, b in ((1, 10), (steps - 9, steps)) if steps}}
+            if STARTS[start]["task"] == "prosqa-toy":
+                per_seed[seed].update(prosqa_steps(res["examples"]))
             for step in (20, 40):
                 acc = [r["eval_acc"] for r in rows if r.get("step") == step and "eval_acc" in r]
                 if acc:
@@ -236,7 +259,7 @@ def collect(seeds):
             continue
         entry = {"label": label, "table": table, "start": start, "command": " ".join(["python"] + argv + ["--seed", "S"]),
                  "seeds": per_seed}
-        for key in ("pass@1", f"pass@{K}", "mean_L"):
+        for key in ("pass@1", f"pass@{K}", "mean_L", "answer_offered", "steps_in_question"):
             xs = [v[key] for v in per_seed.values() if v.get(key) is not None]
             if xs:
                 entry[key], entry[key + "_ci"] = mean_ci(xs)
@@ -253,14 +276,20 @@ def pct(m, ci=None):
 
 def table(results, table_name):
     starts = {m["start"] for m in results["methods"].values() if m["table"] == table_name}
-    lines = [f"| model | seeds | pass@1 (%) | pass@{K} (%) | #L | minutes |", "|---|---|---|---|---|---|"]
+    prosqa = table_name == "prosqa"   # and what its greedy completions do (`prosqa_steps`)
+    extra = " answers an offered concept (%) | written steps that are facts of the question (%) |" if prosqa else ""
+    lines = [f"| model | seeds | pass@1 (%) | pass@{K} (%) | #L | minutes |" + extra, "|---|---|---|---|---|---|" + "---|---|" * prosqa]
+    def steps_cells(m):
+        if not prosqa:
+            return ""
+        return " " + " | ".join(pct(m.get(key), m.get(key + "_ci")) or "—" for key in ("answer_offered", "steps_in_question")) + " |"
     for sname in STARTS:
         if sname not in starts or sname not in results["starts"]:
             continue
         s = results["starts"][sname]
         lo, hi = s["pass@1_ci"]
         lines.append(f"| **{s['label']}** | start | {100 * s['pass@1']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | "
-                     f"{pct(s.get(f'pass@{K}'))} | {s['mean_L']:.1f} | |")
+                     f"{pct(s.get(f'pass@{K}'))} | {s['mean_L']:.1f} | |" + steps_cells(s))
         for name, m in results["methods"].items():
             if m["start"] != sname or m["table"] != table_name:
                 continue
@@ -269,7 +298,7 @@ def table(results, table_name):
             length = f"{m['mean_L']:.1f}" + (f" ± {m['mean_L_ci']:.1f}" if m.get("mean_L_ci") is not None else "")
             lines.append(f"| {m['label']} | {len(m['seeds'])} ({per}) | {pct(m['pass@1'], m.get('pass@1_ci'))} | "
                          f"{pct(m.get(f'pass@{K}'), m.get(f'pass@{K}_ci'))} | {length} | "
-                         f"{f'{sum(mins) / len(mins):.0f}' if mins else ''} |")
+                         f"{f'{sum(mins) / len(mins):.0f}' if mins else ''} |" + steps_cells(m))
     return "\n".join(lines)
 
 
