@@ -304,7 +304,7 @@ def table(results, table_name):
 
 def collapse_table(results):
     """Latent-GRPO and its ablations, per seed: training-time signs of drift."""
-    lines = ["| run | seed | pass@1 (%) | #L | eval pass@1 at step 20 / 40 (200 q. of the seed's split) | valid fraction, steps 1-10 -> last 10 | latents per rollout | train reward |",
+    lines = ["| run | seed | pass@1 (%) | #L | eval pass@1 at step 20 / 40 (200 test q.) | valid fraction, steps 1-10 -> last 10 | latents per rollout | train reward |",
              "|---|---|---|---|---|---|---|---|"]
     for name, m in results["methods"].items():
         if not name.startswith("latent_grpo") and name != "soft_grpo":
