@@ -425,25 +425,16 @@ def sequence_loss(per_pos, is_latent, is_answer):
 
 
 def main(args):
-    if args.num_generations < 2:
-        common.die(f"--num_generations must be at least 2: the advantages compare rollouts within a group (got {args.num_generations})")
     if args.log_ratio_clamp <= 0:
         common.die(f"--log_ratio_clamp must be > 0 (got {args.log_ratio_clamp})")
     if args.scale_rewards not in SCALE_REWARDS:
         common.die(f"unknown --scale_rewards {args.scale_rewards!r} ({' | '.join(SCALE_REWARDS)})")
     scale_rewards = SCALE_REWARDS[args.scale_rewards]
-    if args.lora_r < 0 or not 0 <= args.lora_dropout < 1:
-        common.die(f"--lora_r must be >= 0 and --lora_dropout in [0, 1) (got {args.lora_r}, {args.lora_dropout})")
-    if args.generation_batch_size < 0 or args.generation_batch_size % args.num_generations:
-        common.die(f"--generation_batch_size must be 0 (all at once) or a multiple of --num_generations {args.num_generations}: "
-                   f"a group is generated together (got {args.generation_batch_size})")
+    d = common.setup_distributed(args.seed)
+    common.check_args(args, d)
     if not (Path(args.model_name_or_path) / "config.json").is_file():   # missing, or an atp_sft run cut short
         common.die(f"{args.model_name_or_path} holds no checkpoint: make it first with atp_sft.py (atp_rl.py starts from "
                    "an ATP-Latent SFT checkpoint)")
-    d = common.setup_distributed(args.seed)
-    if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
-        common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of --mini_batch_size "
-                   f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)  # fp32 master weights
     if (cfg or {}).get("mode") in (None, "cot"):
         common.die(f"{args.model_name_or_path} is not an ATP-Latent checkpoint (latent_config mode atp): make one "

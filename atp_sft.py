@@ -488,9 +488,8 @@ def main(args):
         common.die(f"--steps_per_stage must be at least 1 (got {args.steps_per_stage})")
     if args.kl_weight < 0:
         common.die(f"--kl_weight must be >= 0 (got {args.kl_weight})")
-    if args.lora_r < 0 or not 0 <= args.lora_dropout < 1:
-        common.die(f"--lora_r must be >= 0 and --lora_dropout in [0, 1) (got {args.lora_r}, {args.lora_dropout})")
     d = common.setup_distributed(args.seed)
+    common.check_args(args, d)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)  # fp32 master weights
     if (cfg or {}).get("mode") == "atp":
         common.die(f"{args.model_name_or_path} is already an ATP-Latent checkpoint: train it on with atp_rl.py")

@@ -313,11 +313,8 @@ def main(args):
         common.die(f"--lr_scheduler_type must be constant or cosine (got {args.lr_scheduler_type!r})")
     if args.max_steps == 0 or args.max_steps < -1:
         common.die(f"--max_steps must be -1 (no cap) or at least 1 (got {args.max_steps})")
-    if args.lora_r < 0:
-        common.die(f"--lora_r must be >= 0 (got {args.lora_r})")
     d = common.setup_distributed(args.seed)
-    if d.world > 1 and args.train_batch_size % d.world:
-        common.die(f"--train_batch_size {args.train_batch_size} is not divisible by {d.world} processes")
+    common.check_args(args, d)
     model, tokenizer, start_cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
     common.check_start(start_cfg, (None, "cot", "coconut"), "coconut_sft.py")
     check_continuing(args, start_cfg)

@@ -1234,6 +1234,28 @@ def setup_distributed(seed=None):
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, default_device())
 
 
+def check_args(args, d: Dist = Dist()):
+    """The bad-input checks every script shares, on whichever of the TRL-named fields its Args has
+    (group size, LoRA, generation and batch sizes against the processes), one line each and before
+    any model loads; a script's own fields it checks itself."""
+    G, world = getattr(args, "num_generations", None), d.world
+    if G is not None and G < 2:
+        die(f"--num_generations must be at least 2: the advantages compare rollouts within a group (got {G})")
+    if getattr(args, "lora_r", 0) < 0:
+        die(f"--lora_r must be >= 0 (0 = full fine-tuning; got {args.lora_r})")
+    if not 0 <= getattr(args, "lora_dropout", 0) < 1:
+        die(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
+    gen = getattr(args, "generation_batch_size", 0)
+    if gen < 0 or (G and gen % G):
+        die(f"--generation_batch_size must be 0 (all at once) or a multiple of --num_generations {G}: a group is generated together (got {gen})" if G
+            else f"--generation_batch_size must be >= 0 (0 = all at once; got {gen})")
+    train, mini = getattr(args, "train_batch_size", None), getattr(args, "mini_batch_size", None)
+    if mini is not None and (mini < 1 or train % mini or mini % world):
+        die(f"--train_batch_size {train} must be a multiple of --mini_batch_size {mini}, itself a multiple of the {world} processes")
+    if train is not None and (train < 1 or train % world):
+        die(f"--train_batch_size {train} must be a positive multiple of the {world} processes")
+
+
 def wrap_model(model, d: Dist, strategy="fsdp", bf16=False):
     """FSDP2 (`fully_shard` on each decoder layer, then the whole model) or DDP; nothing on one
     process. The wrapped model is called exactly like the plain one. With `bf16` the parameters

@@ -202,22 +202,13 @@ def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
 
 
 def main(args):
-    if args.num_generations < 2:
-        common.die(f"--num_generations must be at least 2: GRPO compares rollouts within a group (got {args.num_generations})")
     if args.loss_type not in LOSS_TYPES:
         common.die(f"unknown --loss_type {args.loss_type!r} ({' | '.join(LOSS_TYPES)})")
     scale_rewards = {"true": "group", "false": "none"}.get(args.scale_rewards.lower(), args.scale_rewards.lower())
     if scale_rewards not in ("group", "batch", "none"):
         common.die(f"--scale_rewards must be group, batch or none (or true/false; got {args.scale_rewards!r})")
-    if args.lora_r < 0:
-        common.die(f"--lora_r must be >= 0 (got {args.lora_r})")
-    if args.generation_batch_size < 0 or args.generation_batch_size % args.num_generations:
-        common.die(f"--generation_batch_size must be 0 (all at once) or a multiple of --num_generations {args.num_generations}: "
-                   f"whole groups are generated together (got {args.generation_batch_size})")
     d = common.setup_distributed(args.seed)
-    if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
-        common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of --mini_batch_size "
-                   f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
+    common.check_args(args, d)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
     common.check_start(cfg, (None, "cot", "coconut"), "grpo_latent.py")
     cfg = dict(cfg or {"mode": "cot"})

@@ -382,15 +382,6 @@ def completion_logprobs(model, r, rows, hyb=None):
 
 
 def main(args):
-    if args.num_generations < 2:
-        common.die(f"--num_generations must be at least 2: the advantage compares rollouts within a group (got {args.num_generations})")
-    if args.lora_r < 0:
-        common.die(f"--lora_r must be >= 0 (0 = full fine-tuning; got {args.lora_r})")
-    if not 0 <= args.lora_dropout < 1:
-        common.die(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
-    if args.generation_batch_size < 0 or args.generation_batch_size % args.num_generations:
-        common.die(f"--generation_batch_size must be 0 (all at once) or a multiple of --num_generations {args.num_generations}: "
-                   f"a group is generated together (got {args.generation_batch_size})")
     if not 0 < args.r_min <= args.r_max < 1:
         common.die(f"need 0 < --r_min <= --r_max < 1 (got {args.r_min}, {args.r_max})")
     if args.temperature <= 0:
@@ -403,8 +394,7 @@ def main(args):
         common.die(f"unknown --scale_rewards {args.scale_rewards!r} ({' | '.join(SCALE_REWARDS)})")
     loss_type, scale_rewards = LOSS_TYPES[args.loss_type], SCALE_REWARDS[args.scale_rewards]
     d = common.setup_distributed(args.seed)   # seeds python, numpy and torch with seed + rank
-    if args.train_batch_size % d.world:
-        common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of the {d.world} processes")
+    common.check_args(args, d)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)  # fp32 master weights
     common.check_start(cfg, (None, "cot", "hybrid"), "hrpo.py")  # HRPO starts from language reasoning (or continues)
     cfg = dict(cfg or {"mode": "cot"})

@@ -399,8 +399,6 @@ def take_rows(r, rows):
 
 
 def main(args):
-    if args.num_generations < 2:
-        common.die(f"--num_generations must be at least 2: GRPO compares rollouts within a group (got {args.num_generations})")
     if args.ste not in ("paper", "code", "none"):
         common.die(f"--ste must be paper, code or none (got {args.ste!r})")
     if args.single_valid_advantage not in ("reward", "zero"):
@@ -408,14 +406,9 @@ def main(args):
     if args.loss_type not in LOSS_TYPES or args.scale_rewards.lower() not in SCALE_REWARDS:
         common.die(f"--loss_type must be one of {', '.join(LOSS_TYPES)} and --scale_rewards one of {', '.join(SCALE_REWARDS)} "
                    f"(got {args.loss_type!r}, {args.scale_rewards!r})")
-    if args.lora_r < 0 or args.generation_batch_size < 0 or args.generation_batch_size % args.num_generations:
-        common.die(f"--lora_r must be >= 0 and --generation_batch_size 0 or a multiple of --num_generations {args.num_generations} "
-                   f"(got {args.lora_r}, {args.generation_batch_size})")
     loss_type, scale_rewards = LOSS_TYPES[args.loss_type], SCALE_REWARDS[args.scale_rewards.lower()]
     d = common.setup_distributed(args.seed)
-    if args.train_batch_size % args.mini_batch_size or args.mini_batch_size % d.world:
-        common.die(f"--train_batch_size {args.train_batch_size} must be a multiple of --mini_batch_size "
-                   f"{args.mini_batch_size}, itself a multiple of the {d.world} processes")
+    common.check_args(args, d)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
     common.check_start(cfg, (None, "cot", "mixture"), "latent_grpo.py")
     start_cfg = dict(cfg or {})

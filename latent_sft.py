@@ -416,13 +416,10 @@ def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
 def main(args):
     if args.compression < 1 or args.top_k < 1:
         common.die(f"--compression and --top_k must be at least 1 (got {args.compression}, {args.top_k})")
-    if args.lora_r < 0:
-        common.die(f"--lora_r must be >= 0 (got {args.lora_r})")
     d = common.setup_distributed(args.seed)
+    common.check_args(args, d)
     if args.lora_r and d.world > 1:
         common.die("--lora_r runs on one device (two switching adapters in one DDP model are not supported); drop torchrun or use --lora_r 0")
-    if args.train_batch_size % d.world:
-        common.die(f"--train_batch_size {args.train_batch_size} is not divisible by {d.world} processes")
     model, tokenizer, start_cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
     common.check_start(start_cfg, (None, "cot"), "latent_sft.py")
     data = {"dataset": (start_cfg or {}).get("dataset", "")}

@@ -259,15 +259,10 @@ def rollout_and_score(model, tokenizer, batch, cfg, max_new_tokens, stop, batch_
 
 def main(args):
     d = common.setup_distributed(args.seed)
-    if args.train_batch_size % d.world:
-        common.die(f"--train_batch_size {args.train_batch_size} is not divisible by {d.world} processes")
+    common.check_args(args, d)
     if args.pretrain_questions < max(2, d.world):
         common.die(f"--pretrain_questions must be at least {max(2, d.world)} (the head trains on some rollouts "
                    f"and is checked on others; got {args.pretrain_questions})")
-    if args.lora_r < 0:
-        common.die(f"--lora_r must be >= 0 (got {args.lora_r})")
-    if args.generation_batch_size < 0:
-        common.die(f"--generation_batch_size must be >= 0 (got {args.generation_batch_size})")
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
     if cfg is None:
         common.die(f"{args.model_name_or_path!r} is not a latent-rl checkpoint (no {common.LATENT_CONFIG}); "

@@ -162,3 +162,28 @@ def test_setup_distributed_seeds_like_before():
     a = (random.random(), float(np.random.rand()), torch.rand(1).item())
     random.seed(7), np.random.seed(7), torch.manual_seed(7)      # what each script did by hand before
     assert a == (random.random(), float(np.random.rand()), torch.rand(1).item())
+
+
+def test_check_args_reads_the_fields_a_script_has():
+    from types import SimpleNamespace as A
+    ok = dict(num_generations=4, lora_r=0, lora_dropout=0.0, generation_batch_size=8, train_batch_size=16, mini_batch_size=8)
+    common.check_args(A(**ok))
+    common.check_args(A(train_batch_size=16, generation_batch_size=6))     # no groups: any size >= 0
+    common.check_args(A())                                                 # eval-like Args: nothing to check
+    for bad, words in [(dict(num_generations=1), "--num_generations must be at least 2"),
+                       (dict(lora_r=-1), "--lora_r must be >= 0"),
+                       (dict(lora_dropout=1.0), "--lora_dropout must be in [0, 1)"),
+                       (dict(generation_batch_size=6), "multiple of --num_generations 4"),
+                       (dict(generation_batch_size=-4), "multiple of --num_generations 4"),
+                       (dict(mini_batch_size=6), "--train_batch_size 16 must be a multiple of --mini_batch_size 6"),
+                       (dict(train_batch_size=0, mini_batch_size=None), "must be a positive multiple of the 1 processes")]:
+        with pytest.raises(SystemExit, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            common.check_args(A(**{**ok, **bad}))
+    with pytest.raises(SystemExit, match="--generation_batch_size must be >= 0"):
+        common.check_args(A(generation_batch_size=-1))
+    two = common.Dist(rank=0, world=2)
+    common.check_args(A(**ok), two)
+    with pytest.raises(SystemExit, match="multiple of the 2 processes"):
+        common.check_args(A(train_batch_size=15), two)
+    with pytest.raises(SystemExit, match="itself a multiple of the 2 processes"):
+        common.check_args(A(train_batch_size=15, mini_batch_size=5), two)

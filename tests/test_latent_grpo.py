@@ -337,7 +337,7 @@ def test_latent_grpo_from_a_model_without_latent_sft(tmp_path):
     (["--ste", "sometimes"], "--ste must be paper, code or none"),
     (["--single_valid_advantage", "one"], "--single_valid_advantage must be reward or zero"),
     (["--loss_type", "bnpo"], "--loss_type must be one of dapo"),
-    (["--generation_batch_size", "12"], "--generation_batch_size 0 or a multiple of --num_generations 8"),
+    (["--generation_batch_size", "12"], "--generation_batch_size must be 0 (all at once) or a multiple of --num_generations 8"),
     (["--lora_r", "-2"], "--lora_r must be >= 0"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path):

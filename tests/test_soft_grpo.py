@@ -251,7 +251,7 @@ def test_trl_knobs_run(tmp_path):
     (["--model", "no/such-model-here"], "no/such-model-here"),
     (["--loss_type", "bnpo"], "--loss_type must be one of dapo"),
     (["--scale_rewards", "yes"], "--scale_rewards one of group"),
-    (["--generation_batch_size", "6"], "--generation_batch_size 0 or a multiple of --num_generations 8"),
+    (["--generation_batch_size", "6"], "--generation_batch_size must be 0 (all at once) or a multiple of --num_generations 8"),
     (["--lora_r", "-1"], "--lora_r must be >= 0"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path):
