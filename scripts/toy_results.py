@@ -207,20 +207,24 @@ def window(rows, key, lo, hi):
 
 def prosqa_steps(examples):
     """What a ProsQA-toy model's greedy completions do, from eval.py's examples: the fraction whose
-    answer names one of the two offered concepts (a guess is right half the time), and the
+    answer names one of the two offered concepts, how often such an answer is the right one (a
+    guess between the two is right half the time: above 50% is reachability, not format), and the
     fraction of written steps "Every a is a b." that are facts of the question (None without
-    written steps: a Coconut model thinks them in latents). It tells a model that cannot look a
+    written steps: a Coconut model thinks them in latents). They tell a model that cannot look a
     fact up in its context from one that looks facts up but takes wrong turns."""
-    options = facts = steps = 0
+    options = right = facts = steps = 0
     for ex in examples:
         offered = re.search(r"Is \w+ a (\w+) or a (\w+)\?", ex["question"]).groups()
         given = set(re.findall(r"Every (\w+) is a (\w+)\.", ex["question"]))
         written = re.findall(r"Every (\w+) is a (\w+)\.", ex["completion"])
         answer = re.search(r"###\s*(\w+)", ex["completion"])
-        options += bool(answer) and answer.group(1) in offered
+        named = bool(answer) and answer.group(1) in offered
+        options += named
+        right += named and bool(ex["correct"])
         facts += sum(step in given for step in written)
         steps += len(written)
-    return {"answer_offered": options / len(examples), "steps_in_question": facts / steps if steps else None}
+    return {"answer_offered": options / len(examples), "offered_right": right / options if options else None,
+            "steps_in_question": facts / steps if steps else None}
 
 
 def collect(seeds):
@@ -259,7 +263,7 @@ def collect(seeds):
             continue
         entry = {"label": label, "table": table, "start": start, "command": " ".join(["python"] + argv + ["--seed", "S"]),
                  "seeds": per_seed}
-        for key in ("pass@1", f"pass@{K}", "mean_L", "answer_offered", "steps_in_question"):
+        for key in ("pass@1", f"pass@{K}", "mean_L", "answer_offered", "offered_right", "steps_in_question"):
             xs = [v[key] for v in per_seed.values() if v.get(key) is not None]
             if xs:
                 entry[key], entry[key + "_ci"] = mean_ci(xs)
@@ -277,12 +281,12 @@ def pct(m, ci=None):
 def table(results, table_name):
     starts = {m["start"] for m in results["methods"].values() if m["table"] == table_name}
     prosqa = table_name == "prosqa"   # and what its greedy completions do (`prosqa_steps`)
-    extra = " answers an offered concept (%) | written steps that are facts of the question (%) |" if prosqa else ""
-    lines = [f"| model | seeds | pass@1 (%) | pass@{K} (%) | #L | minutes |" + extra, "|---|---|---|---|---|---|" + "---|---|" * prosqa]
+    extra = " answers naming an offered concept (%) | of those, right (%; a guess: 50) | written steps that are facts of the question (%) |" if prosqa else ""
+    lines = [f"| model | seeds | pass@1 (%) | pass@{K} (%) | #L | minutes |" + extra, "|---|---|---|---|---|---|" + "---|---|---|" * prosqa]
     def steps_cells(m):
         if not prosqa:
             return ""
-        return " " + " | ".join(pct(m.get(key), m.get(key + "_ci")) or "—" for key in ("answer_offered", "steps_in_question")) + " |"
+        return " " + " | ".join(pct(m.get(key), m.get(key + "_ci")) or "—" for key in ("answer_offered", "offered_right", "steps_in_question")) + " |"
     for sname in STARTS:
         if sname not in starts or sname not in results["starts"]:
             continue

@@ -85,25 +85,27 @@ def test_collect_tables_and_readme_blocks(tr, tmp_path):
 def test_prosqa_steps_by_hand(tr):
     q = "Every gut is a gug. Every gug is a beg. Every gut is a pif. Ann is a gut. Is Ann a beg or a pif?"
     examples = [
-        {"question": q, "completion": "Every gut is a gug.\nEvery gug is a beg.\n### beg"},  # 2 facts, offered
-        {"question": q, "completion": "Every gut is a beg.\nEvery beg is a beg.\n### vilus"},  # 0 of 2, not offered
-        {"question": q, "completion": "### pif"},                                            # no steps, offered
-        {"question": q, "completion": "Every gut is a pif.\n"},                               # 1 fact, no answer
+        {"question": q, "completion": "Every gut is a gug.\nEvery gug is a beg.\n### beg", "correct": True},  # 2 facts, offered
+        {"question": q, "completion": "Every gut is a beg.\nEvery beg is a beg.\n### vilus", "correct": False},  # 0 of 2
+        {"question": q, "completion": "### pif", "correct": False},                                            # offered, wrong
+        {"question": q, "completion": "Every gut is a pif.\n", "correct": False},                               # 1 fact, no answer
     ]
     out = tr.prosqa_steps(examples)
-    assert out == {"answer_offered": 0.5, "steps_in_question": 0.6}          # 2 of 4; 3 of 5 steps
+    assert out == {"answer_offered": 0.5, "offered_right": 0.5, "steps_in_question": 0.6}   # 2 of 4; 1 of 2; 3 of 5 steps
     assert tr.prosqa_steps(examples[2:3])["steps_in_question"] is None     # latents only: nothing to check
+    assert tr.prosqa_steps(examples[1:2])["offered_right"] is None         # no answer among the options
 
 
 def test_prosqa_table_has_the_step_columns(tr):
     res = {"n_test": 1000, "k": 8, "methods": {}, "starts": {"prosqa-cot": {
         "label": "CoT SFT on ProsQA-toy", "task": "prosqa-toy", "pass@1": 0.06, "pass@8": 0.2, "mean_L": 74.1,
-        "pass@1_ci": (0.046, 0.075), "n": 1000, "answer_offered": 0.131, "steps_in_question": None}}}
+        "pass@1_ci": (0.046, 0.075), "n": 1000, "answer_offered": 0.131, "offered_right": 0.45,
+        "steps_in_question": None}}}
     res["methods"]["prosqa_grpo_cot"] = {"label": "GRPO on CoT", "table": "prosqa", "start": "prosqa-cot",
                                          "seeds": {0: {"pass@1": 0.08, "train_seconds": 60}}, "pass@1": 0.08,
-                                         "mean_L": 80.0, "answer_offered": 0.2, "answer_offered_ci": 0.05,
+                                         "mean_L": 80.0, "answer_offered": 0.2, "answer_offered_ci": 0.05, "offered_right": 0.5,
                                          "steps_in_question": 0.03}
     lines = tr.table(res, "prosqa").splitlines()
-    assert lines[0].count("|") == lines[1].count("|") == 9          # 8 columns
-    assert lines[2].endswith("| 13.1 | — |") and lines[3].endswith("| 1 | 20.0 ± 5.0 | 3.0 |")
+    assert lines[0].count("|") == lines[1].count("|") == 10          # 9 columns
+    assert lines[2].endswith("| 13.1 | 45.0 | — |") and lines[3].endswith("| 1 | 20.0 ± 5.0 | 50.0 | 3.0 |")
     assert "facts of the question" not in tr.table(res, "rl")
