@@ -69,10 +69,11 @@ Deviations and choices:
    master weights (the KL reference is kept in bf16); the checkpoint is saved in the start model's
    published dtype (`--save_dtype`).
 
-On the toy task the full method (all three designs) drifted into non-terminating latent chains
-in 1 of 3 seeds (and in every earlier single-seed run), its training reward fell in all 3, while
-`--first_token_selection false` stayed stable and trained best in all 3; see README.md ("The
-Latent-GRPO collapse, seed by seed") for what to watch on a real model.
+On the toy task the full method (all three designs) started to drift into non-terminating
+latent chains in 1 of 3 seeds (2 of 5 runs, and every earlier single-seed run), with either rule
+for a lone valid rollout, and its training reward fell in every run, while
+`--first_token_selection false` stayed stable and trained best in all 3 seeds; see README.md
+("The Latent-GRPO collapse, seed by seed") for what to watch on a real model.
 
 At real sizes: the log-probs are computed from the hidden states in chunks of positions, at the
 sampled token and the k stored ids only (`common.completion_logprobs`), never as whole (rows, T,
