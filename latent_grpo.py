@@ -72,7 +72,7 @@ Deviations and choices:
 On the toy task the full method (all three designs) started to drift into non-terminating
 latent chains in 1 of 3 seeds (2 of 5 runs, and every earlier single-seed run), with either rule
 for a lone valid rollout, and its training reward fell in every run, while
-`--first_token_selection false` stayed stable and trained best in all 3 seeds; see README.md
+`--first_token_selection false` stayed stable and beat the full method in each of 3 seeds; see README.md
 ("The Latent-GRPO collapse, seed by seed") for what to watch on a real model.
 
 At real sizes: the log-probs are computed from the hidden states in chunks of positions, at the
