@@ -499,9 +499,8 @@ def main(args):
     train, test = common.load_train_eval(args, start)
     base = {**common.prompt_settings(args, start, train), "dataset": start["dataset"]}
     bf16 = common.use_bf16(args.bf16, d.device)
-    if len(train) < args.train_batch_size or args.train_batch_size % d.world:
-        common.die(f"--train_batch_size {args.train_batch_size} must divide among {d.world} processes and not exceed "
-                   f"the training set ({len(train)} examples)")
+    if len(train) < args.train_batch_size:
+        common.die(f"--train_batch_size {args.train_batch_size} exceeds the training set ({len(train)} examples)")
     if not any(ex["steps"] for ex in train):
         common.die(f"dataset {base['dataset']!r} has no reasoning steps: the latents replace steps")
     special = common.add_special_tokens(model, tokenizer, [START_LATENT, END_LATENT, LATENT])

@@ -343,6 +343,7 @@ def test_a_stopped_run_resumes_exactly_between_and_within_stages(tmp_path, inter
     (["--model", toy_task.COCONUT], "atp_sft.py does not train 'coconut' checkpoints"),
     (["--lora_r", "-1"], "--lora_r must be >= 0"),
     (["--steps_per_stage", "0"], "--steps_per_stage must be at least 1"),
+    (["--dataset", "toy:8", "--train_batch_size", "16"], "--train_batch_size 16 exceeds the training set (8 examples)"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path):
     assert words in main_error("atp_sft", *argv, "--output_dir", tmp_path / "x")
