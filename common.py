@@ -11,6 +11,8 @@ Sections (in order): errors - models and tokenizers - data - answer checking - l
 checkpoints. The toy task and the tiny model live in toy.py.
 """
 import contextlib
+import functools
+import inspect
 import json
 import os
 import re
@@ -262,52 +264,43 @@ def plain_model(model):
 
 
 def enable_gradient_checkpointing(model):
-    """--gradient_checkpointing: transformers' activation checkpointing (non-reentrant) on every
-    decoder layer, keeping a KV cache where one is passed. transformers drops the cache of a layer
-    it checkpoints in training mode (with a warning), which would silently change Coconut-style
-    passes that attend to earlier passes' keys with gradients. Here a checkpointed layer keeps its
-    cache, and when the backward pass recomputes the layer, the cache is read as it was in the
-    forward (its first n positions) and not written a second time."""
-    m = plain_model(model)
-    enable = getattr(m, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    m.get_decoder().gradient_checkpointing = False  # the model-level flag would only turn use_cache off
-    # A checkpointed layer also sets its use_cache argument to False and says caching is off; that
-    # argument only decides what the layer returns: the cache object passed in is still used.
-    from transformers.utils import logging
-    logging.get_logger("transformers.modeling_layers").addFilter(lambda rec: "Caching is incompatible" not in rec.getMessage())
-    for layer in m.get_decoder().layers:
-        layer._can_checkpoint_with_cache = True
-        layer._gradient_checkpointing_func = _checkpoint_keeping_cache
+    """--gradient_checkpointing: activation checkpointing (torch's, non-reentrant) of every decoder
+    layer, keeping the KV cache where one is passed. transformers' own checkpointing drops the cache
+    of a checkpointed layer in training mode, which would silently change Coconut-style passes that
+    attend to earlier passes' keys with gradients; so each layer's forward is wrapped here instead
+    (on the instance: FSDP2's and peft's hooks stay outside, as they do in transformers'). When the
+    backward pass recomputes a layer, its cache is read as the forward saw it (the first n
+    positions, then the recomputed new ones) and not written a second time."""
+    for i, layer in enumerate(plain_model(model).get_decoder().layers):
+        if "forward" not in vars(layer):  # (once)
+            layer.forward = functools.partial(_checkpointed_layer, layer, i, layer.forward)
     return model
 
 
-def _checkpoint_keeping_cache(function, *args):
-    """torch.utils.checkpoint of one decoder layer's forward (`function` = partial(forward, layer,
-    **kwargs)) whose recomputation replays the layer's KV-cache update instead of repeating it."""
+def _checkpointed_layer(layer, idx, forward, *args, **kwargs):
+    """Decoder layer `idx`'s forward under torch.utils.checkpoint, in training with gradients only."""
     from torch.utils.checkpoint import checkpoint
-    cache = function.keywords.get("past_key_values")
-    idx = getattr(getattr(function.args[0], "self_attn", None), "layer_idx", None)
-    if cache is None or idx is None:
-        return checkpoint(function, *args, use_reentrant=False)
+    if not (layer.training and torch.is_grad_enabled()):
+        return forward(*args, **kwargs)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (named past_key_values before transformers 5.24)
+    if cache is None:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     n = cache.get_seq_length(idx)  # what this layer's cache holds before the layer appends to it
 
     @contextlib.contextmanager
-    def replay():
-        layer = cache.layers[idx]
-        def update(keys, values, *rest, **kw):  # the forward's view of the cache: n positions + the new ones
+    def replay():  # the recomputation's Cache.update: n cached positions + the recomputed new ones
+        def update(keys, values, layer_idx, *rest, **kw):
             if n == 0:
                 return keys, values
-            return torch.cat([layer.keys[..., :n, :], keys], -2), torch.cat([layer.values[..., :n, :], values], -2)
-        layer.update = update
+            held = cache.layers[idx]
+            return torch.cat([held.keys[..., :n, :], keys], -2), torch.cat([held.values[..., :n, :], values], -2)
+        cache.update = update
         try:
             yield
         finally:
-            del layer.update
-    return checkpoint(function, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), replay()))
+            del cache.update
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), replay()),
+                      **kwargs)
 
 
 def require_tokens(tokenizer, tokens, what):
@@ -502,12 +495,18 @@ def as_number(s):
     return Decimal(s.replace(",", "")) if NUMBER.fullmatch(s) else None
 
 
+DOUBLE_DIGITS = 15  # significant digits a double carries exactly (decimal -> double -> decimal)
+
+
 def _same_number(gold, pred):
-    """Integer golds exactly; a decimal gold at its own number of places (pred rounded half-up)."""
+    """Integer golds exactly; a decimal gold at its own number of places (pred rounded half-up), or
+    at 15 significant digits if it has more: a gold printed from a double (GSM-Hard's
+    1234567890534.400391) has no real digits past those, so 1234567890534.40 is right."""
     places = gold.as_tuple().exponent
     if places >= 0:
         return pred == gold
-    return pred.quantize(Decimal(1).scaleb(places), ROUND_HALF_UP, Context(prec=200)) == gold
+    ctx, q = Context(prec=200), Decimal(1).scaleb(max(places, gold.adjusted() - DOUBLE_DIGITS + 1))
+    return pred.quantize(q, ROUND_HALF_UP, ctx) == gold.quantize(q, ROUND_HALF_UP, ctx)
 
 
 # math-verify runs in a child process with its own timeouts off (they use signal.alarm, which only
@@ -607,6 +606,8 @@ class _LatentIO:
         self.hidden = None
         self.bf16 = False    # compute under bf16 autocast (set by wrap_model)
         self.request = None  # what lm_logprobs asks the LM head for (one forward), or None
+        forward = inspect.signature(plain_model(model).forward).parameters  # the KV cache's argument:
+        self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"  # renamed in transformers 5.24
         model.get_input_embeddings().register_forward_hook(self._embed_hook)
         model.get_decoder().register_forward_hook(self._decoder_hook)
         self.head = model.get_output_embeddings()
@@ -652,8 +653,8 @@ def lm_forward(model, input_ids, attention_mask=None, position_ids=None, past_ke
     try:
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=io.bf16):
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=past_key_values, use_cache=past_key_values is not None,
-                        logits_to_keep=logits_to_keep)
+                        use_cache=past_key_values is not None, logits_to_keep=logits_to_keep,
+                        **{io.cache_kwarg: past_key_values})
     finally:
         io.mask = io.vectors = None
     hidden, io.hidden = io.hidden, None

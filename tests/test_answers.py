@@ -104,6 +104,18 @@ def test_hand_cases(pred, gold, expected):
     assert common.is_correct(pred, gold) is expected
 
 
+@pytest.mark.parametrize("pred,gold,expected", [
+    # a gold printed from a double past its 15 significant digits: compared at those 15
+    ("### 1234567890534.40", "1234567890534.400391", True), ("### 1234567890534.4", "1234567890534.400391", True),
+    ("### 1234567890534.41", "1234567890534.400391", False), ("### 1234567890534", "1234567890534.400391", False),
+    ("### 14053029.6666667", "14053029.666666666", True), ("### 14053029.67", "14053029.666666666", False),
+    ("### 12345678901234567890", "12345678901234567890", True),    # integers stay exact at any length
+    ("### 12345678901234567000", "12345678901234567890", False), ("### 0.3333", "0.333", True),
+])
+def test_golds_with_more_digits_than_a_double(pred, gold, expected):
+    assert common.is_correct(pred, gold) is expected
+
+
 def test_gold_normalisation_keeps_values_exact():
     strip = common._strip_number
     assert [strip(x) for x in ["1,000", "$145.0", 145.0, "2.50", "12345678901234567891", "1,2", "\\frac12"]] == \

@@ -320,7 +320,10 @@ def test_generation_in_pieces_is_the_same_rollout(fresh_cot):
         n = int(whole.lengths[i])
         assert torch.equal(whole.tokens[i, :n], parts.tokens[i, :n])
         assert torch.equal(whole.extras["span"][i], parts.extras["span"][i, :whole.tokens.shape[1]])
-        assert torch.allclose(whole.extras["h"][i, :n], parts.extras["h"][i, :n], atol=1e-5)
+        # Arithmetic, not a different rollout: the pieces are padded differently, so sums run in another
+        # order, and the hybrid loop (h~ fed back into the next input) grows that fp32 rounding to ~1e-4
+        # in h~ (|h~| ~ 0.27). Run in float64, the two agree to 1e-15 (measured, transformers 5.23-5.25).
+        assert torch.allclose(whole.extras["h"][i, :n], parts.extras["h"][i, :n], atol=1e-3)
     assert hrpo.hybrid_input(model).hidden_ratio > 0.3
 
 
