@@ -41,10 +41,33 @@ def die(msg):
     raise SystemExit(f"error: {msg}")
 
 
+def warn(msg):
+    """One line on the first process (a run that can go on correctly, but should say so)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {msg}", flush=True)
+
+
+def first_line(e, width=200):
+    """The first line of an exception's message, for a one-line error."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:width]
+
+
+def read_json(path):
+    """A JSON file the project wrote (latent_config.json, ...), or one line saying why it can't be read."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        die(f"{path} is not readable JSON ({first_line(e)})")
+
+
 def parse_args(cls, argv=None):
-    """HfArgumentParser on a file's Args dataclass; an unknown flag is one line, not a traceback."""
+    """HfArgumentParser on a file's Args dataclass; an unknown flag or a bad value (`--bf16 maybe`) is one
+    line, not a traceback or the whole usage."""
     from transformers import HfArgumentParser
-    args, rest = HfArgumentParser(cls).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    parser = HfArgumentParser(cls)
+    parser.error = lambda message: die(f"{message} (see --help)")  # argparse would print the usage first
+    args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         die(f"unknown argument {' '.join(rest)} (see --help)")
     return args
@@ -113,12 +136,12 @@ def load_model(name_or_path, device=None, dtype=None):
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             published = getattr(AutoConfig.from_pretrained(name_or_path), "dtype", None) or torch.float32
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            die(f"could not load model {name_or_path!r} (not a local folder, and the hub is unreachable "
-                f"or has no such model): {first[:200]}")
+        except Exception as e:  # a truncated weights file, a config that is not JSON, no such hub model, offline
+            where = ("a damaged checkpoint folder" if local.exists() else
+                     "not a local folder, and the hub is unreachable or has no such model")
+            die(f"could not load model {name_or_path!r} ({where}): {first_line(e)}")
         if (local / LATENT_CONFIG).is_file():
-            latent_config = json.loads((local / LATENT_CONFIG).read_text())
+            latent_config = read_json(local / LATENT_CONFIG)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -392,9 +415,12 @@ def load_data(name, split, limit=None):
                                               split="train"))
         except Exception as e:  # a field whose type differs between rows (tabmwp's answers) fails in arrow
             try:
-                rows = [json.loads(line) for line in Path(name).read_text().splitlines() if line.strip()]
+                rows = [json.loads(line) for line in Path(name).read_text(encoding="utf-8").splitlines() if line.strip()]
+            except UnicodeDecodeError as u:
+                line = u.object[:u.start].count(b"\n") + 1
+                die(f"dataset file {name!r} is not UTF-8 text: line {line} has the byte {u.object[u.start:u.start + 1]!r}")
             except json.JSONDecodeError:
-                die(f"could not read dataset file {name!r}: {str(e).strip().splitlines()[0][:200]}")
+                die(f"could not read dataset file {name!r}: {first_line(e)}")
         finally:
             datasets.enable_progress_bars()
     elif Path(name).is_dir():
@@ -416,14 +442,33 @@ def load_data(name, split, limit=None):
     return out
 
 
+def one_pool(name, eval_name=""):
+    """True when evaluating `eval_name` (default: `name` itself) would draw from `name`'s training rows:
+    a local file (one file is one pool of rows), or a hub dataset whose training split is its test
+    split (HuggingFaceH4/MATH-500 has only a test split). Such a pool keeps a tenth for evaluation."""
+    if eval_name and Path(eval_name).resolve() != Path(name).resolve():
+        return False
+    splits = HF_DATASETS.get(name, (None, {}))[1]
+    return Path(name).is_file() or (bool(splits) and splits.get("train") == splits.get("test"))
+
+
+def hold_out(rows):
+    """(train, test) of one pool: a tenth of the rows, chosen by a hash of the question (the same
+    whatever --seed, and for eval.py as for the training script), is kept for evaluation."""
+    import zlib
+    held = [zlib.crc32(ex["question"].encode()) % 10 == 0 for ex in rows]
+    return [ex for ex, h in zip(rows, held) if not h], [ex for ex, h in zip(rows, held) if h]
+
+
 def load_train_eval(args, cfg=None):
     """The training and evaluation rows of a training script (`args.dataset`, `args.eval_dataset`,
     `args.max_train_samples`, `args.max_eval_samples`, `args.model_name_or_path`; not `args.seed`:
-    a seed varies training, not the questions).
+    a seed varies training, not the questions). Never trains on an evaluation question: one pool
+    (`one_pool`: a single file, MATH-500, or --eval_dataset naming --dataset again) gives up a tenth
+    of its rows for evaluation, and any other training row whose question is also an evaluation
+    question is dropped, with a warning.
     The toy task is the default only for the toy model and checkpoints trained on a toy task (then
-    theirs, e.g. "prosqa-toy", from latent_config.json); a single local file without --eval_dataset
-    gives up a tenth of its rows (by a hash of the question) for evaluation, never its own training
-    rows. Records the dataset in `cfg` (latent_config.json)."""
+    theirs, e.g. "prosqa-toy", from latent_config.json). Records the dataset in `cfg` (latent_config.json)."""
     import toy
     name, start = args.dataset, (cfg or {}).get("dataset", "")
     if not name:
@@ -433,19 +478,24 @@ def load_train_eval(args, cfg=None):
                 "the toy model): e.g. --dataset openai/gsm8k or a local .jsonl")
         name = start or "toy"
     train = load_data(name, "train")  # the toy tasks: one pool and one test split whatever --seed
-    if args.eval_dataset:
-        test = load_data(args.eval_dataset, "test")
-    elif Path(name).is_file():
-        import zlib
-        held = [zlib.crc32(ex["question"].encode()) % 10 == 0 for ex in train]
-        train, test = [ex for ex, h in zip(train, held) if not h], [ex for ex, h in zip(train, held) if h]
+    if one_pool(name, args.eval_dataset):
+        train, test = hold_out(train)
         if not train or not test:
-            die(f"{name!r} is too small to hold out evaluation rows: pass --eval_dataset")
+            die(f"{name!r} is too small to hold out evaluation rows: pass another --eval_dataset")
         if os.environ.get("RANK", "0") == "0":
-            print(f"note: {name} is one file: {len(test)} of its rows (a tenth, by question hash) are held out for "
-                  "evaluation and not trained on; pass --eval_dataset to choose", flush=True)
+            print(f"note: {name} is one pool of rows: {len(test)} of them (a tenth, by question hash) are held out "
+                  "for evaluation and not trained on; pass another --eval_dataset to choose", flush=True)
     else:
-        test = load_data(name, "test")
+        test = load_data(args.eval_dataset or name, "test")
+        seen = {ex["question"] for ex in test}
+        kept = [ex for ex in train if ex["question"] not in seen]
+        if not kept:
+            die(f"every training question of {name!r} is an evaluation question of {args.eval_dataset or name!r}: "
+                "pass another --eval_dataset")
+        if len(kept) < len(train):
+            warn(f"{len(train) - len(kept)} of {len(train)} training rows of {name} ask an evaluation question: "
+                 "left out of training")
+        train = kept
     if cfg is not None:
         cfg["dataset"] = name
     return train[:args.max_train_samples or None], test[:args.max_eval_samples or None]
@@ -1255,6 +1305,16 @@ def check_args(args, d: Dist = Dist()):
         die(f"--train_batch_size {train} must be a multiple of --mini_batch_size {mini}, itself a multiple of the {world} processes")
     if train is not None and (train < 1 or train % world):
         die(f"--train_batch_size {train} must be a positive multiple of the {world} processes")
+    if getattr(args, "max_completion_length", 1) < 1:
+        die(f"--max_completion_length must be at least 1 generated position (got {args.max_completion_length})")
+    for name, value in sorted(vars(args).items()):
+        if name.endswith("learning_rate") and value < 0:
+            die(f"--{name} must be >= 0 (got {value})")
+    for flag, want_dir in (("output_dir", True), ("output_file", False)):
+        path = getattr(args, flag, "")
+        if path and Path(path).exists() and Path(path).is_dir() != want_dir:
+            die(f"--{flag} {path} is an existing {'file' if want_dir else 'folder'}: name a "
+                f"{'folder' if want_dir else 'file'} to write")
 
 
 def wrap_model(model, d: Dist, strategy="fsdp", bf16=False):
@@ -1537,7 +1597,10 @@ def load_extra_module(checkpoint, name, module):
     path = Path(checkpoint) / f"{name}.safetensors"
     if not path.is_file():
         die(f"checkpoint {str(checkpoint)!r} has no {name}.safetensors")
-    module.load_state_dict(load_file(str(path)))
+    try:
+        module.load_state_dict(load_file(str(path)))
+    except Exception as e:  # truncated, or another module's weights
+        die(f"could not load {path}: {first_line(e)}")
     return module
 
 

@@ -67,12 +67,18 @@ def method_file(cfg):
 
 @torch.no_grad()
 def main(args):
+    common.check_args(args)
     set_seed(args.seed)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path)
+    trained_on = (cfg or {}).get("dataset", "")
     if not args.dataset:  # a checkpoint trained on a built-in task is evaluated on it (its test split)
-        trained_on = (cfg or {}).get("dataset", "")
         args.dataset = trained_on.partition(":")[0] if common.toy_task(trained_on) else "toy"
-    data = common.load_data(args.dataset, args.split, args.max_samples or None)  # the same questions whatever --seed
+    data = common.load_data(args.dataset, args.split)  # the same questions whatever --seed
+    if trained_on and common.one_pool(trained_on, args.dataset):  # never the rows the checkpoint trained on
+        data = common.hold_out(data)[1]
+        print(f"note: {args.dataset} is the pool this checkpoint trained on: evaluating its held-out tenth "
+              f"({len(data)} rows)", flush=True)
+    data = data[:args.max_samples or None]
     cfg = cfg or {"mode": "cot", **common.prompt_settings(args, None, data)}
     module = method_file(cfg)
     if hasattr(module, "load_extras"):  # modules a method keeps beside the weights (ATP-Latent's heads)
