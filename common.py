@@ -289,43 +289,48 @@ def plain_model(model):
     return m.get_base_model() if hasattr(m, "get_base_model") else m
 
 
-def enable_gradient_checkpointing(model):
+def enable_gradient_checkpointing(model, recompute_context=None):
     """--gradient_checkpointing: activation checkpointing (torch's, non-reentrant) of every decoder
     layer, keeping the KV cache where one is passed. transformers' own checkpointing drops the cache
     of a checkpointed layer in training mode, which would silently change Coconut-style passes that
     attend to earlier passes' keys with gradients; so each layer's forward is wrapped here instead
     (on the instance: FSDP2's and peft's hooks stay outside, as they do in transformers'). When the
     backward pass recomputes a layer, its cache is read as the forward saw it (the first n
-    positions, then the recomputed new ones) and not written a second time."""
+    positions, then the recomputed new ones) and not written a second time. `recompute_context`
+    (layer -> context manager), if given, is called in each checkpointed forward; the layer's
+    recomputation runs under what it returned (latent_sft.py: the LoRA adapter of that forward)."""
     for i, layer in enumerate(plain_model(model).get_decoder().layers):
-        if "forward" not in vars(layer):  # (once)
-            layer.forward = functools.partial(_checkpointed_layer, layer, i, layer.forward)
+        layer.forward = functools.partial(_checkpointed_layer, layer, i, type(layer).forward.__get__(layer),
+                                          recompute_context)
     return model
 
 
-def _checkpointed_layer(layer, idx, forward, *args, **kwargs):
+def _checkpointed_layer(layer, idx, forward, recompute_context, *args, **kwargs):
     """Decoder layer `idx`'s forward under torch.utils.checkpoint, in training with gradients only."""
     from torch.utils.checkpoint import checkpoint
     if not (layer.training and torch.is_grad_enabled()):
         return forward(*args, **kwargs)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (named past_key_values before transformers 5.24)
-    if cache is None:
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    n = cache.get_seq_length(idx)  # what this layer's cache holds before the layer appends to it
+    n = cache.get_seq_length(idx) if cache is not None else 0  # what the layer's cache holds before it appends
+    extra = recompute_context(layer) if recompute_context is not None else contextlib.nullcontext()
+
+    def update(keys, values, layer_idx, *rest, **kw):  # the recomputation's Cache.update: n cached + the new
+        if n == 0:
+            return keys, values
+        held = cache.layers[idx]
+        return torch.cat([held.keys[..., :n, :], keys], -2), torch.cat([held.values[..., :n, :], values], -2)
 
     @contextlib.contextmanager
-    def replay():  # the recomputation's Cache.update: n cached positions + the recomputed new ones
-        def update(keys, values, layer_idx, *rest, **kw):
-            if n == 0:
-                return keys, values
-            held = cache.layers[idx]
-            return torch.cat([held.keys[..., :n, :], keys], -2), torch.cat([held.values[..., :n, :], values], -2)
-        cache.update = update
+    def recompute():
+        if cache is not None:
+            cache.update = update
         try:
-            yield
-        finally:
-            del cache.update
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), replay()),
+            with extra:
+                yield
+        finally:  # (also when torch stops a recomputation early)
+            if cache is not None:
+                del cache.update
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), recompute()),
                       **kwargs)
 
 

@@ -327,31 +327,26 @@ class TwoRoles:
                 if ("lora_" in n or "trainable_tokens_delta" in n) and (stage == 1 or self.adapter["decoder"] in n.split("."))]
         return [p for n, p in ours if "trainable_tokens_delta" not in n], [p for n, p in ours if "trainable_tokens_delta" in n]
 
-    def checkpoint_in_role(self):
-        """--gradient_checkpointing with LoRA: a checkpointed decoder layer runs its forward again in
-        backward, and stage 1's backward reaches the encoder's passes after the decoder's adapter was
-        switched on. Each layer's recomputation here runs with the adapter its forward ran with (no
-        KV cache is passed in this file, so plain non-reentrant checkpointing)."""
+    def as_in_forward(self, layer):
+        """--gradient_checkpointing with LoRA (common.enable_gradient_checkpointing's recompute_context):
+        a checkpointed decoder layer runs its forward again in backward, and stage 1's backward reaches
+        the encoder's passes after the decoder's adapter was switched on. Called in the layer's forward;
+        its recomputation runs under the returned context: the adapter that forward ran with."""
         from peft.tuners.tuners_utils import BaseTunerLayer
-        from torch.utils.checkpoint import checkpoint
-        for layer in common.plain_model(self.peft).get_decoder().layers:
-            tuners = [m for m in layer.modules() if isinstance(m, BaseTunerLayer)]
+        tuners = [m for m in layer.modules() if isinstance(m, BaseTunerLayer)]
+        in_forward = [m.active_adapter for m in tuners]
 
-            def run(function, *args, tuners=tuners):
-                in_forward = [m.active_adapter for m in tuners]
-
-                @contextlib.contextmanager
-                def as_in_forward():
-                    now = [m.active_adapter for m in tuners]
-                    for m, a in zip(tuners, in_forward):
-                        m._active_adapter = a   # (peft's set_adapter would also change requires_grad, mid-backward)
-                    try:
-                        yield
-                    finally:
-                        for m, a in zip(tuners, now):
-                            m._active_adapter = a
-                return checkpoint(function, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), as_in_forward()))
-            layer._gradient_checkpointing_func = run
+        @contextlib.contextmanager
+        def recompute():
+            now = [m.active_adapter for m in tuners]
+            for m, a in zip(tuners, in_forward):
+                m._active_adapter = a   # (peft's set_adapter would also change requires_grad, mid-backward)
+            try:
+                yield
+            finally:
+                for m, a in zip(tuners, now):
+                    m._active_adapter = a
+        return recompute()
 
     def final_model(self):
         """The decoder: a full copy, or the peft model with the decoder's adapter active (the
@@ -437,9 +432,7 @@ def main(args):
     roles = TwoRoles(model, args, [think[0], think[1], marker])   # with LoRA, the three marker rows train
     if args.gradient_checkpointing:
         for m in [roles.peft] if roles.lora else [roles.encoder, roles.decoder]:
-            common.enable_gradient_checkpointing(m)
-        if roles.lora:
-            roles.checkpoint_in_role()
+            common.enable_gradient_checkpointing(m, roles.as_in_forward if roles.lora else None)
     if roles.lora:  # one device: wrap_model only turns bf16 compute on
         common.wrap_model(roles.peft, d, bf16=bf16)
     else:

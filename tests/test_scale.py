@@ -135,21 +135,6 @@ def test_gradient_checkpointing_keeps_the_cache_and_the_gradients(lora):
     assert saved_bytes(lambda: coconut_passes(ckpt, ids)) < saved_bytes(lambda: coconut_passes(plain, ids)) / 5
 
 
-def test_transformers_alone_would_drop_the_cache():
-    """Why enable_gradient_checkpointing exists: transformers' own checkpointing drops the cache of a
-    checkpointed layer in training mode, which changes Coconut's passes (the test would fail, and the
-    function could go, the day transformers keeps it)."""
-    model, _, _ = toy_model()
-    model.train()
-    ids = torch.randint(3, 30, (2, 12), generator=torch.Generator().manual_seed(0))
-    theirs = copy.deepcopy(model)
-    if hasattr(theirs, "activation_checkpointing_enable"):  # (transformers >= 5.24; the old name warns there)
-        theirs.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        theirs.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert coconut_passes(theirs, ids)[0] != pytest.approx(coconut_passes(copy.deepcopy(model), ids)[0], abs=1e-4)
-
-
 def test_gradient_checkpointing_plain_forward_and_eval_mode():
     model, _, _ = toy_model()
     ids = torch.randint(3, 30, (3, 10), generator=torch.Generator().manual_seed(1))
