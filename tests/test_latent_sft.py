@@ -290,6 +290,7 @@ def fresh_marker_rows(start):
     return n_old, ids, model.get_input_embeddings().weight.detach()[ids]
 
 
+@pytest.mark.slow  # 45 training steps: a learning outcome, not a unit
 def test_latent_sft_with_lora_learns_to_end_its_latent_span(tmp_path):
     """Toy LoRA Latent-SFT from checkpoints/toy-cot, which lacks the markers: with </think> a copy
     of '<<' under frozen tables (the old behaviour) every greedy span ran to the cap; now the
