@@ -1,62 +1,37 @@
 """GRPO on latent (Coconut) and explicit (CoT) models.
 
-Paper: seed 000, "Reinforcement Learning for Latent-Space Thinking in LLMs" (arXiv 2512.11816),
-section on GRPO; GRPO itself from Shao et al. 2024 (DeepSeekMath), options as in TRL and verl.
-Spec: ../shared/ALGORITHMS.md, "Shared pieces" and section 2.
+Paper: "Reinforcement Learning for Latent-Space Thinking in LLMs", arXiv 2512.11816 (its GRPO on
+Coconut models); GRPO from Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300; options as in TRL
+and verl.
 
-Rollouts run the checkpoint's own reasoning: for a Coconut model, a fixed number of latent steps
-(the last hidden state fed back), the forced <|end-latent|>, then sampled language tokens; for a
-CoT (stage 0) model, sampled tokens only, which makes this plain GRPO, the language-space
-baseline. Reward: 1 for a verified correct final answer, else 0. Group-normalised advantages, a
-PPO-clipped token loss, an optional k3 KL to the frozen start model. The latent positions are
-inputs only: they are excluded from the loss, and their vectors stored by the rollout are fed
-back detached when log-probs are recomputed. So the policy gradient reaches the latents only
-through the answer tokens' attention to them, which is seed 000's explanation of why GRPO does
-not help the latent model.
+Rollouts run the checkpoint's own reasoning: a Coconut model feeds its last hidden state back for
+a fixed number of latent steps, then <|end-latent|> is forced and language tokens are sampled; a
+CoT model samples tokens only, which makes this plain GRPO, the language-space baseline.
 
-Deviations and choices:
-1. `--loss_type` with TRL's values: `dapo` (the default: every token of the mini-batch weighs the
-   same; verl's `token-mean`), `grpo` (the original GRPO: mean per sequence, then over sequences;
-   verl's `seq-mean-token-mean`), `dr_grpo` (token sum / (sequences x --max_completion_length),
-   a length that counts the latent positions too).
-2. `--scale_rewards` as in TRL: `group` (the default: divide by the group's std), `batch` (by the
-   std of the whole batch's rewards), `none` (Dr. GRPO); `true`/`false` mean group/none.
-3. Defaults are sized for the toy task (learning rate 1e-4 on a 1M-parameter model, 16 prompts x
-   8 rollouts, 60 steps); the real-model command below uses the usual 1e-6.
-4. `--n_latents` overrides the number of latent steps of a Coconut checkpoint (seed 000 varied it
-   from 2 to 64).
+    R_i   = 1 if rollout i's final answer is verified correct, else 0
+    A_i   = (R_i - mean(R_group)) / (std(R_group) + 1e-4)                  (G rollouts per prompt)
+    rho_t = exp(log pi(y_t) - log pi_old(y_t))
+    L     = agg_t [ max(-A rho_t, -A clip(rho_t, 1 - eps, 1 + eps_high)) + beta * KL_t ]
+    KL_t  = exp(ref_t - log pi(y_t)) - (ref_t - log pi(y_t)) - 1           (k3, to the frozen start)
 
-Scale (real models): --bf16 true computes in bf16 on fp32 master weights (the reference copy is
-kept in bf16); log-probs are computed per position in chunks (lm_logprobs), never as whole (rows,
-positions, vocabulary) logits; --generation_batch_size bounds the rows generated at once (whole
-groups); --gradient_checkpointing recomputes each decoder layer in backward; --lora_r trains
-adapters (and a Coconut model's marker rows), its KL reference is the policy with the adapters off
-(no copy), and checkpoints are saved merged; --save_steps writes resumable checkpoint-<step>
-folders, --resume_from_checkpoint latest continues a stopped run exactly. Before the first step a
-line estimates the memory a device needs.
+The latent positions are inputs only: they are excluded from the loss, and the vectors the rollout
+stored are fed back detached when log-probs are recomputed. So the policy gradient reaches the
+latents only through the answer tokens' attention to them, which is the paper's explanation of
+why GRPO does not help the latent model.
 
-Commands:
-    python grpo_latent.py                                        # toy Coconut checkpoint
+Usage:
+    python grpo_latent.py                                                 # the toy Coconut checkpoint
     python grpo_latent.py --model checkpoints/toy-cot --output_dir runs/grpo_cot   # plain GRPO
-    # one 80 GB GPU: a Qwen2.5-1.5B Coconut checkpoint (coconut_sft.py), 64 prompts x 8 rollouts a step
     python grpo_latent.py --model runs/qwen-coconut --dataset openai/gsm8k --learning_rate 1e-6 --beta 0.04 \
-        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 256 --bf16 true \
-        --gradient_checkpointing --generation_batch_size 256 --save_steps 50 --save_total_limit 2 --output_dir runs/qwen-coconut-grpo
-    python grpo_latent.py ... --resume_from_checkpoint latest   # a stopped run: the same command, continued exactly
-    # 8 GPUs (FSDP2): 8 prompts x 8 rollouts a GPU
-    torchrun --nproc_per_node 8 grpo_latent.py --model runs/qwen-coconut --dataset openai/gsm8k --learning_rate 1e-6 \
-        --beta 0.04 --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 16 --max_completion_length 256 \
-        --bf16 true --generation_batch_size 64 --save_steps 50 --output_dir runs/qwen-coconut-grpo
-    # LoRA (the reference: adapters off), e.g. a Llama-3.2-1B-Instruct Coconut checkpoint
-    python grpo_latent.py --model runs/llama-instruct-coconut --dataset openai/gsm8k --lora_r 64 --lora_alpha 128 \
-        --learning_rate 1e-5 --beta 0.04 --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 32 \
-        --max_completion_length 256 --bf16 true --generation_batch_size 256 --save_steps 50 --output_dir runs/llama-coconut-grpo
+        --train_batch_size 64 --max_completion_length 256 --bf16 true --gradient_checkpointing
+
+Docs: docs/grpo_latent.md
 """
 import copy
 import functools
 import random
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from tqdm import tqdm
@@ -73,48 +48,55 @@ LOSS_TYPES = {"dapo": "dapo", "grpo": "grpo", "dr_grpo": "dr_grpo",            #
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=toy.COCONUT, metadata={"aliases": ["--model"], "help": "a checkpoint of this project (or any causal LM: language CoT)"})
-    dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
-    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
-    output_dir: str = field(default="runs/grpo_latent", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the checkpoint if it was trained so)"})
-    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
+    # the method
     n_latents: int = field(default=-1, metadata={"help": "latent steps per rollout; -1 = the checkpoint's own"})
     num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
+    num_iterations: int = field(default=1, metadata={"help": "passes over each batch (mu)"})
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range (lower; upper too unless --epsilon_high)"})
+    epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper clip range; default: --epsilon"})
+    beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the frozen start model"})
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "token-mean", "seq-mean-token-mean"] = field(
+        default="dapo", metadata={"help": "token aggregation (TRL's names; verl's token-mean = dapo, ...)"})
+    scale_rewards: Literal["group", "batch", "none", "true", "false", "True", "False"] = field(
+        default="group", metadata={"help": "divide advantages by the std of the group, the batch, or none"})
+    mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions without EOS out"})
+    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "rollout nucleus sampling"})
+    # shared by every trainer
+    model_name_or_path: str = field(default=toy.COCONUT, metadata={
+        "aliases": ["--model"], "help": "a Coconut or CoT checkpoint of this project (or any causal LM: CoT)"})
+    dataset: str = field(default="", metadata={"help": "training data: hub dataset, .jsonl/.parquet, or toy"})
+    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: --dataset's test split"})
+    output_dir: str = field(default="runs/grpo_latent", metadata={"help": "checkpoint, metrics.jsonl and plots"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "prompt with the tokenizer's chat template"})
+    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto: see docs"})
     train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
     mini_batch_size: int = field(default=16, metadata={"help": "prompts per optimizer update"})
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
-    num_iterations: int = field(default=1, metadata={"help": "passes over each batch (mu)"})
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range (lower, and upper unless --epsilon_high)"})
-    epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper clip range (DAPO's clip-higher); default: --epsilon"})
-    beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the frozen start model"})
-    loss_type: str = field(default="dapo", metadata={"help": "dapo (token mean over the mini-batch) | grpo (mean per sequence, then over sequences) | dr_grpo (token sum / (sequences x max_completion_length)); verl's token-mean and seq-mean-token-mean are dapo and grpo"})
-    scale_rewards: str = field(default="group", metadata={"help": "divide advantages by the std of: group (each group's) | batch (the whole batch's rewards) | none (Dr. GRPO); true/false = group/none"})
-    mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions without EOS out of the loss"})
-    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "rollout nucleus sampling"})
-    max_completion_length: int = field(default=48, metadata={"help": "generated positions per rollout, latents included"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
+    max_completion_length: int = field(default=48, metadata={"help": "generated positions, latents included"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})  # (3)
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     max_steps: int = field(default=60, metadata={"help": "training steps"})
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
     max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
     eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
-    log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt and step to completions.jsonl"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); the Coconut markers' embedding rows stay trainable; with --beta the reference is the policy with its adapters off"})
+    log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt and step"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); marker rows trainable"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules: all-linear, or comma-separated module names (q_proj,v_proj)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward: less memory, about a third more compute"})
-    generation_batch_size: int = field(default=0, metadata={"help": "rollouts generated at once on a rank, a multiple of --num_generations (0 = all of a step's rows at once)"})
-    save_steps: int = field(default=0, metadata={"help": "write <output_dir>/checkpoint-<step> (resumable) every N steps (0 = only the final save)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
-    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a stopped run exactly: a checkpoint-<step> folder, or latest (the newest in --output_dir); same arguments and process count"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
-    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
-    distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "all-linear, or names (q_proj,v_proj)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer in backward"})
+    generation_batch_size: int = field(default=0, metadata={
+        "help": "rollouts generated at once on a rank, a multiple of G (0 = all at once)"})
+    save_steps: int = field(default=0, metadata={"help": "resumable checkpoint every N steps (0 = final only)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep the newest N checkpoints"})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "a checkpoint-<step> folder, or latest"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute (default: on a bf16-capable GPU)"})
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "dtype of the saved weights; auto = the start model's"})
+    distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
@@ -129,7 +111,7 @@ def group_advantages(rewards, G, scale_rewards="group", eps=1e-4, batch_rewards=
     adv = r - r.mean(1, keepdim=True)
     if scale_rewards == "group":
         adv = adv / (r.std(1, keepdim=True) + eps)
-    elif scale_rewards == "batch":
+    elif scale_rewards == "batch":  # (2) TRL's --scale_rewards: batch, and none (Dr. GRPO)
         adv = adv / ((rewards if batch_rewards is None else batch_rewards).std() + eps)
     elif scale_rewards != "none":
         common.die(f"--scale_rewards must be group, batch or none (or true/false; got {scale_rewards!r})")
@@ -141,6 +123,11 @@ def clipped_token_loss(logp, old_logp, adv, eps_low, eps_high):
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     return torch.max(-a * ratio, -a * ratio.clamp(1 - eps_low, 1 + eps_high)), ratio
+
+
+def clipped_mask(ratio, eps_low, eps_high):
+    """1 where clip() changes the ratio, below 1 - eps_low or above 1 + eps_high, whatever A's sign."""
+    return ((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).float()
 
 
 def k3_kl(logp, ref_logp):
@@ -155,11 +142,11 @@ def aggregate(per_token, loss_mask, loss_type, n_tokens, n_seqs, max_completion_
     grpo / seq-mean-token-mean: the mean over each sequence's tokens, then over the n_seqs sequences;
     dr_grpo: the token sum divided by n_seqs x max_completion_length (a constant: no length bias)."""
     kind = LOSS_TYPES.get(loss_type)
-    if kind == "dapo":
+    if kind == "dapo":  # (1) the default: TRL's dapo, verl's token-mean
         return (per_token * loss_mask).sum() / n_tokens
     if kind == "grpo":
         return ((per_token * loss_mask).sum(1) / loss_mask.sum(1).clamp(min=1)).sum() / n_seqs
-    if kind == "dr_grpo":
+    if kind == "dr_grpo":  # max_completion_length counts the latent positions too
         return (per_token * loss_mask).sum() / (n_seqs * max_completion_length)
     common.die(f"unknown --loss_type {loss_type!r} ({' | '.join(LOSS_TYPES)})")
 
@@ -201,12 +188,25 @@ def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
     return prompts, step
 
 
+def ref_logprobs(model, ref, r, rows, temperature):
+    """The frozen start model's log-probs of rollout rows: a copy, or with LoRA the policy with its adapters off."""
+    if ref is not None:
+        return common.completion_logprobs(ref, r, rows, temperature).token
+    with common.unwrap(model).disable_adapter():
+        return common.completion_logprobs(model, r, rows, temperature).token
+
+
+def run_eval(model, tokenizer, test, cfg, args, d, logger, step):
+    """Greedy pass@1 and #L on the evaluation questions, logged at `step`."""
+    res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                          max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+    logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
+    return {"pass@1": res["pass@1"], "mean_L": res["mean_L"]}
+
+
 def main(args):
-    if args.loss_type not in LOSS_TYPES:
-        common.die(f"unknown --loss_type {args.loss_type!r} ({' | '.join(LOSS_TYPES)})")
+    # ---- 0. setup: the start checkpoint and its reasoning, the reference, optimizer, resume
     scale_rewards = {"true": "group", "false": "none"}.get(args.scale_rewards.lower(), args.scale_rewards.lower())
-    if scale_rewards not in ("group", "batch", "none"):
-        common.die(f"--scale_rewards must be group, batch or none (or true/false; got {args.scale_rewards!r})")
     d = common.setup_distributed(args.seed)
     common.check_args(args, d)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
@@ -214,7 +214,7 @@ def main(args):
     cfg = dict(cfg or {"mode": "cot"})
     train, test = common.load_train_eval(args, cfg)
     cfg.update(common.prompt_settings(args, cfg, train))
-    if args.n_latents >= 0:
+    if args.n_latents >= 0:  # (4) another number of latent steps than the checkpoint's
         cfg.update(mode="coconut" if args.n_latents > 0 else cfg["mode"], n_latents=args.n_latents)
     prompts_of, step_fn = reasoning(model, tokenizer, cfg, args.temperature, args.top_p)  # one line if tokens lack
     bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
@@ -238,54 +238,50 @@ def main(args):
     logger = common.Logger(args.output_dir, args, d, args.track, resume_step=done)
     G, eps_high = args.num_generations, args.epsilon if args.epsilon_high is None else args.epsilon_high
     cfg.update(method="grpo_latent", base_model=args.model_name_or_path)
-
-    def run_eval(step):
-        res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
-                              max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
-        logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
-        return {"pass@1": res["pass@1"], "mean_L": res["mean_L"]}
-
-    def ref_logprobs(r, rows):  # the frozen start model's log-probs: a copy, or the policy with its adapters off
-        if ref is not None:
-            return common.completion_logprobs(ref, r, rows, args.temperature).token
-        with common.unwrap(model).disable_adapter():
-            return common.completion_logprobs(model, r, rows, args.temperature).token
-
+    evaluate = functools.partial(run_eval, model, tokenizer, test, cfg, args, d, logger)
     rows_per_rank = args.train_batch_size // d.world * G
-    longest_prompt = max(len(p) for p in prompts_of([ex["question"] for ex in train[:256]]))
-    common.print_memory_plan(model, d, args, min(args.micro_batch_size, rows_per_rank), longest_prompt + args.max_completion_length,
-                             min(args.generation_batch_size or rows_per_rank, rows_per_rank),
-                             longest_prompt + args.max_completion_length, frozen=ref)
-    start = extra["start"] if done else run_eval(0)  # a resumed run has its start evaluation in the checkpoint
-    for step in tqdm(range(done + 1, args.max_steps + 1), initial=done, total=args.max_steps, desc="grpo", disable=not d.main):
+    longest = max(len(p) for p in prompts_of([ex["question"] for ex in train[:256]])) + args.max_completion_length
+    common.print_memory_plan(model, d, args, min(args.micro_batch_size, rows_per_rank), longest,
+                             min(args.generation_batch_size or rows_per_rank, rows_per_rank), longest, frozen=ref)
+    start = extra["start"] if done else evaluate(0)  # a resumed run has its start evaluation in the checkpoint
+
+    for step in tqdm(range(done + 1, args.max_steps + 1), initial=done, total=args.max_steps, desc="grpo",
+                     disable=not d.main):
+        # ---- 1. rollout and reward: G completions per prompt from the checkpoint's own reasoning
         times = {}
-        # ---- rollout: G completions per prompt from the checkpoint's own reasoning mode
         picks = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
         batch = [train[i] for i in picks]
         model.eval()
         with common.timer(times, "rollout_s"):
-            r = common.generate(model, prompts_of([ex["question"] for ex in batch]), lambda: step_fn, args.max_completion_length,
-                                stop, tokenizer.pad_token_id, num_generations=G, batch_size=args.generation_batch_size)
-        times["rollout_tok_per_s"] = r.lengths.sum().item() / max(1e-9, times["rollout_s"])  # this rank's positions, latents too
+            r = common.generate(model, prompts_of([ex["question"] for ex in batch]), lambda: step_fn,
+                                args.max_completion_length, stop, tokenizer.pad_token_id, num_generations=G,
+                                batch_size=args.generation_batch_size)
+        times["rollout_tok_per_s"] = r.lengths.sum().item() / max(1e-9, times["rollout_s"])  # positions, latents too
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
-        rewards = torch.tensor([float(common.is_correct(t, batch[i // G]["answer"])) for i, t in enumerate(texts)], device=d.device)
+        rewards = torch.tensor([float(common.is_correct(t, batch[i // G]["answer"])) for i, t in enumerate(texts)],
+                               device=d.device)
+
+        # ---- 2. advantages, and the positions the loss sees
         adv = group_advantages(rewards, G, scale_rewards,
                                batch_rewards=common.all_gather(rewards, d) if scale_rewards == "batch" else None)
         loss_mask = ((r.kinds == common.TOKEN) & r.mask.bool()).float()  # latents and forced markers: inputs only
         if args.mask_truncated_completions:
             loss_mask = loss_mask * r.finished[:, None].float()
-        # ---- the log-probs the ratio and the KL start from (per position, never whole logits)
+
         with common.timer(times, "update_s"):
+            # ---- 3. old and reference log-probs (per position, never whole logits)
             N, micro = len(r.tokens), args.micro_batch_size
+            chunks = [slice(i, i + micro) for i in range(0, N, micro)]
             old_logp = ref_logp = None
             off_policy = args.num_iterations > 1 or args.mini_batch_size < args.train_batch_size
             with torch.no_grad():
                 if off_policy:
-                    old_logp = torch.cat([common.completion_logprobs(model, r, slice(i, i + micro), args.temperature).token
-                                          for i in range(0, N, micro)])
+                    parts = [common.completion_logprobs(model, r, c, args.temperature).token for c in chunks]
+                    old_logp = torch.cat(parts)
                 if args.beta > 0:
-                    ref_logp = torch.cat([ref_logprobs(r, slice(i, i + micro)) for i in range(0, N, micro)])
-            # ---- the update: num_iterations passes, mini-batches of whole groups, micro-batches of rows
+                    ref_logp = torch.cat([ref_logprobs(model, ref, r, c, args.temperature) for c in chunks])
+
+            # ---- 4. update: num_iterations passes, mini-batches of whole groups, micro-batches of rows
             model.train()
             stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "n": 0}
             rows_per_mini = args.mini_batch_size // d.world * G
@@ -302,17 +298,19 @@ def main(args):
                             kl = k3_kl(logp, ref_logp[rows])
                             per_tok = per_tok + args.beta * kl
                             stats["kl"] += ((kl * loss_mask[rows]).sum() / n_tok).item()
-                        loss = aggregate(per_tok, loss_mask[rows], args.loss_type, n_tok, len(mini), args.max_completion_length)
+                        loss = aggregate(per_tok, loss_mask[rows], args.loss_type, n_tok, len(mini),
+                                         args.max_completion_length)
                         loss.backward()
                         stats["loss"] += loss.item()
-                        clipped = ((ratio - 1).abs() > args.epsilon).float()
+                        clipped = clipped_mask(ratio, args.epsilon, eps_high)
                         stats["clip_frac"] += ((clipped * loss_mask[rows]).sum() / n_tok).item()
                     grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     stats["grad_norm"] += grad_norm
                     stats["n"] += 1
-        # ---- logging
+
+        # ---- 5. log, evaluate, save
         groups = rewards.view(-1, G)
         n_latent = ((r.kinds == common.LATENT_STEP) & r.mask.bool()).sum(1).float()
         row = {"reward": rewards.mean().item(), "reward_std": groups.std(1).mean().item(),
@@ -328,9 +326,9 @@ def main(args):
                 {"question": batch[i // G]["question"], "completion": texts[i], "reward": rewards[i].item()}
                 for i in range(0, len(texts), G)], d)
         if step % args.eval_every == 0 and step != args.max_steps:
-            run_eval(step)
+            evaluate(step)
         state.maybe_save(step, tokenizer, cfg, extra={"start": start})
-    final = run_eval(args.max_steps)
+    final = evaluate(args.max_steps)
     common.finish(model, tokenizer, cfg, args, d, final, start,
                   plot_keys=["reward", "eval_acc", "completion_length", "kl", "clip_frac"])
     return model

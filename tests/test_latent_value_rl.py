@@ -71,7 +71,8 @@ def test_latent_states_match_the_rollout_without_the_prompt_logits(toy):
     from latent_value_rl import latent_states, rollout_and_score
     model, tok, _ = toy
     cfg = {"mode": "coconut", "n_latents": 3, "prompt_format": "plain"}
-    stored, _, prompts, _ = rollout_and_score(model, tok, toy_task.dataset("test")[:3], cfg, 8, common.stop_ids(model, tok))
+    stop = common.stop_ids(model, tok)
+    stored, _, prompts, _ = rollout_and_score(model, tok, toy_task.dataset("test")[:3], cfg, 8, stop)
     rows = []
     hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: rows.append(out.shape[1]))
     try:
@@ -84,11 +85,21 @@ def test_latent_states_match_the_rollout_without_the_prompt_logits(toy):
     assert rows == [1, 1, 1] and anchor.item() == 0
 
 
+def test_choices_are_checked_by_the_parser():
+    """Literal fields: argparse refuses other values in one line (common.parse_args)."""
+    for flag, value in (("--distributed", "deepspeed"), ("--save_dtype", "int8")):
+        with pytest.raises(SystemExit) as e:
+            common.parse_args(latent_value_rl.Args, [flag, value])
+        msg = str(e.value.code)
+        assert msg.startswith(f"error: argument {flag}") and f"invalid choice: '{value}'" in msg
+
+
 def test_auc_and_f1_only_over_both_kinds():
     from latent_value_rl import head_scores
     assert head_scores(torch.tensor([0.2, 0.9]), torch.tensor([0.0, 0.0])) == {}
     assert head_scores(torch.tensor([0.2, 0.9]), torch.tensor([1.0, 1.0])) == {}
-    assert head_scores(torch.tensor([0.2, 0.9]), torch.tensor([0.0, 1.0]), "heldout_") == {"heldout_auc": 1.0, "heldout_f1": 1.0}
+    both = head_scores(torch.tensor([0.2, 0.9]), torch.tensor([0.0, 1.0]), "heldout_")
+    assert both == {"heldout_auc": 1.0, "heldout_f1": 1.0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,7 +113,8 @@ def test_reasoning_is_coconut_sfts_own(toy):
     questions = [ex["question"] for ex in toy_task.dataset("test")[:3]]
     cfg = {"mode": "coconut", "n_latents": 3, "prompt_format": "plain"}
     for temperature in (0.0, 1.0):
-        mine, theirs = latent_value_rl.reasoning(model, tok, cfg, temperature), coconut_sft.reasoning(model, tok, cfg, temperature)
+        mine = latent_value_rl.reasoning(model, tok, cfg, temperature)
+        theirs = coconut_sft.reasoning(model, tok, cfg, temperature)
         assert mine[0](questions) == theirs[0](questions)
         rolls = []
         for prompts, step in (mine, theirs):
@@ -136,12 +148,13 @@ def test_cosine_to_a_tenth_is_the_old_formula():
 # gradient checkpointing, generation in pieces
 
 SCALE = ["--max_steps", "4", "--pretrain_questions", "4", "--pretrain_epochs", "2", "--train_batch_size", "2",
-         "--max_train_samples", "32", "--max_eval_samples", "1", "--max_completion_length", "12", "--learning_rate", "1e-3",
-         "--value_learning_rate", "1e-2", "--eval_every", "2"]
+         "--max_train_samples", "32", "--max_eval_samples", "1", "--max_completion_length", "12",
+         "--learning_rate", "1e-3", "--value_learning_rate", "1e-2", "--eval_every", "2"]
 
 
 def train(out, *extra):
-    return latent_value_rl.main(common.parse_args(latent_value_rl.Args, [str(a) for a in [*SCALE, "--output_dir", out, *extra]]))
+    argv = [str(a) for a in [*SCALE, "--output_dir", out, *extra]]
+    return latent_value_rl.main(common.parse_args(latent_value_rl.Args, argv))
 
 
 def weights(run):
@@ -178,19 +191,21 @@ def test_lora_trains_adapters_and_the_prompt_marker_row(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path / "lora"
-    model, _ = train(out, "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "1", "--learning_rate", "1e-2", "--eval_every", "100")
+    model, _ = train(out, "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "1", "--learning_rate", "1e-2",
+                     "--eval_every", "100")
     assert isinstance(model, PeftModel)
     before = load_file(f"{toy_task.COCONUT}/model.safetensors")
     after = AutoModelForCausalLM.from_pretrained(out).state_dict()    # plain transformers: merged weights
-    markers = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids([latent_value_rl.START_LATENT, latent_value_rl.END_LATENT,
-                                                                       latent_value_rl.LATENT])
+    markers = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(
+        [latent_value_rl.START_LATENT, latent_value_rl.END_LATENT, latent_value_rl.LATENT])
     emb, emb0 = after["model.embed_tokens.weight"], before["model.embed_tokens.weight"]
     others = [i for i in range(len(emb0)) if i not in markers]
     assert torch.equal(emb[others], emb0[others])                                     # the old rows: frozen
     assert not torch.allclose(emb[markers[0]], emb0[markers[0]])  # <|start-latent|> ends every prompt: trained
     assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])       # the frozen base
     assert not torch.allclose(after["model.layers.1.mlp.up_proj.weight"], before["model.layers.1.mlp.up_proj.weight"])
-    assert "--lora_r must be >= 0" in main_error("latent_value_rl", *SCALE, "--lora_r", "-1", "--output_dir", tmp_path / "x")
+    assert "--lora_r must be >= 0" in main_error("latent_value_rl", *SCALE, "--lora_r", "-1",
+                                                 "--output_dir", tmp_path / "x")
 
 
 def test_gradient_checkpointing_gives_the_same_step(tmp_path, capsys):
@@ -212,7 +227,8 @@ def test_generation_in_pieces_gives_the_same_run(tmp_path):
     a, b = (common.read_metrics(tmp_path / name / "metrics.jsonl") for name in ("whole", "pieces"))
     assert [r.get("acc", r.get("pretrain_acc")) for r in a] == [r.get("acc", r.get("pretrain_acc")) for r in b]
     assert all(math.isfinite(v) for r in b for v in r.values() if isinstance(v, float))
-    assert "--generation_batch_size must be >= 0" in main_error("latent_value_rl", *SCALE, "--generation_batch_size", "-1",
+    assert "--generation_batch_size must be >= 0" in main_error("latent_value_rl", *SCALE,
+                                                                "--generation_batch_size", "-1",
                                                                 "--output_dir", tmp_path / "x")
 
 
@@ -243,8 +259,8 @@ def test_latent_value_rl_under_torchrun_fsdp(tmp_path):
     out = tmp_path / "lvrl"
     run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573", "latent_value_rl.py",
                "--max_steps", "2", "--pretrain_questions", "16", "--pretrain_epochs", "1", "--train_batch_size", "4",
-               "--max_eval_samples", "4", "--max_completion_length", "24", "--learning_rate", "1e-2", "--output_dir", out,
-               env={"OMP_NUM_THREADS": "1"}, timeout=600)
+               "--max_eval_samples", "4", "--max_completion_length", "24", "--learning_rate", "1e-2",
+               "--output_dir", out, env={"OMP_NUM_THREADS": "1"}, timeout=600)
     rows = common.read_metrics(out / "metrics.jsonl")
     assert rows[0]["pretrain_pairs"] == 16 * 6
     assert [r["step"] for r in rows if "policy_loss" in r] == [1, 2]
@@ -257,8 +273,9 @@ def test_starts_it_refuses_are_one_line(tmp_path):
     model, tok, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
     model.save_pretrained(plain)
     tok.save_pretrained(plain)
-    assert "not a latent-rl checkpoint" in main_error("latent_value_rl", "--model", plain, "--output_dir", tmp_path / "x")
-    assert "needs a Coconut model" in main_error("latent_value_rl", "--model", toy_task.COT, "--output_dir", tmp_path / "x")
+    x = ["--output_dir", tmp_path / "x"]
+    assert "not a latent-rl checkpoint" in main_error("latent_value_rl", "--model", plain, *x)
+    assert "needs a Coconut model" in main_error("latent_value_rl", "--model", toy_task.COT, *x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +348,8 @@ def test_value_rollouts_stop_at_the_end_of_turn(smol_tiny, monkeypatch):
     cfg = {"mode": "coconut", "n_latents": 2, "prompt_format": "chat", "system_prompt": ""}
     h, correct, _, _ = latent_value_rl.rollout_and_score(model, tok, [{"question": "3+4?", "answer": "7"}], cfg, 12,
                                                       common.stop_ids(model, tok))
-    assert seen[0].finished.all() and seen[0].lengths.tolist() == [5] and correct.tolist() == [1.0] and h.shape[:2] == (1, 2)
+    assert seen[0].finished.all() and seen[0].lengths.tolist() == [5]
+    assert correct.tolist() == [1.0] and h.shape[:2] == (1, 2)
 
 
 def test_starts_and_defaults_fail_in_one_line(smol_tiny, coconut_smol, tmp_path):
