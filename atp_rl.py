@@ -1,73 +1,31 @@
 """ATP-Latent, phase 2: RL for active latent planning, with a coherence reward.
 
-Paper: Zheng and Lee 2026, "Beyond Imitation: Reinforcement Learning for Active Latent Planning"
-(seed 003, arXiv 2601.21598, github zz1358m/ATP-Latent-master). Spec: ../shared/ALGORITHMS.md,
-section 8. Phase 1, the SFT that makes this file's start checkpoint (the LM, its VAE and stop heads
-and the step decoder), is atp_sft.py.
+Paper: "Beyond Imitation: Reinforcement Learning for Active Latent Planning", Zhi Zheng and Wee Sun Lee,
+arXiv 2601.21598 (code: github.com/zz1358m/ATP-Latent-master). Phase 1, the SFT that makes this file's
+start checkpoint (the LM, its VAE and stop heads, the step decoder), is atp_sft.py.
 
-A rollout feeds z ~ N(mu, sigma^2) from the VAE head at each latent slot; every c_thought latents
-the stop head's decision is sampled; after the stop (or max_latents) <|end-latent|>, then the
-answer is sampled. The log-probability of a latent position is sum_d log N(z_d; mu_d, sigma_d)
-(+ log p(continue) at the latent that follows a stop check); a stop position carries log p(stop).
-These and the answer tokens' log-probs go into a PPO-clipped loss, log-ratio clamped to
-[-log_ratio_clamp, log_ratio_clamp], no KL, aggregated as the authors' code does: per rollout, the
-mean over its latent positions plus the mean over its answer positions (with the stop decision),
-then the mean over rollouts. Reward = correct + format_weight * format + coherence_weight *
-coherence * correct, where coherence: the frozen decoder decodes each latent pair into a step; a
-step before the last counts if its result is an operand of a later step, the last step if its
-result is the final answer (only the last one is compared with the answer, as in the authors'
-code); coherence = counted steps / decoded steps, and 1.0 when no step is decoded (their code).
-Group-normalised advantages (GRPO).
+A rollout feeds z ~ N(mu, sigma^2) from the VAE head at each latent slot and samples the stop head's
+decision every c_thought latents; after the stop (or max_latents) comes <|end-latent|>, then the
+sampled answer. The log-probability of a generated position is
 
-eval.py runs the result like an atp_sft.py checkpoint (mode "atp", defined there: mean latent
-z = mu, the stop head's argmax) and, with `--show_latents`, prints the decoder's reading of each
-latent pair.
+    latent:  sum_d log N(z_d; mu_d, sigma_d)   (+ log p(continue) at the latent after a stop check)
+    stop:    log p(stop)          answer token: log pi(token) at the sampling temperature
 
-Deviations and choices (numbered, so the README can refer to them):
-1. The decoder is frozen (a bf16 copy with --bf16). It writes a step until any stop id
-   (`common.stop_ids`), as every rollout ends.
-2. At inference a row thinks at least c_thought latents and at most max_latents (then the end is
-   forced and not scored); both come from the checkpoint's latent_config.json.
-3. Old log-probs are recomputed with a no-grad forward before the update (as verl does).
-4. Defaults are sized for the toy task: lr 5e-5 for 30 steps of 16 prompts x 8 rollouts (about 3
-   minutes at one thread on a shared 2-core CPU). The paper uses lr 1e-6 and group 8 on
-   LLaMA-3.2-1B (the real-model commands below). --dataset is required off the toy task (a single
-   local file gives a held-out tenth to evaluation); the checkpoint prompts as it was trained
-   (latent_config.json; --chat_template and --system_prompt can set it); --bf16 computes in bf16
-   over fp32 master weights; the LM and decoder are saved in the start model's published dtype
-   (--save_dtype).
-5. Under torchrun the LM is wrapped by FSDP2/DDP; the heads and the frozen decoder are kept whole
-   on every rank, and the heads' gradients are averaged by an all-reduce. --lora_r puts LoRA on
-   the LM (the three markers' rows stay trainable, peft's trainable tokens); the heads train fully.
-6. Coherence compares numbers (a result with a later step's operands, the last result with the
-   extracted final answer); the authors' code tests substrings of the decoded text, under which
-   an unparsable step's empty result, or "1" inside "12", counts as used.
-7. The answer's EOS token is scored; the authors' answer mask drops it (their pad id is the EOS).
-8. TRL's knobs with TRL's names: --epsilon_high (clip-higher; default: --epsilon, the paper's
-   symmetric clip) and --scale_rewards (group, the paper's; batch; none). The loss aggregation is
-   the authors' (above), none of TRL's loss types.
-9. At scale: the log-probs are computed a chunk of positions at a time (never whole
-   vocabulary-sized logits), --gradient_checkpointing recomputes each layer of the LM in backward,
-   --generation_batch_size bounds the rows generated at once on a rank, and a memory plan per
-   device is printed before the first step. --save_steps N writes resumable checkpoint-<step>
-   folders (LM, heads, decoder/, AdamW, data order, random states); --resume_from_checkpoint
-   latest continues the run exactly (with as many processes).
+    reward = correct + format_weight * format + coherence_weight * coherence * correct
 
-Commands:
-    python atp_sft.py                                       # first: the SFT checkpoint runs/atp_sft
-    python atp_rl.py                                        # toy: RL from runs/atp_sft (runs/atp_rl)
-    python atp_rl.py --model runs/atp_sft --learning_rate 1e-4 --max_steps 60 --eval_every 20 --output_dir runs/atp_rl_lr1e-4_60
-    python eval.py --model runs/atp_rl --show_latents       # pass@1, #L, decoded latent steps
-    python atp_rl.py --model runs/llama-atp-sft --dataset whynlp/gsm8k-aug --chat_template --bf16 true \\
-        --gradient_checkpointing --learning_rate 1e-6 --num_generations 8 --train_batch_size 64 --mini_batch_size 16 \\
-        --micro_batch_size 16 --generation_batch_size 256 --max_completion_length 256 --save_steps 100 \\
-        --output_dir runs/llama-atp                                 # one 80 GB GPU
-    torchrun --nproc_per_node 8 atp_rl.py --model runs/llama-atp-sft --dataset whynlp/gsm8k-aug --chat_template \\
-        --bf16 true --gradient_checkpointing --learning_rate 1e-6 --num_generations 8 --train_batch_size 64 \\
-        --mini_batch_size 16 --micro_batch_size 16 --generation_batch_size 64 --max_completion_length 256 \\
-        --save_steps 100 --output_dir runs/llama-atp
-    python eval.py --model runs/llama-atp --dataset whynlp/gsm8k-aug --max_completion_length 256 --show_latents
-A stopped run continues with its own command plus --resume_from_checkpoint latest.
+where the frozen decoder reads each latent pair as a step and coherence is the fraction of decoded
+steps whose result is used (a step's by a later step, the last step's by the final answer; 1.0 when
+none is decoded). Advantages are group-normalised (GRPO); the loss is PPO-clipped, with the
+log-ratio clamped to [-3, 3] and no KL, averaged as the authors' code does: per rollout, the mean
+over its latent positions plus the mean over its answer positions, then the mean over rollouts.
+eval.py runs the result as mode "atp" (defined in atp_sft.py: z = mu, the stop head's argmax).
+
+Usage:
+    python atp_sft.py                        # first: the SFT checkpoint runs/atp_sft
+    python atp_rl.py                         # toy: RL from runs/atp_sft -> runs/atp_rl
+    python eval.py --model runs/atp_rl --show_latents
+
+Docs: docs/atp_rl.md
 """
 import functools
 import math
@@ -75,7 +33,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -87,48 +45,70 @@ import common
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default="runs/atp_sft", metadata={"aliases": ["--model"], "help": "an ATP-Latent checkpoint (atp_sft.py's output, or an atp_rl.py one to train on)"})
-    dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (default: the checkpoint's, for the toy task)"})
-    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
-    output_dir: str = field(default="runs/atp_rl", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the checkpoint if it was trained so)"})
-    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
+    # ---- ATP-Latent RL's own
+    format_weight: float = field(default=0.5, metadata={"help": "reward weight of the format bonus"})
+    coherence_weight: float = field(default=0.1, metadata={"help": "reward weight of coherence (times correct)"})
+    max_step_tokens: int = field(default=24, metadata={"help": "tokens the decoder writes per latent pair"})
+    log_ratio_clamp: float = field(default=3.0, metadata={"help": "the log-ratio is clamped to [-c, c]"})
+    # ---- the objective (TRL's names)
     num_generations: int = field(default=8, metadata={"help": "G, rollouts per prompt"})
+    epsilon: float = field(default=0.2, metadata={
+        "help": "PPO clip range: the ratio is clipped to [1 - epsilon, 1 + epsilon_high]"})
+    epsilon_high: Optional[float] = field(default=None, metadata={
+        "help": "upper clip range (TRL's clip-higher); default: --epsilon"})
+    scale_rewards: Literal["group", "batch", "none", "true", "false"] = field(default="group", metadata={
+        "help": "advantage scaling: by the group's std, the batch's, or none (true/false = group/none)"})
+    num_iterations: int = field(default=1, metadata={"help": "passes over each batch"})
+    temperature: float = field(default=1.0, metadata={"help": "answer sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "answer nucleus sampling"})
+    # ---- shared by every trainer
+    model_name_or_path: str = field(default="runs/atp_sft", metadata={
+        "aliases": ["--model"], "help": "an ATP-Latent checkpoint (atp_sft.py's output, or an atp_rl.py one)"})
+    dataset: str = field(default="", metadata={
+        "help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (default: the checkpoint's)"})
+    eval_dataset: str = field(default="", metadata={
+        "help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
+    output_dir: str = field(default="runs/atp_rl", metadata={
+        "help": "where the checkpoint, metrics.jsonl and plots go"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template"})
+    system_prompt: str = field(default="auto", metadata={
+        "help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
     train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
     mini_batch_size: int = field(default=8, metadata={"help": "prompts per optimizer update"})
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward on one rank"})
-    num_iterations: int = field(default=1, metadata={"help": "passes over each batch"})
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range: the ratio is clipped to [1 - epsilon, 1 + epsilon_high]"})
-    epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper clip range (TRL's clip-higher); default: --epsilon"})
-    log_ratio_clamp: float = field(default=3.0, metadata={"help": "the log-ratio is clamped to [-c, c]"})
-    scale_rewards: str = field(default="group", metadata={"help": "advantage scaling (TRL's): group = (R - group mean) / (group std + 1e-4) (the paper's); batch = the same baseline over the std of the whole batch's rewards; none = R - group mean; true/false = group/none"})
-    format_weight: float = field(default=0.5, metadata={"help": "reward weight of the format bonus"})
-    coherence_weight: float = field(default=0.1, metadata={"help": "reward weight of coherence (times correct)"})
-    temperature: float = field(default=1.0, metadata={"help": "answer sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "answer nucleus sampling"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LM (0 = full fine-tuning); the Coconut markers' embedding rows stay trainable; the heads train fully"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets: all-linear (every linear layer of the decoder stack) or comma-separated module names"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward: less memory, about a third more compute"})
+    max_completion_length: int = field(default=48, metadata={
+        "help": "generated positions per rollout and evaluation, latents included"})
+    # (4) the toy task's learning rate and steps (the paper's learning rate: 1e-6)
     learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate (LM and heads)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (the LM, and the heads apart)"})
     max_steps: int = field(default=30, metadata={"help": "RL steps"})
-    max_completion_length: int = field(default=48, metadata={"help": "generated positions per rollout and evaluation, latents included"})
-    max_step_tokens: int = field(default=24, metadata={"help": "tokens the decoder writes per latent pair"})
-    generation_batch_size: int = field(default=0, metadata={"help": "rollouts generated at once on one rank, a multiple of --num_generations (0 = all of a step's)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LM (0 = full fine-tuning)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "LoRA targets: all-linear or comma-separated module names"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each decoder layer's activations in backward (less memory, more compute)"})
+    generation_batch_size: int = field(default=0, metadata={
+        "help": "rollouts generated at once on one rank, a multiple of --num_generations (0 = all of a step's)"})
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
     max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
     eval_every: int = field(default=15, metadata={"help": "evaluate every N steps"})
-    log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt to completions.jsonl"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights (and a bf16 frozen decoder); default: on for a bf16-capable GPU, off on CPU"})
-    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights (LM and decoder): auto (the start model's published dtype) | float32 | bfloat16"})
-    save_steps: int = field(default=0, metadata={"help": "write <output_dir>/checkpoint-<step> (resumable) every N steps (0 = only the final save)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
-    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a stopped run exactly: a checkpoint-<step> folder, or latest (the newest in --output_dir); same arguments and process count"})
-    distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
+    log_completions: bool = field(default=False, metadata={
+        "help": "write one completion per prompt to completions.jsonl"})
+    save_steps: int = field(default=0, metadata={
+        "help": "write a resumable <output_dir>/checkpoint-<step> every N steps (0 = only the final save)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={
+        "help": "keep only the newest N checkpoint-<step> folders (default: all)"})
+    resume_from_checkpoint: str = field(default="", metadata={
+        "help": "continue a stopped run exactly: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
+    bf16: Optional[bool] = field(default=None, metadata={
+        "help": "bf16 compute on fp32 master weights (and a bf16 frozen decoder); default: on for a bf16 GPU"})
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "dtype of the saved LM and decoder; auto = the start model's published dtype"})
+    distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
@@ -201,6 +181,7 @@ def load_heads(folder, d, device=None, dtype=torch.float32):
 
 
 def load_decoder(folder, device, dtype):
+    """(1) The step decoder atp_sft.py trained, frozen here (bf16 with --bf16)."""
     path = Path(folder) / "decoder"
     if not (path / "config.json").is_file():
         common.die(f"{folder} has no decoder/ folder (not a complete ATP-Latent checkpoint)")
@@ -250,7 +231,7 @@ class ATPStep:
             p = self.heads.stop(hidden).float().softmax(-1)
             decide = torch.multinomial(p, 1).squeeze(-1) if self.sample else p.argmax(-1)
             stop = check & (decide == STOP)
-        forced = self.thinking & ~stop & (t >= self.max_latents)
+        forced = self.thinking & ~stop & (t >= self.max_latents)  # (2) at max_latents the end is forced, not scored
         latent = self.thinking & ~stop & ~forced
         mu, logvar = self.heads.vae(hidden)
         z = sample_latent(mu, logvar) if self.sample else mu
@@ -269,7 +250,8 @@ class ATPStep:
 def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
     """Mode "atp" for this file's evaluation (eval.py asks atp_sft.py, which defines the same):
     (prompts(questions) -> token ids, the ATP step; greedy: z = mu and the stop head's argmax)."""
-    return functools.partial(encode_prompts, tokenizer, cfg=cfg), ATPStep(model, cfg, tokenizer, temperature, top_p=top_p)
+    step = ATPStep(model, cfg, tokenizer, temperature, top_p=top_p)
+    return functools.partial(encode_prompts, tokenizer, cfg=cfg), step
 
 
 def rollout_latents(r):
@@ -312,7 +294,8 @@ def decode_latent_pairs(decoder, tokenizer, latents, c, max_tokens=24):
         done |= torch.isin(tok, stops)
         if done.all():
             break
-        logits, _ = common.lm_forward(decoder, tok[:, None], mask[:, :c + t + 1], torch.full((M, 1), c + t, device=device), cache)
+        pos = torch.full((M, 1), c + t, device=device)
+        logits, _ = common.lm_forward(decoder, tok[:, None], mask[:, :c + t + 1], pos, cache)
     written = torch.stack(written, 1).tolist()
     for (i, _), toks in zip(pairs, written):
         toks = toks[:next((k for k, x in enumerate(toks) if x in stop_list), len(toks))]
@@ -337,7 +320,8 @@ def parse_step(text):
 def coherence_score(steps, answer):
     """The fraction of decoded steps whose result is used, as the authors' code counts it: a step
     before the last counts if its result is an operand of a later step, the last step if its result
-    is the final answer. Steps that do not parse count as unused; no decoded step gives 1.0."""
+    is the final answer. Steps that do not parse count as unused; no decoded step gives 1.0.
+    (6) Numbers are compared as numbers; the authors' code tests substrings of the decoded text."""
     if not steps:
         return 1.0
     parsed = [parse_step(s) for s in steps]
@@ -350,13 +334,13 @@ def coherence_score(steps, answer):
 
 
 def has_format(text, finished):
-    """The format bonus: the completion ended (EOS) and gives "### <number>"."""
+    """(9) The format bonus as this file reads it: the completion ended (a stop id) and gives "### <number>"."""
     return bool(finished) and re.search(re.escape(common.ANSWER_MARKER) + r"\s*-?\d", text) is not None
 
 
 def atp_rewards(texts, finished, answers, decoded, args):
     """correct + format_weight * format + coherence_weight * coherence * correct, per rollout."""
-    correct = torch.tensor([float(common.is_correct(t, a)) for t, a in zip(texts, answers)])
+    correct = torch.tensor([float(common.is_correct(t, a)) for t, a in zip(texts, answers)])  # (9) eval.py's checker
     fmt = torch.tensor([float(has_format(t, f)) for t, f in zip(texts, finished.tolist())])
     coh = torch.tensor([coherence_score(s, common.extract_answer(t)) for s, t in zip(decoded, texts)])
     return correct + args.format_weight * fmt + args.coherence_weight * coh * correct, correct, fmt, coh
@@ -373,7 +357,10 @@ def group_advantages(rewards, G, scale_rewards="group", batch_rewards=None, eps=
     centered = r - r.mean(1, keepdim=True)
     if scale_rewards == "none":
         return centered.flatten()
-    std = r.std(1, keepdim=True) if scale_rewards == "group" else (rewards if batch_rewards is None else batch_rewards).std()
+    if scale_rewards == "group":
+        std = r.std(1, keepdim=True)
+    else:  # (8) "batch": TRL's, beside the paper's "group"
+        std = (rewards if batch_rewards is None else batch_rewards).std()
     return (centered / (std + eps)).flatten()
 
 
@@ -410,7 +397,7 @@ def position_logprobs(model, heads, r, rows, temperature):
 
 def clamped_ppo_loss(logp, old_logp, adv, eps, clamp, eps_high=None):
     """max(-A rho, -A clip(rho, 1 - eps, 1 + eps_high)) with rho = exp(clamp(logp - old, -c, c));
-    eps_high defaults to eps."""
+    eps_high defaults to eps ((8) TRL's clip-higher; the paper's clip is symmetric)."""
     ratio = torch.exp((logp - old_logp).clamp(-clamp, clamp))
     high = eps if eps_high is None else eps_high
     return torch.max(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + high)), ratio
@@ -424,17 +411,31 @@ def sequence_loss(per_pos, is_latent, is_answer):
     return mean(is_latent) + mean(is_answer)
 
 
+def clip_fraction(ratio, mask, eps, eps_high, n_pos):
+    """The share of `n_pos` scored positions whose ratio lies outside the clip range [1 - eps, 1 + eps_high],
+    counted on both sides whatever the advantage's sign."""
+    clipped = ((ratio - 1) > eps_high) | ((1 - ratio) > eps)
+    return ((clipped.float() * mask).sum() / n_pos).item()
+
+
+def run_eval(model, tokenizer, cfg, test, args, d, logger, step):
+    """Greedy pass@1 and #L on the test questions (z = mu, the stop head's argmax), logged at `step`."""
+    res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                          max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+    logger.log({"phase": "rl", "eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
+    return {"pass@1": res["pass@1"], "mean_L": res["mean_L"]}
+
+
 def main(args):
+    # ---- 0. setup: checks, the SFT checkpoint (LM, heads, frozen decoder), data, AdamW, resume
     if args.log_ratio_clamp <= 0:
         common.die(f"--log_ratio_clamp must be > 0 (got {args.log_ratio_clamp})")
-    if args.scale_rewards not in SCALE_REWARDS:
-        common.die(f"unknown --scale_rewards {args.scale_rewards!r} ({' | '.join(SCALE_REWARDS)})")
     scale_rewards = SCALE_REWARDS[args.scale_rewards]
     d = common.setup_distributed(args.seed)
     common.check_args(args, d)
     if not (Path(args.model_name_or_path) / "config.json").is_file():   # missing, or an atp_sft run cut short
-        common.die(f"{args.model_name_or_path} holds no checkpoint: make it first with atp_sft.py (atp_rl.py starts from "
-                   "an ATP-Latent SFT checkpoint)")
+        common.die(f"{args.model_name_or_path} holds no checkpoint: make it first with atp_sft.py (atp_rl.py starts "
+                   "from an ATP-Latent SFT checkpoint)")
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)  # fp32 master weights
     if (cfg or {}).get("mode") in (None, "cot"):
         common.die(f"{args.model_name_or_path} is not an ATP-Latent checkpoint (latent_config mode atp): make one "
@@ -443,42 +444,40 @@ def main(args):
     # how the checkpoint prompts (chat template, system turn) and its dataset: the same in RL and eval.py
     start = dict(cfg)
     train, test = common.load_train_eval(args, start)
-    cfg = {**cfg, **common.prompt_settings(args, start, train), "dataset": start["dataset"], "phase": "rl", "method": "atp_rl"}
+    cfg = {**cfg, **common.prompt_settings(args, start, train), "dataset": start["dataset"], "phase": "rl",
+           "method": "atp_rl"}
     bf16 = common.use_bf16(args.bf16, d.device)
     markers = common.require_tokens(tokenizer, [START_LATENT, END_LATENT, LATENT], "an ATP-Latent model")
     model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
-                              trainable_token_ids=markers)   # (--lora_r 0: the model as it is)
+                              trainable_token_ids=markers)   # (5) LoRA: the markers' rows stay trainable
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     heads = attach_heads(model, load_heads(args.model_name_or_path, model.config.hidden_size, d.device))
-    decoder = load_decoder(args.model_name_or_path, d.device, torch.bfloat16 if bf16 else torch.float32)  # frozen
-    decoder = common.wrap_model(decoder, common.Dist(), bf16=bf16)  # whole on every rank
+    decoder = load_decoder(args.model_name_or_path, d.device, torch.bfloat16 if bf16 else torch.float32)  # (1) frozen
+    decoder = common.wrap_model(decoder, common.Dist(), bf16=bf16)  # (5) whole on every rank
     model = common.wrap_model(model, d, args.distributed, bf16)
     G = args.num_generations
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + list(heads.parameters()),
                                   lr=args.learning_rate, weight_decay=args.weight_decay)
     rng = random.Random(args.seed + 1000 * d.rank)
-    # ---- intermediate checkpoints (--save_steps) and --resume_from_checkpoint: the LM (its adapters
-    # with LoRA), the heads, AdamW, the data order and every random state (the decoder is frozen)
+    # --save_steps and --resume_from_checkpoint: the LM (its adapters with LoRA), the heads, AdamW,
+    # the data order and every random state (the decoder is frozen)
     state = common.TrainState(args, d, {"model": model, "heads": heads}, [optimizer], rngs=[rng])
     start_step, extra = state.resume()
     logger = common.Logger(args.output_dir, args, d, args.track, resume_step=start_step)
     n_rows = args.train_batch_size // d.world * G          # rollouts per step on this rank
-    seq_len = max(len(p) for p in encode_prompts(tokenizer, [ex["question"] for ex in train[:1000]], cfg)) + args.max_completion_length
-    common.print_memory_plan(model, d, args, min(args.micro_batch_size, n_rows), seq_len, args.generation_batch_size or n_rows,
-                             seq_len, frozen=decoder, extra_modules=[heads])
+    seq_len = max(len(p) for p in encode_prompts(tokenizer, [ex["question"] for ex in train[:1000]], cfg))
+    seq_len += args.max_completion_length
+    common.print_memory_plan(model, d, args, min(args.micro_batch_size, n_rows), seq_len,
+                             args.generation_batch_size or n_rows, seq_len, frozen=decoder, extra_modules=[heads])
+    heads_files = {"vae_head": heads.vae, "stop_head": heads.stop}
+    start = extra["start"] if start_step else run_eval(model, tokenizer, cfg, test, args, d, logger, 0)
 
-    def run_eval(step):
-        res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
-                              max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
-        logger.log({"phase": "rl", "eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
-        return {"pass@1": res["pass@1"], "mean_L": res["mean_L"]}
-
-    start = extra["start"] if start_step else run_eval(0)   # a resumed run has it from its checkpoint
-    for step in tqdm(range(start_step + 1, args.max_steps + 1), desc="atp rl", initial=start_step, total=args.max_steps,
-                     disable=not d.main):
+    for step in tqdm(range(start_step + 1, args.max_steps + 1), desc="atp rl", initial=start_step,
+                     total=args.max_steps, disable=not d.main):
         times = {}
-        # ---- rollout: G per prompt, latents and stop decisions sampled; the frozen decoder reads the latents
+        # ---- 1. rollout and reward: G per prompt, latents and stop decisions sampled; the frozen
+        # decoder reads the latent pairs for the coherence reward
         batch = [train[i] for i in rng.sample(range(len(train)), args.train_batch_size // d.world)]
         model.eval(), heads.eval()
         with common.timer(times, "rollout_s"), torch.no_grad():
@@ -489,21 +488,28 @@ def main(args):
             texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         times["rollout_tok_per_s"] = r.lengths.sum().item() / times["rollout_s"]   # positions, latents included
         with common.timer(times, "decode_s"):
-            decoded = decode_latent_pairs(decoder, tokenizer, rollout_latents(r), cfg["c_thought"], args.max_step_tokens)
+            decoded = decode_latent_pairs(decoder, tokenizer, rollout_latents(r), cfg["c_thought"],
+                                          args.max_step_tokens)
         answers = [batch[i // G]["answer"] for i in range(len(texts))]
         rewards, correct, fmt, coh = atp_rewards(texts, r.finished.cpu(), answers, decoded, args)
-        adv = group_advantages(rewards, G, scale_rewards,
-                               common.all_gather(rewards.to(d.device), d).cpu() if scale_rewards == "batch" else None).to(d.device)
-        # what the loss scores: sampled tokens, latents, and the stop decision (not a forced end)
+
+        # ---- 2. advantages: (R - group mean) / (group std + 1e-4) (--scale_rewards)
+        batch_rewards = common.all_gather(rewards.to(d.device), d).cpu() if scale_rewards == "batch" else None
+        adv = group_advantages(rewards, G, scale_rewards, batch_rewards).to(d.device)
+        # what the loss scores: sampled tokens, latents, and the stop decision (not a forced end);
+        # (7) the answer's EOS is scored (the authors' mask drops it)
         check = r.extras["check"]
-        loss_mask = (((r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP) | (check == 2)) & r.mask.bool()).float()
+        scored = (r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP) | (check == 2)
+        loss_mask = (scored & r.mask.bool()).float()
         is_lat = ((r.kinds == common.LATENT_STEP) & r.mask.bool()).float()
         N, micro = len(r.tokens), args.micro_batch_size
         with common.timer(times, "update_s"):
+            # ---- 3. old log-probs (3): a no-grad forward of the rollout policy
             with torch.no_grad():
                 old_logp = torch.cat([position_logprobs(model, heads, r, slice(i, i + micro), args.temperature)[0]
                                       for i in range(0, N, micro)])
-            # ---- PPO-clipped updates over mini-batches, the authors' per-rollout aggregation
+
+            # ---- 4. update: PPO-clipped mini-batches, the authors' per-rollout aggregation
             model.train(), heads.train()
             stats = {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "sigma": 0.0, "n": 0, "m": 0}
             rows_per_mini = args.mini_batch_size // d.world * G
@@ -520,38 +526,41 @@ def main(args):
                         loss = sequence_loss(per_pos, is_lat[rows], loss_mask[rows] - is_lat[rows]).sum() / len(mini)
                         loss.backward()
                         stats["loss"] += loss.item()
-                        clipped = ((ratio - 1) > high) | ((1 - ratio) > args.epsilon)
-                        stats["clip_frac"] += ((clipped.float() * loss_mask[rows]).sum() / n_pos).item()
+                        stats["clip_frac"] += clip_fraction(ratio, loss_mask[rows], args.epsilon, high, n_pos)
                         stats["sigma"] += sigma
                         stats["m"] += 1
-                    common.average_gradients([heads], d)
+                    common.average_gradients([heads], d)  # (5) the heads are replicated: gradients averaged by hand
                     stats["grad_norm"] += common.clip_grad_norm(model, args.max_grad_norm)
                     torch.nn.utils.clip_grad_norm_(heads.parameters(), args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     stats["n"] += 1
-        # ---- logging
+
+        # ---- 5. log, evaluate, save
         n_lat = is_lat.sum(1)
         groups = rewards.view(-1, G)
-        row = {"phase": "rl", "reward": rewards.mean().item(), "correct": correct.mean().item(), "format": fmt.mean().item(),
-               "coherence": coh.mean().item(), "frac_zero_std": (groups.std(1) == 0).float().mean().item(),
+        row = {"phase": "rl", "reward": rewards.mean().item(), "correct": correct.mean().item(),
+               "format": fmt.mean().item(), "coherence": coh.mean().item(),
+               "frac_zero_std": (groups.std(1) == 0).float().mean().item(),
                "n_latents": n_lat.mean().item(), "stop_rate": (check == 2).any(1).float().mean().item(),
                "completion_length": ((r.kinds == common.TOKEN) & r.mask.bool()).sum(1).float().mean().item(),
                "loss": stats["loss"] / stats["n"], "clip_frac": stats["clip_frac"] / stats["n"],
                "grad_norm": stats["grad_norm"] / stats["n"], "sigma": stats["sigma"] / max(1, stats["m"])}
-        logger.log({**{k: (common.all_mean(v, d) if isinstance(v, float) else v) for k, v in row.items()}, **times}, step)
+        row = {k: (common.all_mean(v, d) if isinstance(v, float) else v) for k, v in row.items()}
+        logger.log({**row, **times}, step)
         if args.log_completions:
             common.write_completions(args.output_dir, step, [
                 {"question": batch[i // G]["question"], "completion": texts[i], "decoded_latents": decoded[i],
                  "reward": rewards[i].item()} for i in range(0, N, G)], d)
         if step % args.eval_every == 0 and step != args.max_steps:
-            run_eval(step)
-        state.maybe_save(step, tokenizer, cfg, extra={"start": start}, extra_modules={"vae_head": heads.vae, "stop_head": heads.stop},
+            run_eval(model, tokenizer, cfg, test, args, d, logger, step)
+        state.maybe_save(step, tokenizer, cfg, extra={"start": start}, extra_modules=heads_files,
                          subfolders={"decoder": decoder})
-    final = run_eval(args.max_steps)
-    # ---- save: the LM and decoder/ in --save_dtype, the heads in fp32, latent_config.json
+
+    # ---- 6. final evaluation; save the LM and decoder/ in --save_dtype, the heads in fp32, latent_config.json
+    final = run_eval(model, tokenizer, cfg, test, args, d, logger, args.max_steps)
     common.finish(model, tokenizer, cfg, args, d, final, start, ["reward", "coherence", "eval_acc", "eval_mean_L"],
-                  extra_modules={"vae_head": heads.vae, "stop_head": heads.stop}, subfolders={"decoder": decoder})
+                  extra_modules=heads_files, subfolders={"decoder": decoder})
     return model
 
 

@@ -1,75 +1,32 @@
 """ATP-Latent, phase 1: SFT of latents sampled from a conditional VAE, with a step decoder and a stop head.
 
-Paper: Zheng and Lee 2026, "Beyond Imitation: Reinforcement Learning for Active Latent Planning"
-(seed 003, arXiv 2601.21598, github zz1358m/ATP-Latent-master). Spec: ../shared/ALGORITHMS.md,
-section 8. Phase 2, RL with the coherence reward, is atp_rl.py, which starts from this file's
-checkpoint.
+Paper: "Beyond Imitation: Reinforcement Learning for Active Latent Planning", Zhi Zheng and Wee Sun Lee,
+arXiv 2601.21598 (code: github.com/zz1358m/ATP-Latent-master). Phase 2, RL, is atp_rl.py, from this checkpoint.
 
-Coconut's latents imitate one arbitrary chain of thought. ATP-Latent makes each latent a sample
-of a conditional VAE, so the latent space is smooth and can be explored (by atp_rl.py's RL).
+Coconut's latents imitate one arbitrary chain of thought. ATP-Latent makes each latent a sample of a
+conditional VAE, so the latent space is smooth and RL can explore it. The curriculum is Coconut's
+("Training Large Language Models to Reason in a Continuous Latent Space", Hao et al. 2024, arXiv
+2412.06769), from a CoT model: stage s replaces the first min(s, max_latent_stage) reasoning steps by
+c_thought latent slots each. At a latent slot the model is fed, instead of the previous hidden state h,
 
-The curriculum is Coconut's, from a CoT model: stage s replaces the first min(s, max_latent_stage)
-steps by c_thought latent slots each. The vector fed at a latent slot is not the previous hidden
-state h itself but z = mu + sigma * eps, with (mu, log sigma^2) = VAEHead(h), and the loss adds
-kl_weight * KL(N(mu, sigma^2) || N(0, I)). A decoder (a copy of the start model) reads each pair
-of latents [z_{2j-1}, z_{2j}] as input vectors and learns with cross-entropy to write step j's
-text ("<<3*4=12>>" EOS): the VAE's reconstruction term, whose gradient also reaches the LM and the
-VAE head through z. A stop head (MLP -> 2 logits: continue, stop) on the hidden state after every
-c_thought-th latent learns when the latent span ends (stop after the example's last latent pair).
-Loss = CE(answer tokens) + decoder_weight * CE(decoder) + kl_weight * KL + stop_weight * CE(stop).
+    (mu, log sigma^2) = VAEHead(h),   z = mu + sigma * eps,   eps ~ N(0, I)
 
-This file also defines how mode "atp" reasons, for eval.py and atp_rl.py's checkpoints alike:
-`reasoning` (the prompt ends with <|start-latent|>; mean latent z = mu; the stop head's argmax
-every c_thought latents), `load_extras` (the heads saved beside the weights) and `show_latents`
-(`eval.py --show_latents` prints the decoder's reading of each latent pair).
+A decoder (a copy of the start model) reads each pair of latents and learns to write that step's text
+("<<3*4=12>>" EOS); a stop head (continue / stop) after every c_thought-th latent learns when the span ends:
 
-Deviations and choices (numbered, so the README can refer to them):
-1. The VAE head: h -> Linear(d, d) -> GELU, then mu = LayerNorm(Linear(d, d)(.)) and
-   log sigma^2 = Linear(d, d)(.) (initialised to `--init_logvar`, clamped to [-10, 4]). The spec
-   says "MLP d->d, GELU, d->d, LayerNorm gives mu, log sigma^2"; we split the last layer in two.
-2. The decoder reads only the two latent vectors (no question, no earlier steps) and is trained
-   jointly with the LM (its CE gradient reaches the LM through z); atp_rl.py freezes it. It writes
-   a step until any stop id (`common.stop_ids`: SFT teaches the tokenizer's eos; an instruct model
-   may end with its end of turn), as every rollout ends.
-3. The stop head is trained at every stage (stop after the last latent pair of that stage); at
-   inference a row thinks at least c_thought latents and at most max_latents (then the end is
-   forced and not scored).
-4. Step counts instead of epochs (`--steps_per_stage`); the optimizer is reset at each stage as in
-   Coconut. Greedy evaluation (pass@1, #L) after each stage. --save_steps counts steps over all
-   stages; --resume_from_checkpoint continues in the checkpoint's stage, with that stage's AdamW
-   state, data order and random states, and the heads and decoder as they were.
-5. Defaults are sized for the toy task: lr 1e-3 (as coconut_sft.py), 4 stages x 100 steps of 64
-   examples (about 20 minutes at one thread on a shared 2-core CPU). Real models: starts are a
-   plain or CoT model (from stage 1; stage 0, language CoT, is coconut_sft.py's); --dataset is
-   required, with reasoning steps (a single local file gives a held-out tenth to evaluation);
-   --chat_template and --system_prompt shape the prompts (saved in latent_config.json, so
-   atp_rl.py and eval.py prompt the same); --bf16 computes in bf16 over fp32 master weights; the LM
-   and decoder are saved in the start model's published dtype (--save_dtype).
-6. Under torchrun the LM is wrapped by FSDP2/DDP; the heads and the decoder are kept whole on
-   every rank, and their gradients are averaged by an all-reduce. --lora_r puts LoRA on the LM
-   (the three markers' rows stay trainable, peft's trainable tokens); the decoder, a separate
-   model, trains fully.
-7. The heads are not part of the LM's weights (plain transformers loads the LM alone): they are
-   vae_head.safetensors and stop_head.safetensors (fp32), the decoder is the decoder/ folder, and
-   latent_config.json says {"mode": "atp", "phase": "sft", ...}.
-8. At scale: no forward makes whole vocabulary-sized logits (the last latent pass scores its
-   positions a chunk at a time, each earlier pass only its last position), --gradient_checkpointing
-   recomputes each layer of the LM and the decoder in backward (the latent passes' KV cache is
-   kept, so the gradients are exact), and a memory plan per device is printed before the first step.
+    loss = CE(answer) + decoder_weight * CE(decoder) + kl_weight * KL(N(mu, sigma^2) || N(0, I))
+           + stop_weight * CE(stop)
 
-Commands:
-    python atp_sft.py                                       # toy: CoT checkpoint -> stages 1..4 (runs/atp_sft)
-    python atp_rl.py                                        # then RL from runs/atp_sft (runs/atp_rl)
-    python eval.py --model runs/atp_sft --show_latents      # pass@1, #L, decoded latent steps
-    python coconut_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug --chat_template \\
-        --start_stage 0 --end_stage 0 --learning_rate 1e-4 --epochs_per_stage 3 --output_dir runs/llama-cot
-    python atp_sft.py --model runs/llama-cot --dataset whynlp/gsm8k-aug --chat_template --bf16 true --gradient_checkpointing \\
-        --learning_rate 1e-4 --steps_per_stage 3000 --train_batch_size 128 --micro_batch_size 16 \\
-        --max_completion_length 256 --save_steps 500 --output_dir runs/llama-atp-sft      # one 80 GB GPU
-    torchrun --nproc_per_node 8 atp_sft.py --model runs/llama-cot --dataset whynlp/gsm8k-aug --chat_template --bf16 true \\
-        --gradient_checkpointing --learning_rate 1e-4 --steps_per_stage 3000 --train_batch_size 128 --micro_batch_size 16 \\
-        --max_completion_length 256 --save_steps 500 --output_dir runs/llama-atp-sft
-A stopped run continues with its own command plus --resume_from_checkpoint latest.
+This file also defines mode "atp", for eval.py and atp_rl.py's checkpoints alike: `reasoning` (mean
+latent z = mu, the stop head's argmax), `load_extras` (the heads) and `show_latents` (eval.py
+--show_latents prints the decoder's reading of each latent pair).
+
+Usage:
+    python atp_sft.py                                    # toy: CoT checkpoint, stages 1..4 -> runs/atp_sft
+    python atp_rl.py                                     # then RL from runs/atp_sft
+    python eval.py --model runs/atp_sft --show_latents
+
+Docs: docs/atp_sft.md
 """
 import copy
 import functools
@@ -77,7 +34,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -91,42 +48,61 @@ import toy
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=toy.COT, metadata={"aliases": ["--model"], "help": "start model: a plain causal LM or a CoT checkpoint (coconut_sft.py --end_stage 0)"})
-    dataset: str = field(default="", metadata={"help": "training data with reasoning steps: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
-    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
-    output_dir: str = field(default="runs/atp_sft", metadata={"help": "where the checkpoint, metrics.jsonl and plots go (atp_rl.py's default start)"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the start checkpoint if it was trained so)"})
-    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the start checkpoint's, else the answer format the reward checks"})
-    c_thought: int = field(default=2, metadata={"help": "latents per replaced step (also: the stop head decides every c_thought latents)"})
-    max_latent_stage: int = field(default=3, metadata={"help": "at most this many steps become latents (max_latents = c_thought x this)"})
-    start_stage: int = field(default=1, metadata={"help": "first curriculum stage (>= 1; the language CoT stage 0 is coconut_sft.py --end_stage 0)"})
+    # ---- ATP-Latent SFT's own
+    c_thought: int = field(default=2, metadata={
+        "help": "latents per replaced step (the stop head also decides every c_thought latents)"})
+    max_latent_stage: int = field(default=3, metadata={
+        "help": "at most this many steps become latents (max_latents = c_thought x this)"})
+    start_stage: int = field(default=1, metadata={
+        "help": "first curriculum stage (>= 1; stage 0, language CoT, is coconut_sft.py --end_stage 0)"})
     end_stage: int = field(default=-1, metadata={"help": "last stage; -1 = max_latent_stage + 1 (every step latent)"})
     steps_per_stage: int = field(default=100, metadata={"help": "optimizer steps per stage"})
-    train_batch_size: int = field(default=64, metadata={"help": "examples per optimizer step, all ranks together"})
-    micro_batch_size: int = field(default=64, metadata={"help": "examples per forward on one rank"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LM (0 = full fine-tuning); the Coconut markers' embedding rows stay trainable; the decoder trains fully"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets: all-linear (every linear layer of the decoder stack) or comma-separated module names"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward (exact: the latent passes' KV cache is kept), for the LM and the step decoder: less memory, about a third more compute"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (LM, heads and decoder)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (the LM, and the heads and decoder apart)"})
     kl_weight: float = field(default=0.001, metadata={"help": "weight of the VAE's KL to N(0, I)"})
     decoder_weight: float = field(default=1.0, metadata={"help": "weight of the decoder's cross-entropy"})
     stop_weight: float = field(default=1.0, metadata={"help": "weight of the stop head's cross-entropy"})
     init_logvar: float = field(default=-4.0, metadata={"help": "initial log sigma^2 of the VAE head"})
+    # ---- shared by every trainer
+    model_name_or_path: str = field(default=toy.COT, metadata={
+        "aliases": ["--model"], "help": "start: a plain causal LM or a CoT checkpoint (coconut_sft.py --end_stage 0)"})
+    dataset: str = field(default="", metadata={
+        "help": "training data with reasoning steps: a hub dataset, a local .jsonl/.parquet, or toy"})
+    eval_dataset: str = field(default="", metadata={
+        "help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
+    output_dir: str = field(default="runs/atp_sft", metadata={
+        "help": "where the checkpoint, metrics.jsonl and plots go (atp_rl.py's default start)"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template"})
+    system_prompt: str = field(default="auto", metadata={
+        "help": "system turn with --chat_template; auto = the start checkpoint's, else the answer format"})
+    train_batch_size: int = field(default=64, metadata={"help": "examples per optimizer step, all ranks together"})
+    micro_batch_size: int = field(default=64, metadata={"help": "examples per forward on one rank"})
+    max_completion_length: int = field(default=48, metadata={
+        "help": "generated positions per evaluation rollout, latents included"})
+    # (5) the toy task's learning rate, as coconut_sft.py's
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (LM, heads and decoder)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (the LM; heads and decoder apart)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LM (0 = full fine-tuning)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "LoRA targets: all-linear or comma-separated module names"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each layer's activations in backward, in the LM and the decoder (exact; less memory)"})
     log_every: int = field(default=10, metadata={"help": "log every N steps"})
-    max_completion_length: int = field(default=48, metadata={"help": "generated positions per evaluation rollout, latents included"})
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
     max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions after each stage (0 = all)"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
-    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights (LM and decoder): auto (the start model's published dtype) | float32 | bfloat16"})
-    save_steps: int = field(default=0, metadata={"help": "write <output_dir>/checkpoint-<step> (resumable) every N optimizer steps, counted over all stages (0 = only the final save)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
-    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a stopped run exactly (its stage, AdamW, heads, decoder): a checkpoint-<step> folder, or latest (the newest in --output_dir); same arguments and process count"})
-    distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
+    save_steps: int = field(default=0, metadata={
+        "help": "write a resumable <output_dir>/checkpoint-<step> every N steps, counted over all stages (0 = never)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={
+        "help": "keep only the newest N checkpoint-<step> folders (default: all)"})
+    resume_from_checkpoint: str = field(default="", metadata={
+        "help": "continue a stopped run exactly: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
+    bf16: Optional[bool] = field(default=None, metadata={
+        "help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "dtype of the saved LM and decoder; auto = the start model's published dtype"})
+    distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
@@ -137,7 +113,9 @@ START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|late
 # the heads: a conditional VAE over the fed-back vector, and the stop decision
 
 class VAEHead(nn.Module):
-    """h (the hidden state before a latent slot) -> (mu, log sigma^2) of the latent fed there."""
+    """h (the hidden state before a latent slot) -> (mu, log sigma^2) of the latent fed there.
+    (1) The paper's MLP (d -> d, GELU, d -> d, LayerNorm) with its last layer split in two: mu through
+    the LayerNorm, log sigma^2 apart (initialised to `init_logvar`, clamped to [-10, 4])."""
 
     def __init__(self, d, init_logvar=-4.0):
         super().__init__()
@@ -182,7 +160,7 @@ def sample_latent(mu, logvar):
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
 
-# heads are attached to the LM as a plain attribute (not a submodule, so they stay out of
+# (7) the heads are attached to the LM as a plain attribute (not a submodule, so they stay out of
 # model.safetensors and plain transformers still loads the LM); each has its own safetensors file
 
 def attach_heads(model, heads):
@@ -245,7 +223,7 @@ class ATPStep:
             p = self.heads.stop(hidden).float().softmax(-1)
             decide = torch.multinomial(p, 1).squeeze(-1) if self.sample else p.argmax(-1)
             stop = check & (decide == STOP)
-        forced = self.thinking & ~stop & (t >= self.max_latents)
+        forced = self.thinking & ~stop & (t >= self.max_latents)  # (3) at max_latents the end is forced, not scored
         latent = self.thinking & ~stop & ~forced
         mu, logvar = self.heads.vae(hidden)
         z = sample_latent(mu, logvar) if self.sample else mu
@@ -265,7 +243,8 @@ def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
     """How mode "atp" reasons, for evaluation (this file's, atp_rl.py's checkpoints in eval.py):
     (prompts(questions) -> token ids, the ATP step). Greedy (temperature 0): z = mu and the stop
     head's argmax; sampled: z ~ N(mu, sigma^2) and a sampled stop decision."""
-    return functools.partial(encode_prompts, tokenizer, cfg=cfg), ATPStep(model, cfg, tokenizer, temperature, top_p=top_p)
+    step = ATPStep(model, cfg, tokenizer, temperature, top_p=top_p)
+    return functools.partial(encode_prompts, tokenizer, cfg=cfg), step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +279,8 @@ def decode_latent_pairs(decoder, tokenizer, latents, c, max_tokens=24):
         done |= torch.isin(tok, stops)
         if done.all():
             break
-        logits, _ = common.lm_forward(decoder, tok[:, None], mask[:, :c + t + 1], torch.full((M, 1), c + t, device=device), cache)
+        pos = torch.full((M, 1), c + t, device=device)
+        logits, _ = common.lm_forward(decoder, tok[:, None], mask[:, :c + t + 1], pos, cache)
     written = torch.stack(written, 1).tolist()
     for (i, _), toks in zip(pairs, written):
         toks = toks[:next((k for k, x in enumerate(toks) if x in stop_list), len(toks))]
@@ -336,7 +316,8 @@ def show_latents(model, tokenizer, cfg, data, folder):
     """eval.py --show_latents: the step decoder's reading of each latent pair, then the answer."""
     decoder = load_decoder(folder, model.device, model.dtype)
     for ex, (text, steps) in zip(data, decode_latents(model, tokenizer, cfg, [ex["question"] for ex in data], decoder)):
-        print(f"--- {ex['question']} (gold {ex['answer']})\n    latents read as: {' | '.join(steps)}\n    then: {text!r}")
+        print(f"--- {ex['question']} (gold {ex['answer']})\n"
+              f"    latents read as: {' | '.join(steps)}\n    then: {text!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +344,8 @@ def build_example(tokenizer, ex, stage, args, special, cfg, end_id=None):
     k = min(stage, args.max_latent_stage)
     n_latent = args.c_thought * min(k, len(steps))
     reasoning_left = [t for s in ([] if stage > args.max_latent_stage else steps[k:]) for t in s]
-    prompt = common.encode_prompt(tokenizer, ex["question"], cfg["prompt_format"] == "chat", cfg["system_prompt"]) + [start]
+    prompt = common.encode_prompt(tokenizer, ex["question"], cfg["prompt_format"] == "chat", cfg["system_prompt"])
+    prompt = prompt + [start]
     targets = [tokenizer.encode(s, add_special_tokens=False) + [tokenizer.eos_token_id]
                for s in ex["steps"][:n_latent // args.c_thought]]
     return Example(prompt, n_latent, [latent] * n_latent + [end] + reasoning_left + answer,
@@ -413,7 +395,8 @@ def atp_forward(model, heads, ids, mask, n_latent, c0):
 
     cache = DynamicCache(config=common.unwrap(model).config)
     logits, hidden = common.lm_forward(model, ids[:, :c0], mask[:, :c0], pos[:, :c0], cache, logits_to_keep=1)
-    chunks, mus, logvars, zs, after = [torch.zeros((B, c0 - 1), device=ids.device), next_logprob(logits, c0)], [], [], [], []
+    chunks = [torch.zeros((B, c0 - 1), device=ids.device), next_logprob(logits, c0)]
+    mus, logvars, zs, after = [], [], [], []
     for k in range(n_max):
         a, b = c0 + k, (c0 + k + 1 if k < n_max - 1 else ids.shape[1])
         is_latent = torch.zeros((B, b - a), dtype=torch.bool, device=ids.device)
@@ -422,7 +405,8 @@ def atp_forward(model, heads, ids, mask, n_latent, c0):
         z = sample_latent(mu, logvar)
         latent = dict(latent_mask=is_latent, latent_vectors=z.to(hidden.dtype)[:, None].expand(-1, b - a, -1))
         if b < ids.shape[1]:
-            logits, hidden = common.lm_forward(model, ids[:, a:b], mask[:, :b], pos[:, a:b], cache, logits_to_keep=1, **latent)
+            logits, hidden = common.lm_forward(model, ids[:, a:b], mask[:, :b], pos[:, a:b], cache, logits_to_keep=1,
+                                               **latent)
             chunks.append(next_logprob(logits, b))
         else:
             lp, hidden = common.lm_logprobs(model, ids[:, a:b], mask[:, :b], pos[:, a:b], ids[:, a + 1:b],
@@ -433,7 +417,9 @@ def atp_forward(model, heads, ids, mask, n_latent, c0):
 
 
 def decoder_loss(decoder, zs, n_latent, targets, c, pad_id):
-    """CE of the decoder writing step j's text from latents [jc, (j+1)c) of its row (sum, count)."""
+    """CE of the decoder writing step j's text from latents [jc, (j+1)c) of its row (sum, count).
+    (2) The decoder reads the latent vectors alone (no question, no earlier steps), and its CE's
+    gradient reaches the LM and the VAE head through z (it is trained jointly; atp_rl.py freezes it)."""
     vecs, seqs = [], []
     for i, tg in enumerate(targets):
         for j, t in enumerate(tg):
@@ -455,13 +441,15 @@ def decoder_loss(decoder, zs, n_latent, targets, c, pad_id):
     lat_mask[:, :c] = True
     vec = torch.zeros(ids.shape + (zs.shape[-1],), dtype=zs.dtype, device=device)
     vec[:, :c] = torch.stack(vecs)
-    lp, _ = common.lm_logprobs(decoder, ids, mask, common.positions(mask), ids[:, 1:], latent_mask=lat_mask, latent_vectors=vec)
+    lp, _ = common.lm_logprobs(decoder, ids, mask, common.positions(mask), ids[:, 1:], latent_mask=lat_mask,
+                               latent_vectors=vec)
     return -(lp.token * (labels[:, 1:] != -100)).sum(), int((labels != -100).sum())
 
 
 def stop_targets(n_latent, n_max, c):
     """Where the stop head is trained, and its label: after latent m = c, 2c, ... <= n of a row,
-    label STOP if m == n else CONTINUE. Returns (checked (B, n_max) bool, labels (B, n_max))."""
+    label STOP if m == n else CONTINUE. Returns (checked (B, n_max) bool, labels (B, n_max)).
+    (3) Trained at every stage: stop after the last latent pair of that stage."""
     m = torch.arange(1, n_max + 1, device=n_latent.device)[None]
     checked = (m % c == 0) & (m <= n_latent[:, None])
     return checked, (m == n_latent[:, None]).long()
@@ -473,7 +461,39 @@ def latent_config(args, stage, base):
             "stage": stage, "phase": "sft", "method": "atp_sft", "base_model": args.model_name_or_path}
 
 
+
+
+def micro_batch_loss(model, heads, decoder, part, args, d, pad_id, n_lab, w, stats):
+    """The loss of one micro-batch of examples, this micro-batch's share of the step's (its answer
+    tokens over the global batch's `n_lab`; the other terms weighted by its share `w` of the rank's
+    examples); adds its numbers to `stats`. Returns (loss, positions)."""
+    ids, mask, labels, n_latent, c0 = collate(part, pad_id, d.device)
+    logp, mu, logvar, zs, after = atp_forward(model, heads, ids, mask, n_latent, c0)
+    # the answer's CE: every labelled token of the global batch weighs the same
+    ce = -(logp * (labels[:, 1:] != -100)).sum()
+    # the VAE's KL to N(0, I), averaged over the latent slots used
+    is_lat = torch.arange(mu.shape[1], device=d.device)[None] < n_latent[:, None]
+    kl = (gaussian_kl(mu, logvar) * is_lat).sum() / is_lat.sum().clamp(min=1)
+    # the decoder writes each replaced step from its latent pair
+    dec_sum, dec_n = decoder_loss(decoder, zs, n_latent, [e.targets for e in part], args.c_thought, pad_id)
+    dec = dec_sum / max(1, dec_n)
+    # the stop head: stop after the last latent pair, continue before it
+    checked, target = stop_targets(n_latent, mu.shape[1], args.c_thought)
+    stop_logits = heads.stop(after[checked])
+    stop_ce = F.cross_entropy(stop_logits.float(), target[checked]) if checked.any() else kl * 0
+    loss = (ce * d.world / n_lab + w * (args.kl_weight * kl + args.decoder_weight * dec + args.stop_weight * stop_ce))
+    stats["ce"] += ce.item() / n_lab
+    stats["dec_ce"] += w * dec.item()
+    stats["kl"] += w * kl.item()
+    stats["stop_ce"] += w * stop_ce.item()
+    if checked.any():
+        stats["stop_acc"] += w * (stop_logits.argmax(-1) == target[checked]).float().mean().item()
+    stats["sigma"] += w * ((0.5 * logvar).exp().mean(-1) * is_lat).sum().item() / is_lat.sum().clamp(min=1).item()
+    return loss, int(mask.sum())
+
+
 def main(args):
+    # ---- 0. setup: checks, the start model, data, the markers, the decoder, the heads, resume
     if args.c_thought < 1:
         common.die(f"--c_thought must be at least 1 (got {args.c_thought})")
     if args.max_latent_stage < 1:
@@ -506,32 +526,35 @@ def main(args):
     special = common.add_special_tokens(model, tokenizer, [START_LATENT, END_LATENT, LATENT])
     decoder = copy.deepcopy(model)                    # the decoder starts as a copy of the start model
     model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
-                              trainable_token_ids=special)   # (--lora_r 0: the model as it is)
+                              trainable_token_ids=special)   # (6) LoRA: the markers' rows stay trainable
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
         common.enable_gradient_checkpointing(decoder)
     heads = attach_heads(model, ATPHeads(model.config.hidden_size, args.init_logvar).to(d.device))
-    decoder = common.wrap_model(decoder, common.Dist(), bf16=bf16)  # whole on every rank; computes in bf16 like the LM
+    heads_files = {"vae_head": heads.vae, "stop_head": heads.stop}   # (7) saved beside the weights, in fp32
+    decoder = common.wrap_model(decoder, common.Dist(), bf16=bf16)  # (6) whole on every rank; computes in bf16 too
     model = common.wrap_model(model, d, args.distributed, bf16)
-    # ---- intermediate checkpoints (--save_steps) and --resume_from_checkpoint: the LM (its adapters
-    # with LoRA), the heads, the decoder, and the AdamW and data order of the stage the step is in
+    # --save_steps and --resume_from_checkpoint: the LM (its adapters with LoRA), the heads, the
+    # decoder, and the AdamW and data order of the stage the step is in
     state = common.TrainState(args, d, {"model": model, "heads": heads, "decoder": decoder})
     _, resume_step = state.checkpoint()
     logger = common.Logger(args.output_dir, args, d, args.track, resume_step=resume_step)
-    # ---- the curriculum: stages start_stage..end_stage, the optimizer reset at each
     per_rank = args.train_batch_size // d.world
     micro = min(args.micro_batch_size, per_rank)
     params = [p for m in (model, heads, decoder) for p in m.parameters() if p.requires_grad]
     stop = common.stop_ids(model, tokenizer)
     first_cfg = latent_config(args, args.start_stage, base)
     longest = max(len(e.prompt) + len(e.tail) for e in (
-        build_example(tokenizer, ex, args.start_stage, args, special, first_cfg, common.answer_end_id(tokenizer, first_cfg, stop))
+        build_example(tokenizer, ex, args.start_stage, args, special, first_cfg,
+                      common.answer_end_id(tokenizer, first_cfg, stop))
         for ex in train[:1000]))   # the first stage keeps the most text
     prompt = max(len(p) for p in encode_prompts(tokenizer, [ex["question"] for ex in test[:1000]], first_cfg))
     common.print_memory_plan(model, d, args, micro, longest, min(64, len(test)), prompt + args.max_completion_length,
                              extra_modules=[heads, decoder])
     cfg, res = None, None
+
     for stage in range(args.start_stage, end + 1):
+        # ---- 1. the stage: its examples and a fresh AdamW (4), or the resumed step's state
         first = (stage - args.start_stage) * args.steps_per_stage   # the steps of the stages before
         cfg = latent_config(args, stage, base)
         if resume_step > first + args.steps_per_stage:
@@ -546,8 +569,9 @@ def main(args):
             done, res = done - first, extra["eval"]
         model.train(), heads.train(), decoder.train()
         t0, n_steps, n_tok = time.time(), 0, 0
-        for i in tqdm(range(done, args.steps_per_stage), desc=f"sft stage {stage}", initial=done, total=args.steps_per_stage,
-                      disable=not d.main):
+        for i in tqdm(range(done, args.steps_per_stage), desc=f"sft stage {stage}", initial=done,
+                      total=args.steps_per_stage, disable=not d.main):
+            # ---- 2. forward and backward: answer CE, VAE KL, decoder CE, stop CE, a micro-batch at a time
             step = first + i + 1
             batch = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
             exs = [build_example(tokenizer, train[j], stage, args, special, cfg, end_id) for j in batch]
@@ -555,58 +579,48 @@ def main(args):
             stats = {"ce": 0.0, "dec_ce": 0.0, "kl": 0.0, "stop_ce": 0.0, "stop_acc": 0.0, "sigma": 0.0}
             for m0 in range(0, len(exs), micro):
                 part = exs[m0:m0 + micro]
-                w = len(part) / per_rank
-                ids, mask, labels, n_latent, c0 = collate(part, tokenizer.pad_token_id, d.device)
-                logp, mu, logvar, zs, after = atp_forward(model, heads, ids, mask, n_latent, c0)
-                # the answer's CE: every labelled token of the global batch weighs the same
-                ce = -(logp * (labels[:, 1:] != -100)).sum()
-                # the VAE's KL to N(0, I), averaged over the latent slots used
-                is_lat = torch.arange(mu.shape[1], device=d.device)[None] < n_latent[:, None]
-                kl = (gaussian_kl(mu, logvar) * is_lat).sum() / is_lat.sum().clamp(min=1)
-                # the decoder writes each replaced step from its latent pair
-                dec_sum, dec_n = decoder_loss(decoder, zs, n_latent, [e.targets for e in part], args.c_thought, tokenizer.pad_token_id)
-                dec = dec_sum / max(1, dec_n)
-                # the stop head: stop after the last latent pair, continue before it
-                checked, target = stop_targets(n_latent, mu.shape[1], args.c_thought)
-                stop_logits = heads.stop(after[checked])
-                stop_ce = F.cross_entropy(stop_logits.float(), target[checked]) if checked.any() else kl * 0
-                loss = (ce * d.world / n_lab + w * (args.kl_weight * kl + args.decoder_weight * dec + args.stop_weight * stop_ce))
+                loss, n = micro_batch_loss(model, heads, decoder, part, args, d, tokenizer.pad_token_id, n_lab,
+                                           len(part) / per_rank, stats)
                 loss.backward()
-                stats["ce"] += ce.item() / n_lab
-                stats["dec_ce"] += w * dec.item()
-                stats["kl"] += w * kl.item()
-                stats["stop_ce"] += w * stop_ce.item()
-                if checked.any():
-                    stats["stop_acc"] += w * (stop_logits.argmax(-1) == target[checked]).float().mean().item()
-                stats["sigma"] += w * ((0.5 * logvar).exp().mean(-1) * is_lat).sum().item() / is_lat.sum().clamp(min=1).item()
-                n_tok += int(mask.sum())
+                n_tok += n
+
+            # ---- 3. update (8): the LM, and the heads and decoder apart (their gradients averaged by hand (6))
             common.average_gradients([heads, decoder], d)
             grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
             torch.nn.utils.clip_grad_norm_(list(heads.parameters()) + list(decoder.parameters()), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             n_steps += 1
+
+            # ---- 4. log
             if (i + 1) % args.log_every == 0 or i + 1 == args.steps_per_stage:
-                row = {"ce": common.all_sum(stats["ce"], d), **{k: common.all_mean(v, d) for k, v in stats.items() if k != "ce"}}
+                row = {"ce": common.all_sum(stats["ce"], d), **{k: common.all_mean(v, d) for k, v in stats.items()
+                                                                 if k != "ce"}}
                 loss = (row["ce"] + args.kl_weight * row["kl"] + args.decoder_weight * row["dec_ce"]
                         + args.stop_weight * row["stop_ce"])
-                elapsed = time.time() - t0   # step_s, tok_per_s: this rank's time per step and positions (latents too) per second
+                elapsed = time.time() - t0   # this rank's time per step and positions (latents too) per second
                 logger.log({"phase": "sft", "stage": stage, "loss": loss, **row, "grad_norm": grad_norm,
                             "step_s": elapsed / n_steps, "tok_per_s": n_tok / elapsed}, step)
                 t0, n_steps, n_tok = time.time(), 0, 0
-            if i + 1 == args.steps_per_stage:  # ---- greedy evaluation after each stage, with this stage's latents
+
+            # ---- 5. evaluate after each stage (greedy, with this stage's latents), save
+            if i + 1 == args.steps_per_stage:
                 with torch.no_grad():
                     full = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
                                            max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
                 res = {"pass@1": full["pass@1"], "mean_L": full["mean_L"]}
-                logger.log({"phase": "sft", "stage": stage, "eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
+                logger.log({"phase": "sft", "stage": stage, "eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]},
+                           step)
                 if d.main:
-                    print(f"stage {stage}: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}  ({len(test)} test questions)")
-            state.maybe_save(step, tokenizer, cfg, extra={"eval": res}, extra_modules={"vae_head": heads.vae, "stop_head": heads.stop},
+                    print(f"stage {stage}: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}  "
+                          f"({len(test)} test questions)")
+            state.maybe_save(step, tokenizer, cfg, extra={"eval": res}, extra_modules=heads_files,
                              subfolders={"decoder": decoder})
-    # ---- save: the LM and decoder/ in --save_dtype, the heads in fp32, latent_config.json
-    common.finish(model, tokenizer, cfg, args, d, res, plot_keys=["ce", "dec_ce", "kl", "stop_acc", "eval_acc", "eval_mean_L"],
-                  extra_modules={"vae_head": heads.vae, "stop_head": heads.stop}, subfolders={"decoder": decoder})
+
+    # ---- 6. save (7): the LM and decoder/ in --save_dtype, the heads in fp32, latent_config.json
+    common.finish(model, tokenizer, cfg, args, d, res, plot_keys=["ce", "dec_ce", "kl", "stop_acc", "eval_acc",
+                                                                  "eval_mean_L"],
+                  extra_modules=heads_files, subfolders={"decoder": decoder})
     return model
 
 

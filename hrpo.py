@@ -1,109 +1,38 @@
-"""HRPO: hybrid latent reasoning policy optimisation.
+"""HRPO: reinforcement learning of hybrid latent reasoning (gated token embeddings + hidden representations).
 
-Paper: seed 002, Yue et al. 2025, "Hybrid Latent Reasoning via Reinforcement Learning" (NeurIPS 2025,
-arXiv 2505.18454); code github Yueeeeeeee/HRPO. Spec: ../shared/ALGORITHMS.md, "Shared pieces" and
-section 7.
+Paper: "Hybrid Latent Reasoning via Reinforcement Learning", Yue et al., NeurIPS 2025, arXiv 2505.18454
+(code: github.com/Yueeeeeeee/HRPO).
 
-Inside the reasoning span (until the answer marker appears), the input at each step is not the
-sampled token's embedding alone but a gated mix of it and a projection of the previous step's
-output distribution. With logits z and p = softmax(z / tau):
+Inside the reasoning span (until the answer marker appears) each step's input is a gated mix of the
+sampled token's embedding and a projection of its output distribution; with p = softmax(logits / tau):
 
-    x ~ p                                           the sampled token (tau = 0.5)
-    h~ = (sum_v p_v E_v) / ||p||_2                  probability-weighted embedding, normalised
-    e = E[x]
-    r = sigmoid(W_r e + b_r),  i = sigmoid(W_i e + b_i)
-    a = exp(-c * softplus(-Lambda) * r)             c = 8, per dimension
+    x ~ p,   e = E[x],   h~ = (sum_v p_v E_v) / ||p||_2
+    r = sigmoid(W_r e + b_r),   i = sigmoid(W_i e + b_i),   a = exp(-c * softplus(-Lambda) * r)   (c = 8)
     next input = a * e + sqrt(1 - a^2 + 1e-8) * (i * h~)
 
-Lambda starts at -log(u^(-1/c) - 1) with u ~ U(r_min, r_max), so a = u^r starts near 1: the
-model starts out reading almost plain token embeddings and RL decides how much of h~ to let in.
-The hidden ratio, mean(1 - a), is what the paper tracks. After the marker, decoding is plain.
+Lambda starts at -log(u^(-1/c) - 1), u ~ U(r_min, r_max), so a = u^r starts near 1: the model first
+reads almost plain tokens, and RL decides how much of h~ to let in (the hidden ratio, mean(1 - a)).
+After the marker, decoding is plain. Training is REINFORCE, strictly on-policy (one update per batch):
 
-Training is REINFORCE: reward 1 for a correct final answer as eval.py checks it (the paper also
-demands exactly one answer marker: --strict_format, deviation 1); group advantage A = (R - mean) /
-(std + 1e-4); loss -A * log pi(token) (no ratio, no clipping: strictly on-policy, one update per
-batch, because the hybrid inputs depend on the current weights) plus beta * k3 KL to the frozen
-base model (adapters off, no gate, plain token inputs), averaged over each completion's tokens,
-then over completions. The rollout stores h~ and the span; the training forward recomputes the
-gates from the stored h~ (and the token embeddings), so the gradient reaches W_r, W_i and Lambda
-through every later token's log-prob. The language model trains through LoRA (peft, r 32, alpha 64,
-all linear layers: --lora_r, --lora_alpha, --lora_target_modules) or fully (--lora_r 0); the gate
-and Lambda always train fully, each at its own learning rate.
+    A = (R - group mean) / (group std + 1e-4),   loss = -A * log pi(token) + beta * k3(pi, pi_base)
 
-Where the code lives: everything of mode "hybrid" is here: the gate, h~, the span, the hybrid
-rollout step, and `reasoning` and `load_extras`, which eval.py calls to run a saved HRPO
-checkpoint (the gate is gate.safetensors beside the weights). The hybrid input is applied by a
-forward hook on the input embedding (HybridInput), armed once per forward: the same code mixes
-the inputs in the KV-cached rollout (one position per step) and in the training forward (the
-whole completion), and the hook sees the embedding output itself, so gradients and FSDP behave as
-in an ordinary forward.
+averaged over each completion's tokens, then over completions. The training forward recomputes the
+gates from the h~ the rollout stored, so the gradient reaches W_r, W_i and Lambda. The LM trains
+through LoRA (or fully, --lora_r 0); the gate and Lambda train fully, each at its own learning rate.
+This file also defines mode "hybrid" for eval.py (`reasoning`, `load_extras`: gate.safetensors).
 
-Deviations and choices:
-1. The answer marker is this project's "###" (GSM8K's "####" contains it, and the default system
-   prompt of --chat_template asks for "#### <number>"). A token's input is hybrid while the text up
-   to and including that token has no marker yet (with \\boxed{} answers there is no marker: the
-   whole completion is hybrid). The reward is `common.is_correct`, eval.py's checker, whatever the
-   format: "The answer is 20." earns 1, so a model never trained on this project's format gets a
-   signal, and the training reward means what eval's pass@1 means. --strict_format restores the
-   paper's rule (0 unless the completion has exactly one "###"; off by default).
-2. The KL and the log-probs use T = 1 (as the code); sampling and h~ use tau (--temperature).
-3. Lambda gets no weight decay (the others get --weight_decay 0.1): with decay, AdamW would pull
-   Lambda toward 0 and raise the hidden ratio by itself, and a rising hidden ratio is the finding.
-4. Gradient clipping (--max_grad_norm 0.1) is done separately for the language model and for the
-   gate (a sharded model and a replicated gate do not share one norm under FSDP2).
-5. LoRA dropout (--lora_dropout) is 0 so that the training forward reproduces the rollout's log-probs exactly.
-6. --no_gate is the paper's "interpolation, no gating" ablation as this file reads it: the input
-   is (1 - w) e + w h~ with a fixed w (--interp_weight 0.5), no W_r, W_i or Lambda.
-7. Distributed: DDP (the default) or FSDP2 (--distributed fsdp), with LoRA or full fine-tuning.
-   The gate is replicated and its gradient averaged by hand.
-8. Defaults are sized for the toy task (60 steps of 16 prompts x 8; LoRA learning rate 1e-4, and
-   gate 1e-2 and Lambda 5e-2, large enough for the hidden ratio to be free to move in 60 steps;
-   LoRA at 1e-3 lost half the reward within 20 steps); the real-model command uses the paper's
-   5e-6 / 1e-4 / 1e-3.
-9. Saved checkpoints hold merged weights (LoRA folded into the base), so plain transformers loads
-   them, in the start model's published dtype (--save_dtype); the gate is gate.safetensors (fp32)
-   and latent_config.json says {"mode": "hybrid", ...}. --save_steps N also writes such a
-   checkpoint-<step> folder every N steps (with training_state/: adapters or weights, gate, AdamW,
-   data order, random states), and --resume_from_checkpoint latest continues the run from the
-   newest one exactly as if it had not stopped (with as many processes).
-10. Real models: starts are a plain causal LM, a CoT checkpoint, or an HRPO checkpoint (training
-    continues with its gate); --dataset is required off the toy model (a single local file gives a
-    tenth of its rows, held out, to evaluation). --chat_template and --system_prompt set the prompt,
-    saved in latent_config.json so that eval.py prompts the same way. Rollouts end at any stop id
-    (the tokenizer's eos and the generation config's, e.g. <|im_end|>). --bf16 (default on a bf16
-    GPU) computes in bf16 over fp32 master weights; the frozen reference of full fine-tuning is a
-    bf16 copy.
-11. --loss_type and --scale_rewards are TRL's knobs with TRL's values; the defaults are the
-    paper's: "grpo" (each completion's token mean, then the mean over completions) and "group"
-    (A = (R - group mean) / (group std + 1e-4)). "dapo" averages over every token of the batch,
-    "dr_grpo" divides the token sum by rows x --max_completion_length; "batch" divides by the std
-    of the whole batch's rewards, "none" by nothing.
-12. At scale: the log-probs are computed a chunk of positions at a time (never whole
-    vocabulary-sized logits), --gradient_checkpointing recomputes each decoder layer in backward,
-    and --generation_batch_size bounds the rows generated at once on a rank (their KV cache and
-    stored h~); a memory plan per device is printed before the first step.
-
-Commands:
-    python hrpo.py                                                   # toy CoT checkpoint, LoRA
-    python hrpo.py --lora_r 0 --learning_rate 1e-4 --output_dir runs/hrpo_full
-    python hrpo.py --no_gate --output_dir runs/hrpo_no_gate         # the ablation
-    python hrpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --chat_template --bf16 true --gradient_checkpointing \\
-        --learning_rate 5e-6 --gate_learning_rate 1e-4 --lambda_learning_rate 1e-3 --train_batch_size 32 --num_generations 8 \\
-        --micro_batch_size 8 --generation_batch_size 128 --max_completion_length 1024 --max_steps 1000 --save_steps 100 \\
-        --output_dir runs/hrpo-qwen                                 # one 80 GB GPU
-    torchrun --nproc_per_node 8 hrpo.py --model Qwen/Qwen2.5-3B-Instruct --dataset openai/gsm8k --chat_template --bf16 true \\
-        --gradient_checkpointing --learning_rate 5e-6 --gate_learning_rate 1e-4 --lambda_learning_rate 1e-3 \\
-        --train_batch_size 64 --num_generations 8 --micro_batch_size 8 --generation_batch_size 64 \\
-        --max_completion_length 1024 --max_steps 1000 --save_steps 100 --output_dir runs/hrpo-qwen3b
+Usage:
+    python hrpo.py                      # toy: from the CoT checkpoint, LoRA -> runs/hrpo
+    python hrpo.py --no_gate            # the paper's plain-interpolation ablation
     python eval.py --model runs/hrpo
-    python eval.py --model runs/hrpo-qwen --dataset openai/gsm8k --max_completion_length 1024
-A stopped run continues with its own command plus --resume_from_checkpoint latest.
+
+Docs: docs/hrpo.md
 """
 import copy
 import functools
 import random
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -116,49 +45,70 @@ import toy
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=toy.COT, metadata={"aliases": ["--model"], "help": "a plain causal LM, a CoT checkpoint, or an HRPO checkpoint (training continues with its gate)"})
-    dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
-    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
-    output_dir: str = field(default="runs/hrpo", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the checkpoint if it was trained so)"})
-    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
-    strict_format: bool = field(default=False, metadata={"help": "the paper's reward: 1 only with exactly one answer marker (###; GSM8K's #### counts once) and a correct answer; default: correct as eval.py checks it"})
-    num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
-    train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
-    micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
-    beta: float = field(default=0.005, metadata={"help": "k3 KL coefficient to the frozen base model"})
-    loss_type: str = field(default="grpo", metadata={"help": "how per-token losses are averaged (TRL's names): grpo = each completion's token mean, then the mean over completions (the paper's); dapo = the mean over every token of the batch; dr_grpo = token sum / (completions x max_completion_length); verl's seq-mean-token-mean and token-mean are grpo and dapo"})
-    scale_rewards: str = field(default="group", metadata={"help": "advantage scaling (TRL's): group = (R - group mean) / (group std + 1e-4) (the paper's); batch = the same baseline over the std of the whole batch's rewards; none = R - group mean; true/false = group/none"})
+    # ---- HRPO's own
     temperature: float = field(default=0.5, metadata={"help": "tau: sampling temperature and the sharpness of h~"})
-    max_completion_length: int = field(default=48, metadata={"help": "generated tokens per rollout"})
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank (peft; the paper's 32); 0 = full fine-tuning"})
-    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (scaling alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (0: the training forward reproduces the rollout's log-probs)"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets: all-linear (every linear layer of the decoder) or comma-separated module names"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward (less memory, about a third more compute)"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "language model (LoRA or full)"})
-    gate_learning_rate: float = field(default=1e-2, metadata={"help": "W_r, W_i and their biases"})
-    lambda_learning_rate: float = field(default=5e-2, metadata={"help": "Lambda"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on Lambda)"})
-    max_grad_norm: float = field(default=0.1, metadata={"help": "gradient clipping, the language model and the gate each"})
     c: float = field(default=8.0, metadata={"help": "the gate's scale c in a = exp(-c softplus(-Lambda) r)"})
     r_min: float = field(default=0.99, metadata={"help": "a starts as u^r with u ~ U(r_min, r_max)"})
     r_max: float = field(default=0.999, metadata={"help": "see --r_min"})
+    # (7) the learning rates and max_steps are sized for the toy task; the paper's are 5e-6 / 1e-4 / 1e-3
+    gate_learning_rate: float = field(default=1e-2, metadata={"help": "learning rate of W_r, W_i and their biases"})
+    lambda_learning_rate: float = field(default=5e-2, metadata={"help": "learning rate of Lambda"})
     no_gate: bool = field(default=False, metadata={"help": "ablation: plain interpolation (1-w) e + w h~, no gate"})
     interp_weight: float = field(default=0.5, metadata={"help": "w of --no_gate"})
+    strict_format: bool = field(default=False, metadata={
+        "help": "the paper's reward: 0 unless the completion has exactly one answer marker"})
+    # ---- the objective (TRL's names)
+    num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
+    beta: float = field(default=0.005, metadata={"help": "k3 KL coefficient to the frozen base model"})
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "seq-mean-token-mean", "token-mean"] = field(
+        default="grpo", metadata={"help": "how per-token losses are averaged (TRL's names; verl's two are aliases)"})
+    scale_rewards: Literal["group", "batch", "none", "true", "false"] = field(default="group", metadata={
+        "help": "advantage scaling: by the group's std, the batch's, or none (true/false = group/none)"})
+    # ---- shared by every trainer
+    model_name_or_path: str = field(default=toy.COT, metadata={
+        "aliases": ["--model"], "help": "a plain causal LM, a CoT checkpoint, or an HRPO checkpoint (keeps its gate)"})
+    dataset: str = field(default="", metadata={
+        "help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
+    eval_dataset: str = field(default="", metadata={
+        "help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
+    output_dir: str = field(default="runs/hrpo", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template"})
+    system_prompt: str = field(default="auto", metadata={
+        "help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
+    train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
+    micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
+    max_completion_length: int = field(default=48, metadata={"help": "generated tokens per rollout"})
+    # (7) the toy task's learning rate (the paper's: 5e-6)
+    learning_rate: float = field(default=1e-4, metadata={"help": "learning rate of the language model (LoRA or full)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on Lambda)"})
+    max_grad_norm: float = field(default=0.1, metadata={"help": "gradient clipping, the LM and the gate each"})
     max_steps: int = field(default=60, metadata={"help": "training steps"})
-    generation_batch_size: int = field(default=0, metadata={"help": "rollouts generated at once on one rank, a multiple of --num_generations (0 = all of a step's)"})
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank (peft); 0 = full fine-tuning"})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (scaling alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})  # (5) 0: training = rollout log-probs
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "LoRA targets: all-linear or comma-separated module names"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each decoder layer's activations in backward (less memory, more compute)"})
+    generation_batch_size: int = field(default=0, metadata={
+        "help": "rollouts generated at once on one rank, a multiple of --num_generations (0 = all of a step's)"})
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
     max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
     eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
-    log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt to completions.jsonl"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
-    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
-    save_steps: int = field(default=0, metadata={"help": "write <output_dir>/checkpoint-<step> (merged weights, gate, training state) every N steps (0 = only the final save)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
-    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a run from a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
-    distributed: str = field(default="ddp", metadata={"help": "under torchrun: ddp | fsdp (FSDP2), with LoRA or full fine-tuning"})
+    log_completions: bool = field(default=False, metadata={
+        "help": "write one completion per prompt to completions.jsonl"})
+    save_steps: int = field(default=0, metadata={
+        "help": "write a resumable <output_dir>/checkpoint-<step> every N steps (0 = only the final save)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={
+        "help": "keep only the newest N checkpoint-<step> folders (default: all)"})
+    resume_from_checkpoint: str = field(default="", metadata={
+        "help": "continue a run from a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
+    bf16: Optional[bool] = field(default=None, metadata={
+        "help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "dtype of the saved weights; auto = the start model's published dtype"})
+    distributed: Literal["ddp", "fsdp"] = field(default="ddp", metadata={"help": "under torchrun: DDP or FSDP2"})
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
@@ -167,7 +117,7 @@ class Args:
 
 def hidden_representation(logits, embedding_weight, tau):
     """h~ = (sum_v p_v E_v) / ||p||_2 with p = softmax(z / tau) over the whole vocabulary. (N, d)"""
-    p = (logits.float() / tau).softmax(-1)
+    p = (logits.float() / tau).softmax(-1)  # (2) h~ (and sampling) at tau; log-probs and KL at T = 1
     return (p.to(embedding_weight.dtype) @ embedding_weight).float() / p.norm(dim=-1, keepdim=True)
 
 
@@ -190,7 +140,7 @@ class Gate(nn.Module):
     def forward(self, e, h):
         """(mixed input, a), both float32 and shaped like e."""
         e, h = e.float(), h.float()
-        if self.interp_weight is not None:
+        if self.interp_weight is not None:  # (6) --no_gate: a fixed w, no W_r, W_i or Lambda
             w = self.interp_weight
             return (1 - w) * e + w * h, torch.full_like(e, 1 - w)
         r = torch.sigmoid(self.W_r(e))
@@ -200,12 +150,13 @@ class Gate(nn.Module):
 
 
 class HybridInput:
-    """A forward hook on the input embedding. `arm(ids, h, span)` prepares the next forward: if its
+    """A forward hook on the input embedding, so the same code mixes the inputs in the KV-cached
+    rollout (one position per step) and in the training forward (the whole completion), and
+    gradients and FSDP see an ordinary forward. `arm(ids, h, span)` prepares the next forward: if its
     input ids are `ids` (compared where `span` is True: the rollout loop pads finished rows), the
     embedding e becomes gate(e, h) wherever `span` is True. Armed for one forward only (the next
-    one disarms it, whatever it is), so a rollout that ends after arming leaves nothing behind for
-    the next model call. Also accumulates the hidden ratio mean(1 - a) over the positions it mixed
-    (reset with `reset_stats`)."""
+    one disarms it, whatever it is). Also accumulates the hidden ratio mean(1 - a) over the
+    positions it mixed (reset with `reset_stats`)."""
 
     def __init__(self, model, gate):
         self.gate, self.armed = gate, None
@@ -270,7 +221,7 @@ def hybrid_step(model, tokenizer, cfg, temperature=0.0, top_p=1.0, store=False):
     them in r.extras)."""
     hyb = hybrid_input(model)
     emb = common.unwrap(model).get_input_embeddings()
-    marker, tau = cfg.get("answer_marker", common.ANSWER_MARKER), cfg["tau"]
+    marker, tau = cfg.get("answer_marker", common.ANSWER_MARKER), cfg["tau"]  # (1) "###", not the paper's "####"
     pieces = {}  # token id -> its text
 
     def step(t, logits, hidden, done):
@@ -308,7 +259,7 @@ def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
 def reward(text, gold, strict_format=False):
     """1 for a correct final answer as eval.py checks it (`common.is_correct`), else 0. With
     `strict_format` (the paper's rule), also 0 unless the text has exactly one answer marker."""
-    if strict_format and text.count(common.ANSWER_MARKER) != 1:
+    if strict_format and text.count(common.ANSWER_MARKER) != 1:  # (1) the paper's rule is --strict_format
         return 0.0
     return float(common.is_correct(text, gold))
 
@@ -326,7 +277,10 @@ def group_advantages(rewards, G, scale_rewards="group", batch_rewards=None, eps=
     centered = r - r.mean(1, keepdim=True)
     if scale_rewards == "none":
         return centered.flatten()
-    std = r.std(1, keepdim=True) if scale_rewards == "group" else (rewards if batch_rewards is None else batch_rewards).std()
+    if scale_rewards == "group":
+        std = r.std(1, keepdim=True)
+    else:  # (8) "batch": TRL's, beside the paper's "group"
+        std = (rewards if batch_rewards is None else batch_rewards).std()
     return (centered / (std + eps)).flatten()
 
 
@@ -337,15 +291,15 @@ def k3_kl(logp, ref_logp):
 
 
 def reinforce_loss(logp, ref_logp, adv, loss_mask, beta, n_seqs, loss_type="grpo", n_tokens=None, max_len=None):
-    """Per token -A log pi + beta k3, this micro-batch's share of the batch's loss. "grpo" (the
-    paper's): the mean over each completion's tokens, summed / n_seqs (the batch's completions);
-    "dapo": the token sum / n_tokens (the batch's tokens); "dr_grpo": the token sum / (n_seqs x
-    max_len). Returns (loss, summed per-sequence KL)."""
+    """Per token -A log pi + beta k3 (no ratio, no clip), this micro-batch's share of the batch's loss.
+    "grpo" (the paper's): the mean over each completion's tokens, summed / n_seqs (the batch's
+    completions); "dapo": the token sum / n_tokens (the batch's tokens); "dr_grpo": the token sum /
+    (n_seqs x max_len). Returns (loss, summed per-sequence KL)."""
     per_tok = -adv[:, None] * logp
     kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     per_tok = (per_tok + beta * kl) * loss_mask
     n_tok = loss_mask.sum(1).clamp(min=1)
-    if loss_type == "dapo":
+    if loss_type == "dapo":  # (8) TRL's loss types beside the paper's "grpo"
         loss = per_tok.sum() / n_tokens
     elif loss_type == "dr_grpo":
         loss = per_tok.sum() / (n_seqs * max_len)
@@ -381,31 +335,47 @@ def completion_logprobs(model, r, rows, hyb=None):
     return common.lm_logprobs(model, ids, mask, common.positions(mask), r.tokens[rows])[0].token
 
 
+def reference_logprobs(model, ref, r, micro):
+    """log pi_base(token) of every rollout row: plain token inputs, no gate; the frozen copy `ref`
+    (full fine-tuning) or, with LoRA, the policy with its adapters off."""
+    N = len(r.tokens)
+    with torch.no_grad():
+        if ref is not None:
+            return torch.cat([completion_logprobs(ref, r, slice(i, i + micro)) for i in range(0, N, micro)])
+        with common.unwrap(model).disable_adapter():
+            return torch.cat([completion_logprobs(common.unwrap(model), r, slice(i, i + micro))
+                              for i in range(0, N, micro)])
+
+
+def run_eval(model, tokenizer, cfg, hyb, test, args, d, logger, step):
+    """Greedy pass@1 and #L on the test questions and the hidden ratio of those rollouts, logged at `step`."""
+    hyb.reset_stats()
+    res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                          max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+    logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"],
+                "eval_hidden_ratio": common.all_mean(hyb.hidden_ratio, d)}, step)
+    return {"pass@1": res["pass@1"], "mean_L": res["mean_L"]}
+
+
 def main(args):
+    # ---- 0. setup: checks, model, data, the reference, the gate, the adapters, AdamW, resume
     if not 0 < args.r_min <= args.r_max < 1:
         common.die(f"need 0 < --r_min <= --r_max < 1 (got {args.r_min}, {args.r_max})")
     if args.temperature <= 0:
         common.die(f"--temperature (tau) must be > 0: rollouts sample and h~ divides by it (got {args.temperature})")
-    if args.distributed not in ("ddp", "fsdp"):
-        common.die(f"unknown --distributed {args.distributed!r} (ddp | fsdp)")
-    if args.loss_type not in LOSS_TYPES:
-        common.die(f"unknown --loss_type {args.loss_type!r} ({' | '.join(LOSS_TYPES)})")
-    if args.scale_rewards not in SCALE_REWARDS:
-        common.die(f"unknown --scale_rewards {args.scale_rewards!r} ({' | '.join(SCALE_REWARDS)})")
     loss_type, scale_rewards = LOSS_TYPES[args.loss_type], SCALE_REWARDS[args.scale_rewards]
     d = common.setup_distributed(args.seed)   # seeds python, numpy and torch with seed + rank
     common.check_args(args, d)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)  # fp32 master weights
-    common.check_start(cfg, (None, "cot", "hybrid"), "hrpo.py")  # HRPO starts from language reasoning (or continues)
+    common.check_start(cfg, (None, "cot", "hybrid"), "hrpo.py")  # from language reasoning, or an HRPO checkpoint
     cfg = dict(cfg or {"mode": "cot"})
     train, test = common.load_train_eval(args, cfg)
-    cfg.update(common.prompt_settings(args, cfg, train))  # chat template and system turn: saved, so eval.py prompts the same
+    cfg.update(common.prompt_settings(args, cfg, train))  # chat template and system turn: saved for eval.py
     bf16 = common.use_bf16(args.bf16, d.device)
     d_model = model.get_input_embeddings().weight.shape[1]
-    # ---- the reference (base model, no gate), the gate, the adapters: the same on every rank
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)              # the reference, the gate and the adapters: the same on every rank
     ref = None
-    if args.beta > 0 and args.lora_r == 0:  # with LoRA the reference is the policy with its adapters off
+    if args.beta > 0 and args.lora_r == 0:  # (10) full fine-tuning: a frozen copy (with LoRA: the adapters off)
         ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
         if args.distributed == "fsdp":
             ref = common.wrap_model(ref, d, "fsdp")
@@ -422,37 +392,30 @@ def main(args):
     optimizer = torch.optim.AdamW([
         {"params": [p for p in model.parameters() if p.requires_grad], "lr": args.learning_rate},
         {"params": gate_params, "lr": args.gate_learning_rate},
-        {"params": [gate.Lambda], "lr": args.lambda_learning_rate, "weight_decay": 0.0},
+        {"params": [gate.Lambda], "lr": args.lambda_learning_rate, "weight_decay": 0.0},  # (3) no decay on Lambda
     ], lr=args.learning_rate, weight_decay=args.weight_decay)
     cfg.update(mode="hybrid", tau=args.temperature, answer_marker=common.ANSWER_MARKER,
                gate={"c": args.c, "interp_weight": args.interp_weight if args.no_gate else None},
                method="hrpo", base_model=args.model_name_or_path, lora_r=args.lora_r)
     G = args.num_generations
     rng = random.Random(args.seed)
-    # ---- intermediate checkpoints (--save_steps) and --resume_from_checkpoint: the model (its
-    # adapters with LoRA), the gate, AdamW, the data order and every random state
+    # --save_steps and --resume_from_checkpoint: the model (its adapters with LoRA), the gate, AdamW,
+    # the data order and every random state
     state = common.TrainState(args, d, {"model": model, "gate": gate}, [optimizer], rngs=[rng])
     start_step, extra = state.resume()
     logger = common.Logger(args.output_dir, args, d, args.track, resume_step=start_step)
     n_rows = args.train_batch_size // d.world * G          # rollouts per step on this rank
-    seq_len = max(len(p) for p in encode_prompts(tokenizer, [ex["question"] for ex in train[:1000]], cfg)) + args.max_completion_length
-    common.print_memory_plan(model, d, args, min(args.micro_batch_size, n_rows), seq_len, args.generation_batch_size or n_rows,
-                             seq_len, frozen=ref, extra_modules=[gate])
-
-    def run_eval(step):
-        hyb.reset_stats()
-        res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
-                              max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
-        logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"],
-                    "eval_hidden_ratio": common.all_mean(hyb.hidden_ratio, d)}, step)
-        return {"pass@1": res["pass@1"], "mean_L": res["mean_L"]}
-
-    start = extra["start"] if start_step else run_eval(0)   # a resumed run has it from its checkpoint
+    seq_len = max(len(p) for p in encode_prompts(tokenizer, [ex["question"] for ex in train[:1000]], cfg))
+    seq_len += args.max_completion_length
+    common.print_memory_plan(model, d, args, min(args.micro_batch_size, n_rows), seq_len,
+                             args.generation_batch_size or n_rows, seq_len, frozen=ref, extra_modules=[gate])
+    start = extra["start"] if start_step else run_eval(model, tokenizer, cfg, hyb, test, args, d, logger, 0)
     hidden_ratio = extra.get("hidden_ratio", float("nan"))
-    for step in tqdm(range(start_step + 1, args.max_steps + 1), desc="hrpo", initial=start_step, total=args.max_steps,
-                     disable=not d.main):
+
+    for step in tqdm(range(start_step + 1, args.max_steps + 1), desc="hrpo", initial=start_step,
+                     total=args.max_steps, disable=not d.main):
         times = {}
-        # ---- rollout: G hybrid completions per prompt, sampled at tau, h~ and the span stored
+        # ---- 1. rollout and reward: G hybrid completions per prompt at tau, h~ and the span stored
         picks = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
         batch = [train[i] for i in picks]
         model.eval()
@@ -465,42 +428,42 @@ def main(args):
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
         rewards = torch.tensor([reward(t, batch[i // G]["answer"], args.strict_format) for i, t in enumerate(texts)],
                                device=d.device)
-        adv = group_advantages(rewards, G, scale_rewards, common.all_gather(rewards, d) if scale_rewards == "batch" else None)
+
+        # ---- 2. advantages: (R - group mean) / (group std + 1e-4) (--scale_rewards)
+        adv = group_advantages(rewards, G, scale_rewards,
+                               common.all_gather(rewards, d) if scale_rewards == "batch" else None)
         loss_mask = r.mask.float()  # every generated position is a sampled token
-        # ---- the reference log-probs: the base model, no gate, plain token inputs
+
         with common.timer(times, "update_s"):
+            # ---- 3. reference log-probs: the base model, no gate, plain token inputs
             N, micro = len(r.tokens), args.micro_batch_size
-            n_tokens = common.all_sum(loss_mask.sum().item(), d) / d.world  # "dapo": DDP's mean over ranks makes it the global token mean
-            ref_logp = None
-            if args.beta > 0:
-                with torch.no_grad():
-                    if ref is not None:
-                        ref_logp = torch.cat([completion_logprobs(ref, r, slice(i, i + micro)) for i in range(0, N, micro)])
-                    else:
-                        with common.unwrap(model).disable_adapter():
-                            ref_logp = torch.cat([completion_logprobs(common.unwrap(model), r, slice(i, i + micro))
-                                                  for i in range(0, N, micro)])
-            # ---- one REINFORCE update on the whole batch, gates recomputed from the stored h~
+            n_tokens = common.all_sum(loss_mask.sum().item(), d) / d.world  # "dapo": DDP's mean over ranks
+            ref_logp = reference_logprobs(model, ref, r, micro) if args.beta > 0 else None
+
+            # ---- 4. update: one REINFORCE step on the whole batch, the gates recomputed from the stored h~
             model.train()
             loss_sum = kl_sum = 0.0
             for i in range(0, N, micro):
                 rows = slice(i, min(i + micro, N))
                 logp = completion_logprobs(model, r, rows, hyb)
-                loss, kl = reinforce_loss(logp, ref_logp[rows] if ref_logp is not None else None, adv[rows],
-                                          loss_mask[rows], args.beta, N, loss_type, n_tokens, args.max_completion_length)
+                ref_rows = None if ref_logp is None else ref_logp[rows]
+                loss, kl = reinforce_loss(logp, ref_rows, adv[rows], loss_mask[rows], args.beta, N, loss_type, n_tokens,
+                                          args.max_completion_length)
                 loss.backward()
                 loss_sum += loss.item()
                 kl_sum += kl.item()
-            common.average_gradients([gate], d)
-            grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
+            common.average_gradients([gate], d)  # (9) the gate is replicated: its gradient averaged by hand
+            grad_norm = common.clip_grad_norm(model, args.max_grad_norm)  # (4) the LM and the gate clipped apart
             gate_grad_norm = float(torch.nn.utils.clip_grad_norm_(gate.parameters(), args.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        # ---- logging
+
+        # ---- 5. log, evaluate, save
         groups = rewards.view(-1, G)
         row = {"reward": rewards.mean().item(), "reward_std": groups.std(1).mean().item(),
                "frac_zero_std": (groups.std(1) == 0).float().mean().item(),
-               "completion_length": loss_mask.sum(1).mean().item(), "hybrid_length": r.extras["span"].sum(1).float().mean().item(),
+               "completion_length": loss_mask.sum(1).mean().item(),
+               "hybrid_length": r.extras["span"].sum(1).float().mean().item(),
                "hidden_ratio": hidden_ratio, "truncated": 1 - r.finished.float().mean().item(), "loss": loss_sum,
                "grad_norm": grad_norm, "gate_grad_norm": gate_grad_norm, **times}
         if args.beta > 0:
@@ -511,11 +474,14 @@ def main(args):
                 {"question": batch[i // G]["question"], "completion": texts[i], "reward": rewards[i].item()}
                 for i in range(0, len(texts), G)], d)
         if step % args.eval_every == 0 and step != args.max_steps:
-            run_eval(step)
-        state.maybe_save(step, tokenizer, cfg, extra={"start": start, "hidden_ratio": hidden_ratio}, extra_modules={"gate": gate})
-    final = run_eval(args.max_steps)
-    # ---- save: merged weights (plain transformers loads them), gate.safetensors, latent_config.json
-    common.finish(model, tokenizer, cfg, args, d, final, start, ["reward", "eval_acc", "completion_length", "hidden_ratio", "kl"],
+            run_eval(model, tokenizer, cfg, hyb, test, args, d, logger, step)
+        state.maybe_save(step, tokenizer, cfg, extra={"start": start, "hidden_ratio": hidden_ratio},
+                         extra_modules={"gate": gate})
+
+    # ---- 6. final evaluation; save merged weights (11), gate.safetensors and latent_config.json
+    final = run_eval(model, tokenizer, cfg, hyb, test, args, d, logger, args.max_steps)
+    common.finish(model, tokenizer, cfg, args, d, final, start,
+                  ["reward", "eval_acc", "completion_length", "hidden_ratio", "kl"],
                   extra_modules={"gate": gate}, note=f"hidden ratio {hidden_ratio:.4f}")
     return model
 

