@@ -6,9 +6,20 @@ made and fed back, where its think span ends, advantages, noise, surrogate log-p
 gates, heads and losses are written out in the method's own file, top to bottom; the rollout loop
 and the evaluation loop here are driven by the step function a method file passes in.
 
-Sections (in order): errors - models and tokenizers - data - answer checking - latent inputs
-(the forward hooks) - the rollout loop - prompts - evaluation - distributed - logging and plots -
-checkpoints. The toy task and the tiny model live in toy.py.
+Contents (each is a `# ----` banner below; search for "# <name>:"):
+  errors                 one-line exits for bad input (die, warn, read_json, parse_args)
+  models and tokenizers  load_model, added tokens, LoRA, gradient checkpointing
+  data                   datasets as {question, steps, answer}; train/eval pools
+  answer checking        extract_answer, is_correct (numbers, words, math-verify)
+  latent inputs          the forward hooks, lm_forward, chunked lm_logprobs, sampling
+  the rollout loop       Rollout, rollout, generate, completion_logprobs
+  prompts                plain or chat-template prompts and the system prompt
+  evaluation             pass@k, evaluate
+  the memory plan        print_memory_plan (the estimate lives in benchmarks/memory_plan.py)
+  distributed            Dist, check_args, wrap_model, all_reduce and friends
+  logging                Logger, metrics.jsonl, plots
+  checkpoints            save_checkpoint, finish, TrainState (resume)
+The toy task and the tiny model live in toy.py.
 """
 import contextlib
 import functools
@@ -74,7 +85,7 @@ def parse_args(cls, argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# models and tokenizers
+# models and tokenizers: loading, added tokens, LoRA, gradient checkpointing
 
 def default_device():
     if torch.cuda.is_available():
@@ -226,14 +237,10 @@ def mask_row_grads(model, rows):
 
 
 def apply_lora(model, r, alpha, dropout=0.0, target_modules="all-linear", trainable_token_ids=()):
-    """--lora_r: peft LoRA adapters of rank `r` (scaling alpha / r) on `target_modules` ("all-linear":
-    every linear layer of the decoder, as the seeds train; or a comma-separated list of names), the
-    rest frozen. The rows of `trainable_token_ids` (tokens a script added, whose embeddings are new)
-    stay trainable through peft's trainable tokens, in the input table and in an untied LM head.
-    r = 0 returns the model as it is (full fine-tuning). Checkpoints are written with the adapters
-    merged (`save_checkpoint`), so plain transformers and eval.py load them."""
-    if r < 0 or not 0 <= dropout < 1:
-        die(f"--lora_r must be >= 0 and --lora_dropout in [0, 1) (got {r}, {dropout})")
+    """--lora_r: peft LoRA of rank `r` (scaling alpha / r) on `target_modules` ("all-linear" or a
+    comma-separated list of names), the rest frozen; the rows of `trainable_token_ids` (added tokens)
+    stay trainable. r = 0 returns the model as it is. Saves merge the adapters (`save_checkpoint`)."""
+    assert r >= 0 and 0 <= dropout < 1, (r, dropout)  # check_args gives scripts the one-line error
     if r == 0:
         return model
     from peft import LoraConfig, get_peft_model
@@ -280,7 +287,8 @@ def merge_lora(model, state):
                     state[f"{name}.base_layer.weight"] = w.index_copy(0, idx, state.pop(key).to(w.dtype))
     prefix = "base_model.model."
     return {k[len(prefix):].replace(".base_layer", "").replace(".token_adapter", ""): v
-            for k, v in state.items() if k.startswith(prefix) and "lora_" not in k and "trainable_tokens_delta" not in k}
+            for k, v in state.items()
+            if k.startswith(prefix) and "lora_" not in k and "trainable_tokens_delta" not in k}
 
 
 def plain_model(model):
@@ -338,7 +346,8 @@ def require_tokens(tokenizer, tokens, what):
     """The ids of `tokens`, or one line naming the missing ones. Runs per batch of prompts: it looks
     the tokens up instead of building the whole vocabulary (get_vocab) each call."""
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
-    missing = [t for t, i in zip(tokens, ids) if i is None or (i == tokenizer.unk_token_id and t != tokenizer.unk_token)]
+    missing = [t for t, i in zip(tokens, ids)
+               if i is None or (i == tokenizer.unk_token_id and t != tokenizer.unk_token)]
     if missing:
         die(f"{what}: the tokenizer has no {', '.join(missing)} (is this a checkpoint of that mode?)")
     return tokenizer.convert_tokens_to_ids(list(tokens))
@@ -423,10 +432,12 @@ def load_data(name, split, limit=None):
                                               split="train"))
         except Exception as e:  # a field whose type differs between rows (tabmwp's answers) fails in arrow
             try:
-                rows = [json.loads(line) for line in Path(name).read_text(encoding="utf-8").splitlines() if line.strip()]
+                lines = Path(name).read_text(encoding="utf-8").splitlines()
+                rows = [json.loads(line) for line in lines if line.strip()]
             except UnicodeDecodeError as u:
                 line = u.object[:u.start].count(b"\n") + 1
-                die(f"dataset file {name!r} is not UTF-8 text: line {line} has the byte {u.object[u.start:u.start + 1]!r}")
+                byte = u.object[u.start:u.start + 1]
+                die(f"dataset file {name!r} is not UTF-8 text: line {line} has the byte {byte!r}")
             except json.JSONDecodeError:
                 die(f"could not read dataset file {name!r}: {first_line(e)}")
         finally:
@@ -573,7 +584,8 @@ def _same_number(gold, pred):
 _VERIFIER = """
 import functools, json, sys
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-read = functools.lru_cache(4096)(lambda s: parse(s, [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None))
+read = functools.lru_cache(4096)(
+    lambda s: parse(s, [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None))
 out, sys.stdout = sys.stdout, sys.stderr
 print("ready", file=out, flush=True)
 for line in sys.stdin:
@@ -727,7 +739,8 @@ def lm_forward(model, input_ids, attention_mask=None, position_ids=None, past_ke
 from typing import NamedTuple  # noqa: E402  (kept beside its one use)
 
 LOGPROB_CHUNK_ELEMENTS = 2 ** 26   # logits per chunk of positions (fp32: 256 MB; 441 positions at 151,936)
-_AFTER_HEAD = {"final_logit_softcapping": None, "logit_scale": 1, "logits_scaling": 1}  # change logits after the head unless "off"
+# config fields that change logits after the head unless "off" (their value when off)
+_AFTER_HEAD = {"final_logit_softcapping": None, "logit_scale": 1, "logits_scaling": 1}
 
 
 class LogProbs(NamedTuple):
@@ -775,16 +788,11 @@ def _chunked_stats(hidden, weight, bias, tokens, ids, t, t_ids, entropy, chunk):
 def lm_logprobs(model, input_ids, attention_mask, position_ids, tokens, temperature=1.0, latent_mask=None,
                 latent_vectors=None, ids=None, ids_temperature=None, entropy=False, chunk_elements=None,
                 past_key_values=None):
-    """One forward pass (as `lm_forward`, with a KV cache if given) that scores `tokens` (n, T), the last T input ids, by the T
-    positions before them, without ever holding (n, T, V) logits. Returns (LogProbs, last hidden
-    state of all positions). With z the logits (in fp32, from a bf16 matmul under io.bf16):
-    token = log softmax(z / temperature)[tokens], lse = logsumexp(z / temperature), entropy (if
-    asked) that of softmax(z / temperature), and with `ids` (n, T, K) the log softmax(z /
-    ids_temperature) at those ids (ids_temperature defaults to temperature; 0 means 1 for both,
-    as the rollout's sampler saw them). Values and gradients equal those of the whole logits (under bf16
-    autocast, but for rounding: the head's bf16 weight gradient is summed over chunks in bf16); the
-    logits are made in chunks of `chunk_elements` (default LOGPROB_CHUNK_ELEMENTS) logits. For SFT,
-    tokens=input_ids[:, 1:] gives every target's log-prob (tokens must be real ids: not -100)."""
+    """Score `tokens` (n, T), the last T input ids, in one forward pass (as `lm_forward`, with a KV
+    cache if given) without holding (n, T, V) logits: returns (LogProbs, last hidden state). LogProbs:
+    token log-probs and logsumexp at `temperature`, entropy if asked, and the log-probs of `ids`
+    (n, T, K) at `ids_temperature` (default temperature; 0 means 1). Values and gradients equal
+    the whole logits'; for SFT pass tokens=input_ids[:, 1:] (real ids, not -100)."""
     t = temperature if temperature > 0 else 1.0
     t_ids = t if ids_temperature is None else ids_temperature if ids_temperature > 0 else 1.0
     n, T = tokens.shape
@@ -797,18 +805,19 @@ def lm_logprobs(model, input_ids, attention_mask, position_ids, tokens, temperat
         io.request = dict(tokens=tokens, ids=ids, t=t, t_ids=t_ids, entropy=entropy,
                           chunk=chunk_elements or LOGPROB_CHUNK_ELEMENTS)
     try:
-        out, hidden = lm_forward(model, input_ids, attention_mask, position_ids, past_key_values, latent_mask=latent_mask,
-                                 latent_vectors=latent_vectors, logits_to_keep=T + 1)
+        out, hidden = lm_forward(model, input_ids, attention_mask, position_ids, past_key_values,
+                                 latent_mask=latent_mask, latent_vectors=latent_vectors, logits_to_keep=T + 1)
     finally:
         unserved, io.request = io.request is not None, None
     if unserved:
         raise RuntimeError("the LM head was not the one common patched (was it replaced, e.g. by "
                            "resize_token_embeddings, after the model's first lm_forward?)")
     if not chunked:
-        out = _logit_stats(out[:, :-1].float().flatten(0, 1), tokens.flatten(), None if ids is None else ids.flatten(0, 1),
-                           t, t_ids, entropy)
+        out = _logit_stats(out[:, :-1].float().flatten(0, 1), tokens.flatten(),
+                           None if ids is None else ids.flatten(0, 1), t, t_ids, entropy)
     out, k = out.view(n, T, -1), 3 if entropy else 2
-    return LogProbs(out[..., 0], None if ids is None else out[..., k:], out[..., 1], out[..., 2] if entropy else None), hidden
+    return LogProbs(out[..., 0], None if ids is None else out[..., k:], out[..., 1],
+                    out[..., 2] if entropy else None), hidden
 
 
 def positions(attention_mask):
@@ -889,7 +898,8 @@ def _preallocated_cache(model, capacity):
             buf = getattr(self, "_buf", None)
             if (buf is None or buf[0].shape[0] != key_states.shape[0] or n + m > buf[0].shape[-2]
                     or (n and self.keys.data_ptr() != buf[0].data_ptr())):  # first use, resized or repeated batch
-                buf = tuple(s.new_empty(s.shape[:2] + (max(capacity, n + m),) + s.shape[3:]) for s in (key_states, value_states))
+                buf = tuple(s.new_empty(s.shape[:2] + (max(capacity, n + m),) + s.shape[3:])
+                            for s in (key_states, value_states))
                 if n:
                     buf[0][:, :, :n], buf[1][:, :, :n] = self.keys, self.values
                 self._buf = buf
@@ -997,16 +1007,11 @@ def sampling_step(temperature=1.0, top_k=0, top_p=1.0):
 
 def generate(model, prompts, make_step, max_new_tokens, eos_id, pad_id, num_generations=1, batch_size=0,
              store_latents=True):
-    """`rollout` in pieces of at most `batch_size` rows (--generation_batch_size; whole groups of
-    `num_generations`, else one line of error; 0 = all at once), so that a rollout's KV cache and activations stay bounded
-    however many prompts a step takes. `make_step()` returns a fresh step function per piece (a
-    stateful step object starts over); if it has an `extras()` method, its per-position records
-    become the piece's `r.extras`. The pieces are joined into one Rollout (`concat_rollouts`); each
-    row is generated exactly as it would be in one piece, except for the order random numbers
-    are drawn in."""
+    """`rollout` in pieces of at most `batch_size` rows (whole groups; 0 = all at once), joined into one
+    Rollout. `make_step()` gives a fresh step function per piece; its `extras()`, if any, become the
+    piece's `r.extras`. Rows come out as from one piece, except for the order random numbers are drawn."""
     G, pieces = num_generations, []
-    if batch_size < 0 or batch_size % G:
-        die(f"--generation_batch_size must be 0 (all at once) or a multiple of --num_generations {G} (got {batch_size})")
+    assert batch_size >= 0 and batch_size % G == 0, (batch_size, G)  # check_args gives scripts the error line
     per_piece = len(prompts) if batch_size == 0 else batch_size // G
     for i in range(0, len(prompts), per_piece):
         step = make_step()
@@ -1074,7 +1079,8 @@ def format_prompt(tokenizer, question, chat=False, system_prompt=""):
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             die("--chat_template was given but the tokenizer has no chat template")
-        turns = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": question}]
+        turns = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+        turns.append({"role": "user", "content": question})
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     return question + "\n"
 
@@ -1162,7 +1168,8 @@ def evaluate(model, tokenizer, data, reasoning, num_samples=1, temperature=0.7, 
         res = evaluate(model, tokenizer, data, reasoning, num_samples, temperature, top_p, batch_size, max_new_tokens,
                        disable_progress=disable_progress or not d.main)
         return {k: (all_mean(v, d) if isinstance(v, float) else v) for k, v in res.items()}
-    greedy = _generate(model, tokenizer, data, reasoning, 1, 0.0, 1.0, batch_size, max_new_tokens, "greedy", disable_progress)
+    greedy = _generate(model, tokenizer, data, reasoning, 1, 0.0, 1.0, batch_size, max_new_tokens, "greedy",
+                       disable_progress)
     res = {"pass@1": float(np.mean([g[0][1] for g in greedy])), "mean_L": float(np.mean([g[0][2] for g in greedy])),
            "mean_length": float(np.mean([g[0][3] for g in greedy])), "n": len(data),
            "examples": [{"question": ex["question"], "answer": ex["answer"], "completion": g[0][0], "correct": g[0][1]}
@@ -1170,7 +1177,8 @@ def evaluate(model, tokenizer, data, reasoning, num_samples=1, temperature=0.7, 
     if num_samples > 1:
         sampled = _generate(model, tokenizer, data, reasoning, num_samples, temperature, top_p, batch_size,
                             max_new_tokens, f"pass@{num_samples}", disable_progress)
-        res[f"pass@{num_samples}"] = float(np.mean([pass_at_k(num_samples, sum(s[1] for s in rows), num_samples) for rows in sampled]))
+        res[f"pass@{num_samples}"] = float(np.mean([pass_at_k(num_samples, sum(s[1] for s in rows), num_samples)
+                                                     for rows in sampled]))
         res["sampled_acc"] = float(np.mean([s[1] for rows in sampled for s in rows]))
         res["sampled_mean_L"] = float(np.mean([s[2] for rows in sampled for s in rows]))
     return res
@@ -1182,40 +1190,17 @@ def evaluate(model, tokenizer, data, reasoning, num_samples=1, temperature=0.7, 
 GB = 2 ** 30
 
 
-def memory_plan(config, n_params, n_trainable, world=1, sharded=False, bf16=False, micro_rows=1, seq_len=1,
-                gen_rows=1, gen_len=1, checkpointing=False, frozen_params=0, logit_positions=None):
-    """Estimated bytes per device, by kind, and their peak ("total"). Held throughout: fp32 master
-    weights (sharded over `world` devices under FSDP2), `frozen_params` of frozen copies (a
-    reference model: bf16 when computing in bf16), fp32 gradients and AdamW's two fp32 states per
-    trainable parameter. Then the larger of the two phases of a step:
-    - rollout: the KV cache of gen_rows x gen_len positions (2 x kv_heads x head_dim per layer, in
-      the compute dtype), plus under FSDP2 the whole model gathered in the compute dtype (a rollout
-      gathers every shard once, see `rollout`);
-    - training: activations, about 10 hidden + 4 MLP-intermediate values per token and layer (what
-      the backward keeps, with fused attention; with gradient checkpointing each layer's input plus
-      one layer's set), the LM head's fp32 logits for `logit_positions` positions at a time (default
-      all; lm_logprobs' chunks), about 3 copies (logits, softmax, gradient), and under bf16 autocast
-      on an unsharded model its cached bf16 copy of the trainable weights."""
-    h, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    inter = getattr(config, "intermediate_size", 4 * h)
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    b = 2 if bf16 else 4
-    shard = world if sharded else 1
-    per_layer_token = (10 * h + 4 * inter) * b
-    tokens = micro_rows * seq_len
-    plan = {"weights": 4 * n_params / shard + b * frozen_params / shard,
-            "gradients": 4 * n_trainable / shard,
-            "optimizer": 8 * n_trainable / shard,
-            "kv_cache": gen_rows * gen_len * L * 2 * kv * head_dim * b,
-            "gathered_weights": b * n_params if sharded else 0,
-            "activations": tokens * (h * b * L + per_layer_token) if checkpointing else tokens * per_layer_token * L,
-            "logits": 3 * 4 * (tokens if logit_positions is None else min(tokens, logit_positions)) * V,
-            "autocast_copies": 2 * n_trainable if bf16 and not sharded else 0}
-    rollout = plan["kv_cache"] + plan["gathered_weights"]
-    training = plan["activations"] + plan["logits"] + plan["autocast_copies"]
-    plan["total"] = plan["weights"] + plan["gradients"] + plan["optimizer"] + max(rollout, training)
-    return plan
+@functools.lru_cache(maxsize=None)
+def _memory_plan_estimate():
+    """benchmarks/memory_plan.py's `memory_plan`, or None where that file is absent (a copied-out method)."""
+    import importlib.util
+    path = ROOT / "benchmarks" / "memory_plan.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("_latent_rl_memory_plan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.memory_plan
 
 
 def device_memory(device):
@@ -1226,28 +1211,34 @@ def device_memory(device):
 
 
 def print_memory_plan(model, d, args, micro_rows, seq_len, gen_rows, gen_len, frozen=None, extra_modules=()):
-    """Print the memory plan of this run (one line, before the first step) and warn in one line
-    when it exceeds the device. `frozen`: a frozen copy (reference model) or None; extra modules
-    (heads, gates, a second model) count as trainable."""
+    """Print this run's memory plan per device in one line (and a warning line when it exceeds the
+    device); return the plan, or None when benchmarks/memory_plan.py is absent. `frozen`: a frozen
+    copy (reference model) or None; `extra_modules` (heads, gates, a second model) count as trainable."""
+    memory_plan = _memory_plan_estimate()
+    if memory_plan is None:
+        return None
     from torch.distributed.tensor import DTensor
+
     def count(modules, trainable):
         return sum((p.full_tensor() if isinstance(p, DTensor) else p).numel() for m in modules
                    for p in m.parameters() if p.requires_grad or not trainable)
     modules = [model, *extra_modules]
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    plan = memory_plan(plain_model(model).config, count(modules, False), count(modules, True), d.world, sharded,
+    config = plain_model(model).config
+    plan = memory_plan(config, count(modules, False), count(modules, True), d.world, sharded,
                        bool(_io(model).bf16), micro_rows, seq_len, gen_rows, gen_len,
                        bool(getattr(args, "gradient_checkpointing", False)),
                        count([frozen], False) if frozen is not None else 0,
-                       max(1, LOGPROB_CHUNK_ELEMENTS // plain_model(model).config.vocab_size))  # lm_logprobs' chunks
+                       max(1, LOGPROB_CHUNK_ELEMENTS // config.vocab_size))  # lm_logprobs' chunks
     total, have = plan["total"], device_memory(d.device)
     if d.main:
-        print("memory plan per device (GB): " + ", ".join(f"{k} {v / GB:.2f}" for k, v in plan.items() if v and k != "total")
-              + f"; peak {total / GB:.2f} of the device's {have / GB:.0f}", flush=True)
+        terms = ", ".join(f"{k} {v / GB:.2f}" for k, v in plan.items() if v and k != "total")
+        print(f"memory plan per device (GB): {terms}; peak {total / GB:.2f} of the device's {have / GB:.0f}",
+              flush=True)
         if total > have:
-            print(f"warning: the memory plan ({total / GB:.1f} GB) exceeds this device ({have / GB:.1f} GB): consider "
-                  "--lora_r, --gradient_checkpointing, a smaller --micro_batch_size or --generation_batch_size, or more devices",
-                  flush=True)
+            print(f"warning: the memory plan ({total / GB:.1f} GB) exceeds this device ({have / GB:.1f} GB): "
+                  "consider --lora_r, --gradient_checkpointing, a smaller --micro_batch_size or "
+                  "--generation_batch_size, or more devices", flush=True)
     return plan
 
 
@@ -1306,11 +1297,13 @@ def check_args(args, d: Dist = Dist()):
         die(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
     gen = getattr(args, "generation_batch_size", 0)
     if gen < 0 or (G and gen % G):
-        die(f"--generation_batch_size must be 0 (all at once) or a multiple of --num_generations {G}: a group is generated together (got {gen})" if G
+        die(f"--generation_batch_size must be 0 (all at once) or a multiple of --num_generations {G}: "
+            f"a group is generated together (got {gen})" if G
             else f"--generation_batch_size must be >= 0 (0 = all at once; got {gen})")
     train, mini = getattr(args, "train_batch_size", None), getattr(args, "mini_batch_size", None)
     if mini is not None and (mini < 1 or train % mini or mini % world):
-        die(f"--train_batch_size {train} must be a multiple of --mini_batch_size {mini}, itself a multiple of the {world} processes")
+        die(f"--train_batch_size {train} must be a multiple of --mini_batch_size {mini}, "
+            f"itself a multiple of the {world} processes")
     if train is not None and (train < 1 or train % world):
         die(f"--train_batch_size {train} must be a positive multiple of the {world} processes")
     if getattr(args, "max_completion_length", 1) < 1:
@@ -1338,7 +1331,8 @@ def wrap_model(model, d: Dist, strategy="fsdp", bf16=False):
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+          else MixedPrecisionPolicy())
     for layer in model.get_decoder().layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -1356,16 +1350,6 @@ def full_state_dict(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-
-
-def all_mean(x, d: Dist):
-    """Mean of a float over ranks (for logging)."""
-    if d.world == 1:
-        return float(x)
-    import torch.distributed as dist
-    t = torch.tensor([float(x)], device=d.device)
-    dist.all_reduce(t)
-    return t.item() / d.world
 
 
 def clip_grad_norm(model, max_norm):
@@ -1391,18 +1375,6 @@ def average_gradients(modules, d: Dist):
                 p.grad /= d.world
 
 
-def global_max(n):
-    """max of the integer n over all processes (n itself without torchrun): loops whose length
-    depends on the batch, like Coconut's one pass per latent, must run as often on every rank,
-    or FSDP's collectives pair up wrongly."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return int(n)
-    t = torch.tensor([int(n)], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
 def all_gather(x, d: Dist):
     """The rows of every rank, concatenated (each rank holds the same number of rows)."""
     if d.world == 1:
@@ -1413,14 +1385,35 @@ def all_gather(x, d: Dist):
     return torch.cat(out)
 
 
-def all_sum(x, d: Dist):
-    """Sum of a number over ranks."""
-    if d.world == 1:
-        return float(x)
+def all_reduce(x, d, op="mean"):
+    """A float or int reduced over processes (op: mean | sum | max); on one process x as it is
+    (mean and sum as a float). `d` None: read torch.distributed directly (callers without a Dist)."""
     import torch.distributed as dist
-    t = torch.tensor([float(x)], device=d.device)
-    dist.all_reduce(t)
-    return t.item()
+    if d is None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return x
+        world, device = dist.get_world_size(), "cuda" if dist.get_backend() == "nccl" else "cpu"
+    else:
+        world, device = d.world, d.device
+    if world == 1:
+        return x
+    t = torch.tensor([x], device=device)  # float32 for a float, int64 for an int
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.item() / world if op == "mean" else t.item()
+
+
+def all_mean(x, d: Dist):
+    return all_reduce(float(x), d, "mean")
+
+
+def all_sum(x, d: Dist):
+    return all_reduce(float(x), d, "sum")
+
+
+def global_max(n):
+    """max of n over all processes: batch-dependent loops must run as often on every rank, or FSDP's
+    collectives pair up wrongly."""
+    return int(all_reduce(int(n), None, "max"))
 
 
 def barrier(d: Dist):
@@ -1533,9 +1526,12 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
     from safetensors.torch import save_file
     if save_dtype not in ("auto", "float32", "bfloat16", "float16"):
         die(f"--save_dtype must be auto, float32, bfloat16 or float16 (got {save_dtype!r})")
-    dtype = getattr(unwrap(model), "published_dtype", torch.float32) if save_dtype == "auto" else getattr(torch, save_dtype)
+    dtype = (getattr(unwrap(model), "published_dtype", torch.float32) if save_dtype == "auto"
+             else getattr(torch, save_dtype))
     def cast(m, sd):  # the saved dtype; a tied head is not written twice (FSDP2's gathered state has both keys)
-        tied = (getattr(plain_model(m), "_tied_weights_keys", None) or {}) if getattr(plain_model(m).config, "tie_word_embeddings", False) else {}
+        tied = {}
+        if getattr(plain_model(m).config, "tie_word_embeddings", False):
+            tied = getattr(plain_model(m), "_tied_weights_keys", None) or {}
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items() if k not in tied}
     state = cast(model, merge_lora(model, full_state_dict(model)))  # LoRA adapters merged in
     sub_states = {name: cast(m, merge_lora(m, full_state_dict(m))) for name, m in (subfolders or {}).items()}
@@ -1552,7 +1548,8 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
         for name, sd in sub_states.items():
             plain_model(subfolders[name]).save_pretrained(tmp / name, state_dict=sd, safe_serialization=True)
         for config in [tmp / "config.json", *(tmp / name / "config.json" for name in sub_states)]:
-            config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": str(dtype).split(".")[1]}, indent=2))
+            saved = {**json.loads(config.read_text()), "dtype": str(dtype).split(".")[1]}
+            config.write_text(json.dumps(saved, indent=2))
         (tmp / LATENT_CONFIG).write_text(json.dumps(latent_config, indent=2))
     if training_state:
         barrier(d)
@@ -1649,7 +1646,8 @@ class TrainState:
     def _sharded(self):  # the DCP state: what each rank holds of the modules and optimizers
         from torch.distributed.checkpoint.state_dict import get_state_dict
         modules, optimizers = get_state_dict(self.modules, self.optimizers)
-        frozen = {n for n, p in self.modules.named_parameters(remove_duplicate=False) if not (p.requires_grad or self.save_frozen)}
+        frozen = {n for n, p in self.modules.named_parameters(remove_duplicate=False)
+                  if not (p.requires_grad or self.save_frozen)}
         return {"modules": {k: v for k, v in modules.items() if k not in frozen}, "optimizers": optimizers}
 
     def _local(self, step, extra):  # this rank's own state
@@ -1672,8 +1670,9 @@ class TrainState:
         def training_state(tmp):
             _dcp("save", self._sharded(), tmp / "training_state")
             torch.save(local, tmp / "training_state" / f"rank-{self.d.rank}.pt")
-        save_checkpoint(self.modules["model"], tokenizer, Path(self.args.output_dir) / f"checkpoint-{step}", latent_config,
-                        extra_modules, self.d, subfolders, getattr(self.args, "save_dtype", "auto"), training_state)
+        save_checkpoint(self.modules["model"], tokenizer, Path(self.args.output_dir) / f"checkpoint-{step}",
+                        latent_config, extra_modules, self.d, subfolders, getattr(self.args, "save_dtype", "auto"),
+                        training_state)
         if self.d.main and self.limit:
             found = checkpoints(self.args.output_dir)
             for s in sorted(found, key=lambda s: (s <= step, s))[:-self.limit]:
@@ -1689,12 +1688,14 @@ class TrainState:
         if name == "latest":
             found = checkpoints(self.args.output_dir)
             if not found:
-                die(f"--resume_from_checkpoint latest: {self.args.output_dir} has no checkpoint-<step> folder to resume from")
+                die(f"--resume_from_checkpoint latest: {self.args.output_dir} has no checkpoint-<step> folder "
+                    "to resume from")
             name = str(found[max(found)])
         path = Path(name)
         if not (path / "training_state" / "rank-0.pt").is_file():
             die(f"--resume_from_checkpoint {name}: " + ("no such folder" if not path.is_dir() else
-                "not a checkpoint to resume from (no training_state/: only the checkpoint-<step> folders of --save_steps have one)"))
+                "not a checkpoint to resume from (no training_state/: only the checkpoint-<step> folders "
+                "of --save_steps have one)"))
         return path, torch.load(path / "training_state" / "rank-0.pt", weights_only=False)["step"]
 
     def resume(self):
@@ -1716,8 +1717,10 @@ class TrainState:
             die(f"{path} holds {len(local['schedulers'])} schedulers and {len(local['rngs'])} random generators; "
                 f"this run has {len(self.schedulers)} and {len(self.rngs)}")
         state = self._sharded()  # asks for the state of every parameter an optimizer holds: keep those saved
-        saved = {k.rsplit(".", 1)[0] for k in dcp.FileSystemReader(path / "training_state").read_metadata().state_dict_metadata}
-        state["optimizers"]["state"] = {k: v for k, v in state["optimizers"]["state"].items() if f"optimizers.state.{k}" in saved}
+        metadata = dcp.FileSystemReader(path / "training_state").read_metadata().state_dict_metadata
+        saved = {k.rsplit(".", 1)[0] for k in metadata}
+        state["optimizers"]["state"] = {k: v for k, v in state["optimizers"]["state"].items()
+                                        if f"optimizers.state.{k}" in saved}
         try:
             _dcp("load", state, path / "training_state")
         except (Exception, dcp.api.CheckpointException) as e:  # another script, model, LoRA setting or optimizer

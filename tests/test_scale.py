@@ -1,12 +1,17 @@
 """Plumbing for real model sizes: LoRA with merged saves, gradient checkpointing that keeps a KV
 cache, generation in pieces, and the memory plan."""
 import copy
+import importlib.util
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import common
+
+_spec = importlib.util.spec_from_file_location("memory_plan_bench", common.ROOT / "benchmarks" / "memory_plan.py")
+memory_plan_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(memory_plan_bench)
 
 
 def toy_model(extra_tokens=()):
@@ -197,8 +202,8 @@ def test_generate_in_pieces_equals_one_piece():
 def test_memory_plan_by_hand():
     config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
-    plan = common.memory_plan(config, n_params=1_000_000, n_trainable=100_000, world=4, sharded=True, bf16=True,
-                              micro_rows=2, seq_len=10, gen_rows=8, gen_len=20, frozen_params=1_000_000)
+    plan = memory_plan_bench.memory_plan(config, n_params=1_000_000, n_trainable=100_000, world=4, sharded=True,
+                                         bf16=True, micro_rows=2, seq_len=10, gen_rows=8, gen_len=20, frozen_params=1_000_000)
     assert plan["weights"] == 4e6 / 4 + 2e6 / 4
     assert plan["gradients"] == 4e5 / 4 and plan["optimizer"] == 8e5 / 4
     assert plan["activations"] == 20 * (10 * 64 + 4 * 256) * 2 * 2       # tokens x per layer x bf16 x layers
@@ -207,8 +212,8 @@ def test_memory_plan_by_hand():
     assert plan["logits"] == 12 * 20 * 1000 and plan["autocast_copies"] == 0
     held = 4e6 / 4 + 2e6 / 4 + 4e5 / 4 + 8e5 / 4
     assert plan["total"] == held + max(plan["kv_cache"] + 2e6, plan["activations"] + plan["logits"])
-    ckpt = common.memory_plan(config, 1_000_000, 100_000, bf16=True, micro_rows=2, seq_len=10, checkpointing=True,
-                              logit_positions=5)
+    ckpt = memory_plan_bench.memory_plan(config, 1_000_000, 100_000, bf16=True, micro_rows=2, seq_len=10,
+                                         checkpointing=True, logit_positions=5)
     assert ckpt["activations"] == 20 * (64 * 2 * 2 + (10 * 64 + 4 * 256) * 2)
     assert ckpt["logits"] == 12 * 5 * 1000
     assert ckpt["weights"] == 4e6 and ckpt["gathered_weights"] == 0  # one device holds everything
@@ -306,8 +311,15 @@ def test_a_lora_subfolder_model_is_saved_merged_too(tmp_path):
 
 
 def test_bad_lora_and_generation_sizes_are_one_line():
-    model, tok, _ = toy_model()
+    """check_args is where the sizes are checked (apply_lora and generate only assert)."""
+    def args(**kw):
+        return type("A", (), {"num_generations": 4, "lora_r": 0, "lora_dropout": 0.0, "generation_batch_size": 0, **kw})()
     with pytest.raises(SystemExit, match="--lora_r must be >= 0"):
-        common.apply_lora(model, -1, 8)
+        common.check_args(args(lora_r=-1))
     with pytest.raises(SystemExit, match="multiple of --num_generations 4"):
+        common.check_args(args(generation_batch_size=6))
+    model, tok, _ = toy_model()
+    with pytest.raises(AssertionError):
+        common.apply_lora(model, -1, 8)
+    with pytest.raises(AssertionError):
         common.generate(model, [[1, 2]], CountingLatentStep, 4, tok.eos_token_id, tok.pad_token_id, 4, batch_size=6)
