@@ -77,7 +77,8 @@ def parse_args(cls, argv=None):
     line, not a traceback or the whole usage."""
     from transformers import HfArgumentParser
     parser = HfArgumentParser(cls)
-    parser.error = lambda message: die(f"{message} (see --help)")  # argparse would print the usage first
+    # argparse would print the whole usage first, and name a flag with its dashed alias (--a_b/--a-b)
+    parser.error = lambda message: die(re.sub(r"(--\w+)/--[\w-]+", r"\1", message) + " (see --help)")
     args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         die(f"unknown argument {' '.join(rest)} (see --help)")

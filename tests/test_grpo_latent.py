@@ -51,7 +51,7 @@ def test_batch_scaled_advantages_by_hand():
 
 def test_scale_rewards_accepts_true_and_false(tmp_path, monkeypatch):
     """TRL's bool values: true = group, false = none; anything else is argparse's one line."""
-    assert "argument --scale_rewards/--scale-rewards: invalid choice: 'std'" in main_error(
+    assert "argument --scale_rewards: invalid choice: 'std'" in main_error(
         "grpo_latent", "--scale_rewards", "std", "--output_dir", tmp_path / "x")
     seen, real = [], grpo_latent.group_advantages
     monkeypatch.setattr(grpo_latent, "group_advantages",
@@ -366,7 +366,7 @@ def test_two_process_fsdp2_lora_resume_continues_exactly(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("argv,words", [
     (["--num_generations", "1"], "--num_generations must be at least 2"),
-    (["--loss_type", "sum"], "argument --loss_type/--loss-type: invalid choice: 'sum'"),
+    (["--loss_type", "sum"], "argument --loss_type: invalid choice: 'sum'"),
     (["--train_batch_size", "3"], "must be a multiple of --mini_batch_size"),
 ])
 def test_grpo_bad_input(argv, words, tmp_path):
