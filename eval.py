@@ -32,21 +32,31 @@ import toy
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=toy.COCONUT, metadata={"aliases": ["--model"], "help": "checkpoint folder, hub id or .gguf"})
-    dataset: str = field(default="", metadata={"help": "toy, prosqa-toy, a hub dataset, or a local .jsonl/.parquet; default: the checkpoint's built-in toy task, else toy"})
+    model_name_or_path: str = field(
+        default=toy.COCONUT, metadata={"aliases": ["--model"], "help": "checkpoint folder, hub id or .gguf"})
+    dataset: str = field(
+        default="", metadata={"help": "toy, prosqa-toy, a hub dataset or a local .jsonl/.parquet; "
+                                      "default: the checkpoint's built-in task, else toy"})
     split: str = field(default="test", metadata={"help": "dataset split to evaluate"})
     max_samples: int = field(default=200, metadata={"help": "questions to evaluate (0 = the whole split)"})
     num_samples: int = field(default=1, metadata={"help": "k for pass@k; > 1 adds sampled rollouts"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature for pass@k"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling for pass@k"})
-    noise_scale: float = field(default=1.0, metadata={"help": "Gumbel noise on latent tokens for pass@k (mixture models)"})
+    noise_scale: float = field(
+        default=1.0, metadata={"help": "Gumbel noise on latent tokens for pass@k (mixture models)"})
     batch_size: int = field(default=64, metadata={"help": "rollouts generated at once"})
-    max_completion_length: int = field(default=128, metadata={"help": "generated positions per rollout, latents included"})
-    chat_template: bool = field(default=False, metadata={"help": "format questions with the chat template (plain models; a checkpoint's latent_config.json says how it prompts)"})
-    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template on a plain model; auto = the answer format the checker reads (#### number, or \\boxed{} for MATH-style data)"})
+    max_completion_length: int = field(
+        default=128, metadata={"help": "generated positions per rollout, latents included"})
+    chat_template: bool = field(
+        default=False, metadata={"help": "format questions with the chat template (plain models; a checkpoint's "
+                                         "latent_config.json says how it prompts)"})
+    system_prompt: str = field(
+        default="auto", metadata={"help": "system turn with --chat_template on a plain model; auto = the answer "
+                                          "format the checker reads (#### number, or \\boxed{} for MATH-style data)"})
     output_file: str = field(default="", metadata={"help": "JSON results; default <model>/eval_<dataset>_<split>.json"})
     show: int = field(default=3, metadata={"help": "completions to print"})
-    show_latents: bool = field(default=False, metadata={"help": "print the decoded latent steps of the first --show questions (ATP-Latent)"})
+    show_latents: bool = field(
+        default=False, metadata={"help": "print the decoded latent steps of the first --show questions (ATP-Latent)"})
     seed: int = field(default=0, metadata={"help": "random seed (sampled rollouts)"})
 
 
@@ -86,7 +96,8 @@ def main(args):
     cfg = dict(cfg, noise_scale=args.noise_scale)  # latent noise for sampled rollouts (mixture models)
     if args.show_latents:  # a method that reads its latents back as text (ATP-Latent's step decoder)
         if not hasattr(module, "show_latents"):
-            common.die(f"--show_latents needs a checkpoint with a latent decoder (mode atp); this one is {cfg['mode']!r}")
+            common.die(f"--show_latents needs a checkpoint with a latent decoder (mode atp); "
+                       f"this one is {cfg['mode']!r}")
         module.show_latents(model, tokenizer, cfg, data[:args.show], args.model_name_or_path)
     t0 = time.time()
     res = common.evaluate(model, tokenizer, data, functools.partial(module.reasoning, model, tokenizer, cfg),
@@ -94,7 +105,8 @@ def main(args):
     res.update(model=args.model_name_or_path, dataset=args.dataset, split=args.split, mode=cfg["mode"],
                seconds=round(time.time() - t0, 1))
     for ex in res["examples"][:args.show]:
-        print(f"--- {'correct' if ex['correct'] else 'wrong'} (gold {ex['answer']})\n{ex['question']}\n>>> {ex['completion']!r}")
+        verdict = "correct" if ex["correct"] else "wrong"
+        print(f"--- {verdict} (gold {ex['answer']})\n{ex['question']}\n>>> {ex['completion']!r}")
     keys = ["pass@1"] + [k for k in res if k.startswith("pass@") and k != "pass@1"] + ["mean_L", "mean_length", "n"]
     print("\n| " + " | ".join(["model", "mode"] + keys) + " |\n|" + "---|" * (len(keys) + 2))
     print("| " + " | ".join([Path(args.model_name_or_path).name, cfg["mode"]] +

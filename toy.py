@@ -2,7 +2,7 @@
 
 GSM8K-Aug-format arithmetic generated from a seed ("Tom has 3 boxes of 4 pens. Tom gets 2 more.
 How many pens does Tom have?", steps `<<3*4=12>>`, `<<12+2=14>>`, answer 14), and the tiny Qwen2
-model of ../shared/FINDINGS.md with a character tokenizer, which learns it in about 10 CPU
+model (1M parameters) with a character tokenizer, which learns it in about 10 CPU
 minutes. `common.load_data("toy")` and `common.load_model("toy")` come here; every script's
 no-argument run uses them, starting from the trained toy checkpoints committed under
 checkpoints/ (remade by scripts/make_toy_checkpoints.sh). Without checkpoints/ (a method file
@@ -91,7 +91,7 @@ def tokenizer():
 
 
 def model(vocab_size):
-    """The tiny Qwen2 of ../shared/FINDINGS.md: hidden 128, 4 layers, 4 heads / 2 KV heads, tied
+    """The tiny Qwen2: hidden 128, 4 layers, 4 heads / 2 KV heads, tied
     embeddings (about 1M parameters)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,

@@ -1,8 +1,8 @@
 """The memory plan (`memory_plan` below, which `common.print_memory_plan` prints before a run's
-first step) for the seeds' real runs, and a check of it against measured peaks.
+first step) for the papers' real runs, and a check of it against measured peaks.
 
 1. `python benchmarks/memory_plan.py` prints, per method, the plan per device of the commands in
-   README ("On real GPUs") for one 80 GB GPU and for 8 x 80 GB under FSDP2: the seeds' models
+   docs/real_models.md for one 80 GB GPU and for 8 x 80 GB under FSDP2: the papers' models
    (their configs written out below, parameters counted on the meta device, so nothing is
    downloaded), bf16 compute on fp32 master weights, gradient checkpointing, chunked log-probs.
 2. `python benchmarks/memory_plan.py --measure` runs `grpo_latent.py` for two steps on the CPU,
@@ -65,7 +65,7 @@ def memory_plan(config, n_params, n_trainable, world=1, sharded=False, bf16=Fals
 
 
 def models():
-    """The seeds' models, from their published config.json files."""
+    """The papers' models, from their published config.json files."""
     from transformers import LlamaConfig, Qwen2Config
     return {
         "Qwen2.5-Math-7B": Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -79,7 +79,7 @@ def models():
     }
 
 
-# The README commands' sizes: (model, LoRA rank on one GPU, rows per training forward on a device,
+# The sizes of the commands in docs/real_models.md: (model, LoRA rank on one GPU, rows per training forward on a device,
 # positions per training forward, rollout rows per step (all devices), --generation_batch_size
 # (0 = a device's rows at once), positions per generated row, KL reference copy). Prompts count
 # ~256 positions; GRPO steps take 64 prompts x 8 rollouts (32 x 8 for HRPO's 3B model).

@@ -16,7 +16,7 @@ authors' rule for a lone valid rollout) and measure, at the checkpoint:
     python scripts/latent_grpo_drift.py checkpoints/toy-latent-sft runs/toy_results/latent_grpo/seed0/checkpoint-40
     python scripts/latent_grpo_drift.py --noise two-sided checkpoints/toy-latent-sft
 
-Writes the table to stdout and, with --out, as JSON. A reading aid for README's collapse study,
+Writes the table to stdout and, with --out, as JSON. A reading aid for the collapse study in docs/toy_results.md,
 not part of any method: it imports latent_grpo.py for its pieces.
 """
 import argparse
