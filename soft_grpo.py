@@ -1,89 +1,34 @@
 """Soft-GRPO: GRPO on soft-thinking (vocabulary-superposition) rollouts with Gumbel noise.
 
-Paper: Zheng and Lee 2025, "SofT-GRPO" (github zz1358m/SofT-GRPO-master), the latent baseline of
-seed 001 (Latent-GRPO, section 2.2). Spec: ../shared/ALGORITHMS.md, section 4.
+Paper: "SofT-GRPO: Surpassing Discrete-Token LLM Reinforcement Learning via Gumbel-Reparameterized
+Soft-Thinking Policy Optimization", Zhi Zheng, Wee Sun Lee et al. 2025, arXiv 2511.06411 (code: github
+zz1358m/SofT-GRPO-master); the latent baseline of Latent-GRPO (arXiv 2604.27998).
+Docs: docs/soft_grpo.md
 
-Inside the think span, each step turns the logits z into a soft token: p = softmax(z / T), kept
-to its top-k (5) and top-p (0.95) entries and renormalised (p~); two-sided Gumbel noise
-g = clamp(Gumbel, -1.5, 3) gives scores s_i = log(p~_i + 1e-6) + g_i (an entry top-p dropped
-scores log(1e-6) + g_i, as in the authors' sampler); the fed vector is
-sum_i softmax(s / tau_g)_i E[id_i] with tau_g = 0.1 (nearly one-hot: close to Gumbel-max
-sampling), and the recorded token is argmax s. The think span ends when that token is </think>;
-the answer is sampled as usual. Rollouts store the ids, the scores s and which entries were kept.
+Inside the think span each step turns the logits z into a soft token:
+    p~  = softmax(z / T) kept to its top-k (5) and top-p (0.95) entries, renormalised
+    s_i = log(p~_i + 1e-6) + g_i,   g_i = clamp(Gumbel, -1.5, 3)   (two-sided noise)
+    fed vector = sum_i softmax(s / tau_g)_i E[id_i] (tau_g 0.1: nearly Gumbel-max),  token = argmax s
+The span ends when that token is </think>; the answer is then sampled as usual. The rollout stores
+the ids, the scores s and the top-p set. A latent token's log-density under the current policy
+recovers the noise each component must have had and takes its Gumbel log-density:
+    r_i = s_i - log(p~_i(theta) + 1e-6),   log pi(latent) = mean_i f(r_i),   f(r) = -r - exp(-r)
+Answer tokens use log softmax(z / T). Then GRPO: A = (R - group mean) / group std, per position
+rho = exp(log pi - log pi_old), loss max(-A rho, -A clip(rho, 1 - 0.2, 1 + 0.2)) + 0.001 * k3 KL
+to the start model, a token mean. Rollouts and training use the same T, k, top-p and tau_g.
 
-The density of a latent token under the current policy recovers the noise each component must
-have had and takes the Gumbel log-density f(r) = -r - exp(-r) of it. `--latent_density code`
-(default) is the authors' verl code (`logprobs_from_logits_topk_gumbel`), which fixes three details
-the paper leaves open: p~(theta) is softmax(z / T) at all k stored ids renormalised over them;
-r_i = clamp(s_i - log(p~_i + 1e-6), -1.5, 3), so the gradient is zero beyond the bounds where the
-rollout clamped the noise; log pi = the mean of f(r_i) over the components whose current
-log(p~_i + 1e-6) > -3. `--latent_density paper` reads the paper's formula literally: p~ renormalised
-over the components the rollout kept (its top-p set), r_i unclamped, the mean over those same
-components. At the rollout policy the paper reading returns the drawn noise's density (up to the
-1e-6), while the code's gives a different value for a token whose top-p set dropped entries or
-that has a kept component below e^-3; after an update the paper reading's gradient grows like
-exp(-r) where r < -1.5. Answer tokens use ordinary log-probs. Then plain GRPO: group advantages,
-PPO clip 0.2, k3 KL 0.001 to the start model, token-mean (TRL's knobs and names: `--loss_type dapo`
-| grpo | dr_grpo, `--scale_rewards group` | batch | none, `--epsilon_high`). Rollouts and
-training use the same T, k, p and tau_g.
-
-Deviations and choices:
-1. The </think> token that ends a think span is scored as an ordinary token (log-prob at T).
-2. Old log-probs are recomputed by a forward pass before the update (as verl does).
-3. Defaults are sized for the toy task (learning rate 3e-5, 16 prompts x 8 rollouts, 2 mini-batches
-   per step) and start from the toy Latent-SFT checkpoint, like Latent-GRPO, so the two compare;
-   the SofT-GRPO authors start from models that soft-think without latent SFT.
-4. `--max_latent_steps` caps the think span (then </think> is forced, not scored). Started from a
-   plain model or CoT checkpoint (no Latent-SFT), a warning says so and the span is capped at
-   min(48, half of `--max_completion_length`) by default: a model that never learnt </think>
-   rarely makes it the top token, and uncapped its rollouts would spend the whole budget in
-   latents. <think>/</think> are then added if missing, as rows of their own (table mean plus small
-   noise, not a copy of an existing token, which it would tie); the whole model trains here, those
-   rows included (with `--lora_r`, the adapters and those two rows). Other methods' checkpoints
-   (Coconut, HRPO's hybrid, ATP-Latent) are refused in one line naming the script that trains them.
-5. Prompts as the start checkpoint recorded them (latent_config.json), or `--chat_template` /
-   `--system_prompt` for a plain model; rollouts stop at every id of `common.stop_ids` (an instruct
-   model ends its turn with <|im_end|> or <|eot_id|>). `--dataset` is required off the toy model;
-   a single local file gives up a tenth of its rows for evaluation. `--bf16` (default on a bf16 GPU)
-   computes in bf16 on fp32 master weights (the KL reference is kept in bf16); the checkpoint is
-   saved in the start model's published dtype (`--save_dtype`).
-6. If no component's log(p~ + 1e-6) exceeds -3 (possible only for k > 20), the code density uses
-   the most likely one; the authors' code would divide by zero.
-
-At real sizes: the log-probs are computed from the hidden states in chunks of positions, at the
-sampled token and the k stored ids only (`common.completion_logprobs`), never as whole (rows, T,
-vocabulary) logits. `--lora_r` trains LoRA adapters (the <think>/</think> rows with them, as peft
-trainable tokens), and the KL reference is then the model with its adapters off, not a copy;
-checkpoints hold the merged weights. `--gradient_checkpointing` recomputes each decoder layer in
-backward; `--generation_batch_size` bounds the rollouts generated at once (whole groups);
-`--save_steps` writes checkpoint-<step> folders that `--resume_from_checkpoint latest` continues
-exactly; the memory plan printed before the first step says whether a run fits.
-
-Commands:
-    python soft_grpo.py                                           # toy: from checkpoints/toy-latent-sft
-    python soft_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --bf16 true --learning_rate 1e-6 \
-        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 32 --max_completion_length 128 --save_steps 50
-        # Llama-3.2-1B-Instruct after latent_sft.py, one 80 GB GPU, full fine-tuning (memory plan ~40 GB)
-    python soft_grpo.py --model runs/qwen-math-7b-latent-sft --dataset DigitalLearningGmbH/MATH-lighteval \
-        --eval_dataset HuggingFaceH4/MATH-500 --bf16 true --lora_r 64 --lora_alpha 128 --learning_rate 1e-5 \
-        --gradient_checkpointing --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 2 \
-        --generation_batch_size 64 --max_completion_length 4096 --save_steps 10 --output_dir runs/qwen-math-soft-grpo
-        # Qwen2.5-Math-7B (its latent_sft.py run), 4,096-token completions, one 80 GB GPU: LoRA (plan ~50 GB)
-    torchrun --nproc_per_node 8 soft_grpo.py --model runs/qwen-math-7b-latent-sft --dataset DigitalLearningGmbH/MATH-lighteval \
-        --eval_dataset HuggingFaceH4/MATH-500 --bf16 true --learning_rate 1e-6 --gradient_checkpointing \
-        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 4 --generation_batch_size 64 \
-        --max_completion_length 4096 --save_steps 10 --output_dir runs/qwen-math-soft-grpo
-        # the same on 8 GPUs: full fine-tuning under FSDP2 (plan ~39 GB per GPU)
-    python soft_grpo.py ... --resume_from_checkpoint latest      # the same command continues a stopped run
-    python soft_grpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --chat_template \
-        --learning_rate 1e-6 --max_completion_length 512 --max_latent_steps 256   # no Latent-SFT: warned, capped
+Usage:
+    python soft_grpo.py                               # toy: from checkpoints/toy-latent-sft -> runs/soft_grpo
+    python eval.py --model runs/soft_grpo --num_samples 8 --noise_scale 1.0
+    python soft_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --bf16 true --learning_rate 1e-6 \\
+        --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 32 --max_completion_length 128
 """
 import copy
 import functools
 import random
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from tqdm import tqdm
@@ -96,29 +41,40 @@ START_THINK, END_THINK = "<think>", "</think>"   # the think span: prompts end w
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default=toy.LATENT_SFT, metadata={"aliases": ["--model"], "help": "a latent (mixture) checkpoint, or a plain model or CoT checkpoint (with a warning and a latent cap)"})
-    dataset: str = field(default="", metadata={"help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
-    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
-    output_dir: str = field(default="runs/soft_grpo", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template (kept from the checkpoint if it was trained so)"})
-    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
+    # the method: the soft token and its density
+    temperature: float = field(default=0.6, metadata={"help": "T of p = softmax(z / T), in the span and after it"})
+    top_k: int = field(default=5, metadata={"help": "k: vocabulary entries a soft token keeps before the top-p cut"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus of the soft token and of the answer sampling"})
+    tau_g: float = field(default=0.1, metadata={"help": "temperature of the mixture weights softmax(s / tau_g)"})
+    latent_density: Literal["code", "paper"] = field(default="code", metadata={
+        "help": "a latent token's log-density: the authors' verl code, or the paper's formula read literally"})
+    max_latent_steps: int = field(default=-1, metadata={
+        "help": "cap on latent tokens, then </think> (-1: the checkpoint's, else min(48, half the completion))"})
+    # GRPO (TRL's names)
     num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range (lower, and upper unless --epsilon_high)"})
+    epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper clip range (default: --epsilon)"})
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "token-mean", "seq-mean-token-mean"] = field(
+        default="dapo", metadata={"help": "loss aggregation: dapo (token mean), grpo (rollouts' token means), dr_grpo"})
+    scale_rewards: Literal["group", "batch", "none", "true", "false"] = field(default="group", metadata={
+        "help": "divide R - group mean by the group's std, the batch's, or none (true/false = group/none)"})
+    beta: float = field(default=0.001, metadata={"help": "k3 KL coefficient to the frozen start model"})
+    # shared by every trainer; (4) the defaults are sized for the toy task, from the toy Latent-SFT checkpoint
+    model_name_or_path: str = field(default=toy.LATENT_SFT, metadata={
+        "aliases": ["--model"], "help": "a latent (mixture) checkpoint, or a plain model or CoT checkpoint (capped)"})
+    dataset: str = field(default="", metadata={
+        "help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default for the toy model)"})
+    eval_dataset: str = field(default="", metadata={
+        "help": "evaluation data (default: the test split of --dataset, or a held-out tenth of one file)"})
+    output_dir: str = field(default="runs/soft_grpo", metadata={"help": "checkpoint, metrics.jsonl and plots"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template"})
+    system_prompt: str = field(default="auto", metadata={
+        "help": "system turn with --chat_template (auto: the checkpoint's, else the answer format)"})
     train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
     mini_batch_size: int = field(default=8, metadata={"help": "prompts per optimizer update"})
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range (lower, and upper unless --epsilon_high)"})
-    epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper clip range (TRL's epsilon_high, DAPO's clip-higher); default: --epsilon"})
-    loss_type: str = field(default="dapo", metadata={"help": "loss aggregation (TRL's names): dapo (token mean over the mini-batch; verl's token-mean) | grpo (mean over rollouts of each rollout's token mean; verl's seq-mean-token-mean) | dr_grpo (token sum / (rollouts x max_completion_length))"})
-    scale_rewards: str = field(default="group", metadata={"help": "advantage = (R - group mean) / std (TRL's names): group (the group's std) | batch (the whole batch's std) | none (no division); true/false = group/none"})
-    beta: float = field(default=0.001, metadata={"help": "k3 KL coefficient to the frozen start model"})
-    temperature: float = field(default=0.6, metadata={"help": "T of p = softmax(z / T), in the think span and after it"})
-    top_k: int = field(default=5, metadata={"help": "k: vocabulary entries a soft token keeps before the top-p cut"})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus of the soft token and of the answer sampling"})
-    tau_g: float = field(default=0.1, metadata={"help": "temperature of the soft token's mixture weights softmax(s / tau_g)"})
-    latent_density: str = field(default="code", metadata={"help": "a latent token's log-density: code (the authors' verl code) | paper (the formula read literally)"})
-    max_completion_length: int = field(default=64, metadata={"help": "generated positions per rollout, latents included"})
-    max_latent_steps: int = field(default=-1, metadata={"help": "cap on latent tokens (then </think> is forced); -1 = the checkpoint's, or for a start without latent SFT min(48, half of --max_completion_length)"})
+    max_completion_length: int = field(default=64, metadata={"help": "generated positions per rollout, latents too"})
     learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (constant)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
@@ -126,19 +82,24 @@ class Args:
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
     max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
     eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
-    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights: auto (the start model's published dtype) | float32 | bfloat16"})
-    distributed: str = field(default="fsdp", metadata={"help": "under torchrun: fsdp (FSDP2) | ddp"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); the <think>/</think> rows train too (peft trainable tokens), and the KL reference is the model with its adapters off"})
+    log_completions: bool = field(default=False, metadata={"help": "one completion per prompt to completions.jsonl"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA's layers: all-linear, or comma-separated names (q_proj,v_proj)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's activations in backward (less memory, about a third more time)"})
-    generation_batch_size: int = field(default=0, metadata={"help": "rollouts generated at once on a rank, a multiple of --num_generations (0 = all of a step's rollouts at once)"})
-    save_steps: int = field(default=0, metadata={"help": "write a checkpoint-<step> folder to resume from every N steps (0 = only the final save)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step> folders (default: all)"})
-    resume_from_checkpoint: str = field(default="", metadata={"help": "continue a run: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
-    log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt to completions.jsonl"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "LoRA's layers: all-linear, or comma-separated names (q_proj,v_proj)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer in backward"})
+    generation_batch_size: int = field(default=0, metadata={
+        "help": "rollouts generated at once on a rank, a multiple of --num_generations (0 = all at once)"})
+    save_steps: int = field(default=0, metadata={"help": "a checkpoint-<step> every N steps (0 = only at the end)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step>"})
+    resume_from_checkpoint: str = field(default="", metadata={
+        "help": "continue a run: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
+    bf16: Optional[bool] = field(default=None, metadata={
+        "help": "bf16 compute on fp32 master weights (default: on for a bf16-capable GPU)"})
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "dtype of the saved weights (auto: the start model's published dtype)"})
+    distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
@@ -253,7 +214,7 @@ def soft_latent_logprob(log_pt, scores):
     log(p~_i + 1e-6) > -3 (the most likely one at least)."""
     lp = torch.log(log_pt.exp() + 1e-6)
     r = (scores - lp).clamp(-1.5, 3.0)
-    use = ((lp > -3) | (lp == lp.max(-1, keepdim=True).values)).float()
+    use = ((lp > -3) | (lp == lp.max(-1, keepdim=True).values)).float()   # (6) the most likely one at least
     return (gumbel_logdensity(r) * use).sum(-1) / use.sum(-1)
 
 
@@ -271,11 +232,12 @@ def position_logprobs(model, r, rows, T, density="code"):
     ids only (common.completion_logprobs: never the whole (n, T, vocabulary) logits)."""
     lp = common.completion_logprobs(model, r, rows, T, ids=r.extras["ids"][rows])   # lp.ids: log softmax(z / T)[ids]
     scores, keep = r.extras["scores"][rows], r.extras["keep"][rows]
-    if density == "code":
+    if density == "code":  # (1) the authors' code by default, not the paper's formula read literally
         lat_lp = soft_latent_logprob(truncated_logprobs(lp.ids, torch.ones_like(keep)), scores)
     else:
-        keep = torch.where(keep.sum(-1, keepdim=True) > 0, keep, torch.ones_like(keep))  # rows outside the span: any finite value
+        keep = torch.where(keep.sum(-1, keepdim=True) > 0, keep, torch.ones_like(keep))  # outside the span: any value
         lat_lp = paper_latent_logprob(truncated_logprobs(lp.ids, keep), scores, keep)
+    # (2) the </think> that ends a span is an ordinary token here: its log-prob at T
     return torch.where(r.kinds[rows] == common.LATENT_STEP, lat_lp, lp.token)
 
 
@@ -307,24 +269,44 @@ def aggregate_loss(per_tok, loss_mask, loss_type, n_tokens, n_rows, max_len):
     return (per_tok * loss_mask).sum() / n_tokens
 
 
+def clipped_tokens(ratio, loss_mask, eps_low, eps_high):
+    """How many scored tokens have a ratio outside the clip range [1 - eps_low, 1 + eps_high] (clip_frac's count),
+    whatever the advantage's sign."""
+    return (((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).float() * loss_mask).sum().item()
+
+
+def policy_logprobs(model, ref, r, rows, args, reference=False):
+    """position_logprobs of the policy, or of the KL reference: the frozen copy `ref`, or with LoRA
+    (`ref` None) the policy with its adapters off (the start model)."""
+    if reference and ref is None:
+        with common.unwrap(model).disable_adapter():
+            return position_logprobs(model, r, rows, args.temperature, args.latent_density)
+    return position_logprobs(ref if reference else model, r, rows, args.temperature, args.latent_density)
+
+
+def run_eval(model, tokenizer, test, cfg, args, d, logger, step):
+    """Greedy pass@1 (deterministic mixture latents, as eval.py runs them) and #L, logged as eval_acc, eval_mean_L."""
+    res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
+                          max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
+    logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
+    return res
+
+
 def main(args):
+    # ---- 0. setup: the start model, its prompts, the think markers, the KL reference, the optimizer
     if args.temperature <= 0:
         common.die(f"--temperature must be positive (got {args.temperature})")
-    if args.latent_density not in ("code", "paper"):
-        common.die(f"--latent_density must be code or paper (got {args.latent_density!r})")
-    if args.loss_type not in LOSS_TYPES or args.scale_rewards.lower() not in SCALE_REWARDS:
-        common.die(f"--loss_type must be one of {', '.join(LOSS_TYPES)} and --scale_rewards one of {', '.join(SCALE_REWARDS)} "
-                   f"(got {args.loss_type!r}, {args.scale_rewards!r})")
-    loss_type, scale_rewards = LOSS_TYPES[args.loss_type], SCALE_REWARDS[args.scale_rewards.lower()]
+    loss_type, scale_rewards = LOSS_TYPES[args.loss_type], SCALE_REWARDS[args.scale_rewards]
     d = common.setup_distributed(args.seed)
     common.check_args(args, d)
     model, tokenizer, cfg = common.load_model(args.model_name_or_path, d.device, torch.float32)
-    common.check_start(cfg, (None, "cot", "mixture"), "soft_grpo.py")
+    common.check_start(cfg, (None, "cot", "mixture"), "soft_grpo.py")   # (5) a Latent-SFT model, or a plain/CoT one
     start_cfg = dict(cfg or {})
     train, test = common.load_train_eval(args, start_cfg)
-    prompting = common.prompt_settings(args, start_cfg, train)
-    cap = args.max_latent_steps if args.max_latent_steps >= 0 else start_cfg.get("max_latent_steps", min(48, args.max_completion_length // 2))
-    if start_cfg.get("mode") != "mixture":  # the whole model trains here, the added rows with it
+    prompting = common.prompt_settings(args, start_cfg, train)   # (7) the start's prompts, or --chat_template
+    cap = args.max_latent_steps if args.max_latent_steps >= 0 else start_cfg.get(
+        "max_latent_steps", min(48, args.max_completion_length // 2))
+    if start_cfg.get("mode") != "mixture":  # (5) no latent SFT: warned, capped, markers added; the whole model trains
         if d.main:  # a fresh </think> is rarely the top token: uncapped, the span would fill the budget
             print(f"warning: {args.model_name_or_path} never saw latent SFT (this file's toy runs start from "
                   f"latent_sft.py): its think span is capped at {cap} latent steps (--max_latent_steps), then "
@@ -355,46 +337,45 @@ def main(args):
     start_step, extra = state.resume()
     logger = common.Logger(args.output_dir, args, d, args.track, resume_step=start_step)
     longest_prompt = max(len(p) for p in think_prompts(tokenizer, cfg, [ex["question"] for ex in train[:1000]]))
-    common.print_memory_plan(model, d, args, min(args.micro_batch_size, per_rank * G), longest_prompt + args.max_completion_length,
-                             args.generation_batch_size or per_rank * G, longest_prompt + args.max_completion_length, frozen=ref)
+    common.print_memory_plan(model, d, args, min(args.micro_batch_size, per_rank * G),
+                             longest_prompt + args.max_completion_length, args.generation_batch_size or per_rank * G,
+                             longest_prompt + args.max_completion_length, frozen=ref)
+    if start_step:
+        start = extra["start"]   # (kept in checkpoints)
+    else:
+        start = {k: v for k, v in run_eval(model, tokenizer, test, cfg, args, d, logger, 0).items() if k != "examples"}
 
-    def run_eval(step):
-        res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
-                              max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
-        logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"]}, step)
-        return res
-
-    def position_logprobs_of(r, rows, reference=False):
-        """position_logprobs of the policy, or of the KL reference: the frozen copy, or with LoRA the
-        policy with its adapters off (the start model)."""
-        if reference and ref is None:
-            with common.unwrap(model).disable_adapter():
-                return position_logprobs(model, r, rows, args.temperature, args.latent_density)
-        return position_logprobs(ref if reference else model, r, rows, args.temperature, args.latent_density)
-
-    start = extra["start"] if start_step else {k: v for k, v in run_eval(0).items() if k != "examples"}  # (kept in checkpoints)
     for step in tqdm(range(start_step + 1, args.max_steps + 1), desc="soft-grpo", disable=not d.main,
                      initial=start_step, total=args.max_steps):
+        # ---- 1. rollout (soft thinking with two-sided Gumbel noise, then words) and reward
         times = {}
         batch = [train[i] for i in rng.sample(range(len(train)), per_rank)]
         model.eval()
         with common.timer(times, "rollout_s"):  # in pieces of --generation_batch_size rollouts, a fresh step each
-            make_step = functools.partial(ThinkStep, model, soft_gumbel_latent(args.temperature, args.top_k, args.top_p, args.tau_g),
-                                          end_think, cfg["max_latent_steps"], args.temperature, args.top_p)
+            latent = soft_gumbel_latent(args.temperature, args.top_k, args.top_p, args.tau_g)
+            make_step = functools.partial(ThinkStep, model, latent, end_think, cfg["max_latent_steps"],
+                                          args.temperature, args.top_p)
             r = common.generate(model, think_prompts(tokenizer, cfg, [ex["question"] for ex in batch]), make_step,
                                 args.max_completion_length, stop, tokenizer.pad_token_id, G, args.generation_batch_size)
         times["rollout_tok_per_s"] = r.lengths.sum().item() / times["rollout_s"]
         texts = [common.decode_completion(tokenizer, r, i) for i in range(len(r.tokens))]
-        rewards = torch.tensor([float(common.is_correct(t, batch[i // G]["answer"])) for i, t in enumerate(texts)], device=d.device)
+        rewards = torch.tensor([float(common.is_correct(t, batch[i // G]["answer"])) for i, t in enumerate(texts)],
+                               device=d.device)
+        # ---- 2. advantages: R minus its group's mean, over the group's (or the batch's) std
         groups = rewards.view(-1, G)
-        adv = group_advantages(rewards, G, scale_rewards, common.all_gather(rewards, d) if scale_rewards == "batch" else None)
+        every = common.all_gather(rewards, d) if scale_rewards == "batch" else None   # every rank's rewards
+        adv = group_advantages(rewards, G, scale_rewards, every)
         # the positions the loss scores: latents and sampled tokens (not a forced </think>, not padding)
         loss_mask = (((r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP)) & r.mask.bool()).float()
         N, micro = len(r.tokens), args.micro_batch_size
         with common.timer(times, "update_s"):
+            # ---- 3. old and reference log-probs: (3) a forward pass of the rollout policy, as verl does
             with torch.no_grad():
-                old_logp = torch.cat([position_logprobs_of(r, slice(i, i + micro)) for i in range(0, N, micro)])
-                ref_logp = None if args.beta <= 0 else torch.cat([position_logprobs_of(r, slice(i, i + micro), True) for i in range(0, N, micro)])
+                old_logp = torch.cat([policy_logprobs(model, ref, r, slice(i, i + micro), args)
+                                      for i in range(0, N, micro)])
+                ref_logp = None if args.beta <= 0 else torch.cat(
+                    [policy_logprobs(model, ref, r, slice(i, i + micro), args, True) for i in range(0, N, micro)])
+            # ---- 4. update: PPO clip (+ k3 KL) per position, mini-batches of whole groups, micro-batches of rows
             model.train()
             stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "n": 0}
             rows_per_mini = args.mini_batch_size // d.world * G
@@ -403,7 +384,7 @@ def main(args):
                 n_tok = common.all_mean(loss_mask[mini].sum().item(), d) or 1.0
                 for i in range(mini.start, mini.stop, micro):
                     rows = slice(i, min(i + micro, mini.stop))
-                    logp = position_logprobs_of(r, rows)
+                    logp = policy_logprobs(model, ref, r, rows, args)
                     ratio = torch.exp(logp - old_logp[rows])
                     a = adv[rows, None]
                     per_tok = torch.max(-a * ratio, -a * ratio.clamp(1 - eps_low, 1 + eps_high))
@@ -412,30 +393,34 @@ def main(args):
                         kl = torch.exp(d_ref) - d_ref - 1
                         per_tok = per_tok + args.beta * kl
                         stats["kl"] += ((kl * loss_mask[rows]).sum() / n_tok).item()
-                    loss = aggregate_loss(per_tok, loss_mask[rows], loss_type, n_tok, len(mini), args.max_completion_length)
+                    loss = aggregate_loss(per_tok, loss_mask[rows], loss_type, n_tok, len(mini),
+                                          args.max_completion_length)
                     loss.backward()
                     stats["loss"] += loss.item()
-                    stats["clip_frac"] += (((ratio - 1).abs() > args.epsilon).float() * loss_mask[rows]).sum().item() / n_tok
+                    stats["clip_frac"] += clipped_tokens(ratio, loss_mask[rows], eps_low, eps_high) / n_tok
                 stats["grad_norm"] += common.clip_grad_norm(model, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 stats["n"] += 1
+        # ---- 5. log, evaluate, save
         is_lat = ((r.kinds == common.LATENT_STEP) & r.mask.bool()).float()
         row = {"reward": rewards.mean().item(), "frac_zero_std": (groups.std(1) == 0).float().mean().item(),
                "valid_frac": r.finished.float().mean().item(), "completion_length": r.mask.sum(1).float().mean().item(),
-               "n_latents": is_lat.sum(1).mean().item(), "latent_frac": (is_lat.sum() / loss_mask.sum().clamp(min=1)).item(),
+               "n_latents": is_lat.sum(1).mean().item(),
+               "latent_frac": (is_lat.sum() / loss_mask.sum().clamp(min=1)).item(),
                "loss": stats["loss"] / stats["n"], "clip_frac": stats["clip_frac"] / stats["n"],
                "grad_norm": stats["grad_norm"] / stats["n"], **times}
         if ref_logp is not None:
             row["kl"] = stats["kl"] / stats["n"]
-        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)  # times: this rank's
+        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)  # times: rank 0's
         if args.log_completions:
-            common.write_completions(args.output_dir, step, [{"question": ex["question"], "completion": texts[j * G],
-                                                              "reward": rewards[j * G].item()} for j, ex in enumerate(batch)], d)
+            shown = [{"question": ex["question"], "completion": texts[j * G], "reward": rewards[j * G].item()}
+                     for j, ex in enumerate(batch)]
+            common.write_completions(args.output_dir, step, shown, d)
         if step % args.eval_every == 0 and step != args.max_steps:
-            run_eval(step)
+            run_eval(model, tokenizer, test, cfg, args, d, logger, step)
         state.maybe_save(step, tokenizer, saved_cfg, extra={"start": start})
-    final = run_eval(args.max_steps)
+    final = run_eval(model, tokenizer, test, cfg, args, d, logger, args.max_steps)
     common.finish(model, tokenizer, saved_cfg, args, d, final, start,
                   plot_keys=["reward", "eval_acc", "eval_mean_L", "completion_length", "kl"])
     return model

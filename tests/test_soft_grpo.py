@@ -69,8 +69,10 @@ def test_soft_grpo_density_at_and_beyond_the_clamp_bounds():
     shrink = 0.11 / (0.11 + 1e-6)                                      # d log(p~ + 1e-6) / d log p~
     # inside the bounds: d/d log p~ = -f'(r) / 3 with f'(r) = exp(-r) - 1; beyond them, and left out: 0
     g = log_pt.grad
-    assert [g[0, 0].item(), g[0, 2].item(), g[0, 3].item()] == pytest.approx([0.0, -(math.exp(-0.5) - 1) / 3 * shrink, 0.0], abs=1e-9)
-    assert [g[1, 1].item(), g[1, 2].item(), g[1, 3].item()] == pytest.approx([0.0, -(math.exp(-1.0) - 1) / 3 * shrink, 0.0], abs=1e-9)
+    assert [g[0, 0].item(), g[0, 2].item(), g[0, 3].item()] == pytest.approx(
+        [0.0, -(math.exp(-0.5) - 1) / 3 * shrink, 0.0], abs=1e-9)
+    assert [g[1, 1].item(), g[1, 2].item(), g[1, 3].item()] == pytest.approx(
+        [0.0, -(math.exp(-1.0) - 1) / 3 * shrink, 0.0], abs=1e-9)
     # the paper's formula, unclamped over the same three components: r = -2 counts as f(-2), and its
     # gradient grows like exp(-r) (the issue's "up to 6" difference at the bounds)
     keep = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2, dtype=torch.float64)
@@ -95,7 +97,8 @@ def test_scale_rewards_group_batch_none():
     g1 = [0.25, 0.25, 0.25, -0.75]
     group_std = math.sqrt(0.25)                            # unbiased: (0.75^2 + 3 * 0.25^2) / 3
     batch_std = math.sqrt((4 * 0.5 ** 2 + 4 * 0.5 ** 2) / 7)
-    assert sg.group_advantages(rewards, 4).tolist() == pytest.approx([a / (group_std + 1e-6) for a in g0 + g1], abs=1e-6)
+    assert sg.group_advantages(rewards, 4).tolist() == pytest.approx(
+        [a / (group_std + 1e-6) for a in g0 + g1], abs=1e-6)
     assert sg.group_advantages(rewards, 4, "batch", rewards).tolist() == pytest.approx(
         [a / (batch_std + 1e-6) for a in g0 + g1], abs=1e-6)
     assert sg.group_advantages(rewards, 4, "none").tolist() == pytest.approx(g0 + g1, abs=1e-7)
@@ -144,7 +147,8 @@ def test_think_step_by_hand():
     out = [step(t, torch.log(torch.tensor(P_HAND[t])), None, done) for t in range(3)]
     assert [o[0].tolist() for o in out] == [[0, 3, 0], [1, 1, 3], [3, 3, 2]]
     assert [o[2].tolist() for o in out] == [[1, 0, 1], [1, 0, 0], [2, 0, 0]]     # latent, token, forced
-    assert out[0][1][0].tolist() == pytest.approx([2 / 3, 1 / 3]) and out[0][1][2].tolist() == pytest.approx([2.5, 1.875])
+    assert out[0][1][0].tolist() == pytest.approx([2 / 3, 1 / 3])
+    assert out[0][1][2].tolist() == pytest.approx([2.5, 1.875])
     assert out[1][1][0].tolist() == pytest.approx([0.2 / 0.9, 0.7 / 0.9])
     assert step.extras()["top1"].tolist() == [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]   # zeros off the span
 
@@ -189,7 +193,8 @@ def whole_logits(model, r, rows=slice(None)):
     (the stored latents fed back, detached): how the losses were computed before lm_logprobs."""
     ids, mask, latent_mask, latents = r.inputs(rows)
     logits, _ = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask,
-                                  latent_vectors=None if latents is None else latents.detach(), logits_to_keep=r.tokens.shape[1] + 1)
+                                  latent_vectors=None if latents is None else latents.detach(),
+                                  logits_to_keep=r.tokens.shape[1] + 1)
     return logits[:, :-1].float()
 
 
@@ -232,30 +237,59 @@ def test_soft_grpo_runs_and_saves(tmp_path):
     assert len(rows) == 2 and finite(rows, ["loss", "kl", "grad_norm"]) and all(r["kl"] >= 0 for r in rows)
     assert all(r["n_latents"] > 0 for r in rows)
     assert json.loads((out / "latent_config.json").read_text())["method"] == "soft_grpo"
-    assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.float32}   # bf16 compute, fp32 weights
+    # bf16 compute, fp32 weights
+    assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.float32}
     assert (out / "completions.jsonl").read_text().count("\n") == 8                               # 2 steps x 4 prompts
     AutoModelForCausalLM.from_pretrained(out)
 
 
 def test_trl_knobs_run(tmp_path):
     out = tmp_path / "knobs"
-    run_main("soft_grpo", "--max_steps", "1", "--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
-             "--max_eval_samples", "2", "--max_completion_length", "16", "--beta", "0", "--loss_type", "dr_grpo",
+    run_main("soft_grpo", "--max_steps", "1", "--train_batch_size", "2", "--mini_batch_size", "2",
+             "--num_generations", "2", "--max_eval_samples", "2", "--max_completion_length", "16", "--beta", "0",
+             "--loss_type", "dr_grpo",
              "--scale_rewards", "batch", "--epsilon_high", "0.28", "--output_dir", out)
     assert finite([r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r], ["loss", "grad_norm"])
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["--latent_density", "mine"], "--latent_density must be code or paper"),
     (["--num_generations", "1"], "--num_generations must be at least 2"),
     (["--model", "no/such-model-here"], "no/such-model-here"),
-    (["--loss_type", "bnpo"], "--loss_type must be one of dapo"),
-    (["--scale_rewards", "yes"], "--scale_rewards one of group"),
-    (["--generation_batch_size", "6"], "--generation_batch_size must be 0 (all at once) or a multiple of --num_generations 8"),
+    (["--generation_batch_size", "6"],
+     "--generation_batch_size must be 0 (all at once) or a multiple of --num_generations 8"),
     (["--lora_r", "-1"], "--lora_r must be >= 0"),
+    (["--temperature", "0"], "--temperature must be positive"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path):
     assert words in main_error("soft_grpo", *argv, "--output_dir", tmp_path / "x")
+
+
+@pytest.mark.parametrize("flag,value", [("--latent_density", "mine"), ("--loss_type", "bnpo"),
+                                        ("--scale_rewards", "yes"), ("--distributed", "deepspeed"),
+                                        ("--save_dtype", "fp8")])
+def test_choices_are_checked_by_the_parser_in_one_line(flag, value, tmp_path):
+    """The Literal fields: argparse's own message, as common.parse_args turns it into one line."""
+    msg = main_error("soft_grpo", flag, value, "--output_dir", tmp_path / "x")
+    assert f"argument {flag}" in msg and f"invalid choice: '{value}'" in msg
+
+
+def test_trl_aliases_are_accepted():
+    """verl's loss names and TRL's boolean scale_rewards still parse, to the same settings."""
+    args = common.parse_args(sg.Args, ["--loss_type", "token-mean", "--scale_rewards", "false"])
+    assert sg.LOSS_TYPES[args.loss_type] == "dapo" and sg.SCALE_REWARDS[args.scale_rewards] == "none"
+    args = common.parse_args(sg.Args, ["--loss_type", "seq-mean-token-mean", "--scale_rewards", "true"])
+    assert sg.LOSS_TYPES[args.loss_type] == "grpo" and sg.SCALE_REWARDS[args.scale_rewards] == "group"
+
+
+def test_clip_frac_counts_the_clip_range_with_epsilon_high():
+    """clip_frac counts ratios below 1 - epsilon or above 1 + epsilon_high (not |ratio - 1| > epsilon):
+    with epsilon 0.2 and epsilon_high 0.28, 1.25 is inside the range and 1.3 outside; a masked
+    position never counts."""
+    ratio = torch.tensor([[0.5, 0.79, 0.81, 1.0, 1.21, 1.25, 1.3, 2.0], [0.1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1.0] * 8, [0.0] + [1.0] * 7])
+    assert sg.clipped_tokens(ratio, mask, 0.2, 0.28) == 4.0      # 0.5, 0.79 below 0.8; 1.3, 2.0 above 1.28
+    assert sg.clipped_tokens(ratio, mask, 0.2, 0.2) == 6.0       # without clip-higher 1.21 and 1.25 count too
+    assert sg.clipped_tokens(ratio, torch.ones_like(mask), 0.2, 0.28) == 5.0   # 0.1, once unmasked
 
 
 # ---- real models, end to end (issue 11): markers that tie no token and train, chat prompts, stops, bf16 ----
@@ -299,14 +333,16 @@ def test_soft_grpo_from_an_instruct_model_without_latent_sft_warns_once_and_caps
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     tok = AutoTokenizer.from_pretrained(out)
     assert all(tok.convert_tokens_to_ids("<|im_end|>") in s for s in stop_spy)
-    run_eval(out, "--dataset", gsm8k, "--max_samples", "2", "--max_completion_length", "8", "--output_file", tmp_path / "e.json")
+    run_eval(out, "--dataset", gsm8k, "--max_samples", "2", "--max_completion_length", "8",
+             "--output_file", tmp_path / "e.json")
 
 
 def test_soft_grpo_accepts_only_the_starts_it_trains(tmp_path, smol_tiny):
     import shutil
     hybrid = tmp_path / "hrpo-ckpt"
     shutil.copytree(toy.COT, hybrid)
-    (hybrid / "latent_config.json").write_text(json.dumps({"mode": "hybrid", "method": "hrpo", "prompt_format": "plain"}))
+    hybrid_cfg = {"mode": "hybrid", "method": "hrpo", "prompt_format": "plain"}
+    (hybrid / "latent_config.json").write_text(json.dumps(hybrid_cfg))
     assert "use hrpo.py" in main_error("soft_grpo", "--model", hybrid, "--output_dir", tmp_path / "x")
     assert "grpo_latent.py" in main_error("soft_grpo", "--model", toy.COCONUT, "--output_dir", tmp_path / "x")
     assert "--dataset is required" in main_error("soft_grpo", "--model", smol_tiny, "--output_dir", tmp_path / "x")
@@ -367,13 +403,15 @@ def test_chunked_position_logprobs_equal_the_whole_logits_computation(density, m
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=5e-5, msg=n)
 
 
-SCALE_FAST = ["--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "4", "--max_train_samples", "16",
-              "--max_eval_samples", "2", "--max_completion_length", "24", "--eval_every", "100"]
+SCALE_FAST = ["--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "4",
+              "--max_train_samples", "16", "--max_eval_samples", "2", "--max_completion_length", "24",
+              "--eval_every", "100"]
 
 
 def same_run_rows(out):
     """metrics.jsonl without what depends on the machine (times, speeds, memory)."""
-    return [{k: v for k, v in r.items() if not k.endswith("_s") and k != "peak_mem_gb"} for r in common.read_metrics(out / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if not k.endswith("_s") and k != "peak_mem_gb"}
+            for r in common.read_metrics(out / "metrics.jsonl")]
 
 
 def test_a_stopped_run_resumes_exactly(tmp_path, interrupted_after):
@@ -384,8 +422,10 @@ def test_a_stopped_run_resumes_exactly(tmp_path, interrupted_after):
     with interrupted_after(2):
         run_main("soft_grpo", *argv, "--save_steps", "2", "--output_dir", tmp_path / "run")
     assert sorted(common.checkpoints(tmp_path / "run")) == [2]
-    run_main("soft_grpo", *argv, "--save_steps", "2", "--resume_from_checkpoint", "latest", "--output_dir", tmp_path / "run")
-    start, straight, resumed = (load_file(f / "model.safetensors") for f in (Path(toy.LATENT_SFT), tmp_path / "straight", tmp_path / "run"))
+    run_main("soft_grpo", *argv, "--save_steps", "2", "--resume_from_checkpoint", "latest",
+             "--output_dir", tmp_path / "run")
+    start, straight, resumed = (load_file(f / "model.safetensors")
+                                for f in (Path(toy.LATENT_SFT), tmp_path / "straight", tmp_path / "run"))
     assert any(not torch.equal(straight[k], start[k]) for k in start)                # it trained
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     rows = same_run_rows(tmp_path / "run")
@@ -399,8 +439,8 @@ def test_lora_trains_adapters_and_marker_rows_and_saves_plain_merged_weights(tmp
     """--lora_r at a high learning rate, rollouts in pieces of one group: the merged checkpoint moves
     every linear weight and the <think>/</think> rows (trainable tokens), and nothing else."""
     out = tmp_path / "lora"
-    run_main("soft_grpo", *SCALE_FAST, "--max_steps", "2", "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
-             "--generation_batch_size", "4", "--output_dir", out)
+    run_main("soft_grpo", *SCALE_FAST, "--max_steps", "2", "--lora_r", "4", "--lora_alpha", "8",
+             "--learning_rate", "1e-2", "--generation_batch_size", "4", "--output_dir", out)
     assert "memory plan per device (GB): weights" in capsys.readouterr().out
     rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert finite(rows, ["loss", "kl", "grad_norm", "rollout_tok_per_s"]) and rows[-1]["grad_norm"] > 0
@@ -421,9 +461,10 @@ def test_lora_trains_adapters_and_marker_rows_and_saves_plain_merged_weights(tmp
 def test_gradient_checkpointing_gives_the_same_step(tmp_path):
     """One step (seed 15: its groups carry signal) with and without --gradient_checkpointing."""
     for gc in ("false", "true"):
-        run_main("soft_grpo", *SCALE_FAST, "--max_steps", "1", "--seed", "15", "--learning_rate", "1e-3", "--gradient_checkpointing", gc,
-                 "--output_dir", tmp_path / gc)
-    start, plain, ckpt = (load_file(f / "model.safetensors") for f in (Path(toy.LATENT_SFT), tmp_path / "false", tmp_path / "true"))
+        run_main("soft_grpo", *SCALE_FAST, "--max_steps", "1", "--seed", "15", "--learning_rate", "1e-3",
+                 "--gradient_checkpointing", gc, "--output_dir", tmp_path / gc)
+    start, plain, ckpt = (load_file(f / "model.safetensors")
+                          for f in (Path(toy.LATENT_SFT), tmp_path / "false", tmp_path / "true"))
     assert any(not torch.equal(plain[k], start[k]) for k in start)
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
