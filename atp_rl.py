@@ -517,7 +517,7 @@ def main(args):
             for _ in range(args.num_iterations):
                 for m0 in range(0, N, rows_per_mini):
                     mini = range(m0, min(N, m0 + rows_per_mini))
-                    n_pos = common.all_mean(loss_mask[mini].sum().item(), d) or 1.0
+                    n_pos = common.all_reduce(loss_mask[mini].sum().item(), d) or 1.0
                     for i in range(mini.start, mini.stop, micro):
                         rows = slice(i, min(i + micro, mini.stop))
                         logp, sigma = position_logprobs(model, heads, r, rows, args.temperature)
@@ -546,7 +546,7 @@ def main(args):
                "completion_length": ((r.kinds == common.TOKEN) & r.mask.bool()).sum(1).float().mean().item(),
                "loss": stats["loss"] / stats["n"], "clip_frac": stats["clip_frac"] / stats["n"],
                "grad_norm": stats["grad_norm"] / stats["n"], "sigma": stats["sigma"] / max(1, stats["m"])}
-        row = {k: (common.all_mean(v, d) if isinstance(v, float) else v) for k, v in row.items()}
+        row = {k: (common.all_reduce(v, d) if isinstance(v, float) else v) for k, v in row.items()}
         logger.log({**row, **times}, step)
         if args.log_completions:
             common.write_completions(args.output_dir, step, [

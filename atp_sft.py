@@ -383,7 +383,7 @@ def atp_forward(model, heads, ids, mask, n_latent, c0):
     chunks), and each earlier pass needs only its last position's logits (B, 1, V), which predict
     the next pass's first column (a label for rows with fewer latents than the batch's most)."""
     pos = common.positions(mask)
-    n_max = common.global_max(n_latent.max())  # the same number of passes on every rank
+    n_max = common.all_reduce(int(n_latent.max()), None, "max")  # the same number of passes on every rank
     B, d = ids.shape[0], common.unwrap(model).config.hidden_size
     if n_max == 0:  # no row has a latent: one plain pass
         lp, _ = common.lm_logprobs(model, ids, mask, pos, ids[:, 1:])
@@ -575,7 +575,7 @@ def main(args):
             step = first + i + 1
             batch = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
             exs = [build_example(tokenizer, train[j], stage, args, special, cfg, end_id) for j in batch]
-            n_lab = common.all_sum(sum(sum(y != -100 for y in ex.labels) for ex in exs), d)
+            n_lab = common.all_reduce(sum(sum(y != -100 for y in ex.labels) for ex in exs), d, "sum")
             stats = {"ce": 0.0, "dec_ce": 0.0, "kl": 0.0, "stop_ce": 0.0, "stop_acc": 0.0, "sigma": 0.0}
             for m0 in range(0, len(exs), micro):
                 part = exs[m0:m0 + micro]
@@ -594,8 +594,7 @@ def main(args):
 
             # ---- 4. log
             if (i + 1) % args.log_every == 0 or i + 1 == args.steps_per_stage:
-                row = {"ce": common.all_sum(stats["ce"], d), **{k: common.all_mean(v, d) for k, v in stats.items()
-                                                                 if k != "ce"}}
+                row = {k: common.all_reduce(v, d, "sum" if k == "ce" else "mean") for k, v in stats.items()}
                 loss = (row["ce"] + args.kl_weight * row["kl"] + args.decoder_weight * row["dec_ce"]
                         + args.stop_weight * row["stop_ce"])
                 elapsed = time.time() - t0   # this rank's time per step and positions (latents too) per second

@@ -167,7 +167,7 @@ def coconut_forward(model, ids, mask, n_latent, c0, pause_as_thought=False):
     fed, as (vectors (B, d), rows that take them (B,)). No pass makes whole (B, L, V) logits: the
     last scores its positions in chunks (lm_logprobs), each earlier one keeps its last position's."""
     pos = common.positions(mask)
-    n_max = common.global_max(n_latent.max())  # the same number of passes on every rank
+    n_max = common.all_reduce(int(n_latent.max()), None, "max")  # the same number of passes on every rank
     if n_max == 0 or pause_as_thought:  # pause as thought: the <|latent|> embedding itself is the input
         return common.lm_logprobs(model, ids, mask, pos, ids[:, 1:])[0].token, []
 
@@ -369,7 +369,7 @@ def main(args):
             exs = [example(train[j], s) for j, s in zip(batch, sizes)]
             # (8) every labelled token of the global batch weighs the same, however it is split into
             # ranks and micro-batches (the gradients are averaged over ranks, hence * world)
-            n_tokens = common.all_sum(sum(sum(y != -100 for y in ex.labels) for ex in exs), d)
+            n_tokens = common.all_reduce(sum(sum(y != -100 for y in ex.labels) for ex in exs), d, "sum")
 
             # ---- 3. forward through the latent chain, cross-entropy after <|end-latent|>, backward
             stats = {"loss": 0.0, "thought_norm": 0.0, "n_thoughts": 0}
@@ -395,7 +395,7 @@ def main(args):
             # ---- 5. log, evaluate at the stage's end, save
             if (i + 1) % args.log_every == 0 or i + 1 == per_stage:
                 elapsed = max(1e-9, time.time() - t0)
-                row = {"stage": stage, "loss": common.all_sum(stats["loss"], d), "grad_norm": grad_norm,
+                row = {"stage": stage, "loss": common.all_reduce(stats["loss"], d, "sum"), "grad_norm": grad_norm,
                        "lr": scheduler.get_last_lr()[0], "step_s": elapsed / since_log,
                        "tok_per_s": seen_tokens / elapsed}
                 if stats["n_thoughts"]:

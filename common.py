@@ -1129,7 +1129,7 @@ def evaluate(model, tokenizer, data, reasoning, num_samples=1, temperature=0.7, 
         data = data[:len(data) // d.world * d.world][d.rank::d.world]
         res = evaluate(model, tokenizer, data, reasoning, num_samples, temperature, top_p, batch_size, max_new_tokens,
                        disable_progress=disable_progress or not d.main)
-        return {k: (all_mean(v, d) if isinstance(v, float) else v) for k, v in res.items()}
+        return {k: (all_reduce(v, d) if isinstance(v, float) else v) for k, v in res.items()}
     greedy = _generate(model, tokenizer, data, reasoning, 1, 0.0, 1.0, batch_size, max_new_tokens, "greedy",
                        disable_progress)
     res = {"pass@1": float(np.mean([g[0][1] for g in greedy])), "mean_L": float(np.mean([g[0][2] for g in greedy])),
@@ -1345,9 +1345,10 @@ def all_gather(x, d: Dist):
 
 
 def all_reduce(x, d, op="mean"):
-    """A float or int reduced over processes (op: mean | sum | max); on one process x as it is
-    (mean and sum as a float). `d` None: read torch.distributed directly (callers without a Dist)."""
+    """A number reduced over processes (op: mean | sum | max): mean and sum as a float, max as given.
+    `d` None reads torch.distributed itself (for callers without a Dist)."""
     import torch.distributed as dist
+    x = x if op == "max" else float(x)
     if d is None:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return x
@@ -1359,20 +1360,6 @@ def all_reduce(x, d, op="mean"):
     t = torch.tensor([x], device=device)  # float32 for a float, int64 for an int
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.item() / world if op == "mean" else t.item()
-
-
-def all_mean(x, d: Dist):
-    return all_reduce(float(x), d, "mean")
-
-
-def all_sum(x, d: Dist):
-    return all_reduce(float(x), d, "sum")
-
-
-def global_max(n):
-    """max of n over all processes: batch-dependent loops must run as often on every rank, or FSDP's
-    collectives pair up wrongly."""
-    return int(all_reduce(int(n), None, "max"))
 
 
 def barrier(d: Dist):

@@ -288,7 +288,7 @@ def main(args):
             for _ in range(args.num_iterations):
                 for m0 in range(0, N, rows_per_mini):
                     mini = range(m0, min(N, m0 + rows_per_mini))
-                    n_tok = common.all_mean(loss_mask[mini].sum().item(), d) or 1.0
+                    n_tok = common.all_reduce(loss_mask[mini].sum().item(), d) or 1.0
                     for i in range(mini.start, mini.stop, micro):
                         rows = slice(i, min(i + micro, mini.stop))
                         logp = common.completion_logprobs(model, r, rows, args.temperature).token
@@ -320,7 +320,7 @@ def main(args):
                "clip_frac": stats["clip_frac"] / stats["n"], "grad_norm": stats["grad_norm"] / stats["n"], **times}
         if ref_logp is not None:
             row["kl"] = stats["kl"] / stats["n"]
-        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)
+        logger.log({k: common.all_reduce(v, d) if k not in times else v for k, v in row.items()}, step)
         if args.log_completions:  # the first rollout of each group
             common.write_completions(args.output_dir, step, [
                 {"question": batch[i // G]["question"], "completion": texts[i], "reward": rewards[i].item()}

@@ -353,7 +353,7 @@ def run_eval(model, tokenizer, cfg, hyb, test, args, d, logger, step):
     res = common.evaluate(model, tokenizer, test, functools.partial(reasoning, model, tokenizer, cfg),
                           max_new_tokens=args.max_completion_length, d=d, disable_progress=True)
     logger.log({"eval_acc": res["pass@1"], "eval_mean_L": res["mean_L"],
-                "eval_hidden_ratio": common.all_mean(hyb.hidden_ratio, d)}, step)
+                "eval_hidden_ratio": common.all_reduce(hyb.hidden_ratio, d)}, step)
     return {"pass@1": res["pass@1"], "mean_L": res["mean_L"]}
 
 
@@ -437,7 +437,7 @@ def main(args):
         with common.timer(times, "update_s"):
             # ---- 3. reference log-probs: the base model, no gate, plain token inputs
             N, micro = len(r.tokens), args.micro_batch_size
-            n_tokens = common.all_sum(loss_mask.sum().item(), d) / d.world  # "dapo": DDP's mean over ranks
+            n_tokens = common.all_reduce(loss_mask.sum().item(), d, "sum") / d.world  # "dapo": DDP's mean over ranks
             ref_logp = reference_logprobs(model, ref, r, micro) if args.beta > 0 else None
 
             # ---- 4. update: one REINFORCE step on the whole batch, the gates recomputed from the stored h~
@@ -468,7 +468,7 @@ def main(args):
                "grad_norm": grad_norm, "gate_grad_norm": gate_grad_norm, **times}
         if args.beta > 0:
             row["kl"] = kl_sum / N
-        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)
+        logger.log({k: common.all_reduce(v, d) if k not in times else v for k, v in row.items()}, step)
         if args.log_completions:
             common.write_completions(args.output_dir, step, [
                 {"question": batch[i // G]["question"], "completion": texts[i], "reward": rewards[i].item()}

@@ -476,7 +476,7 @@ def main(args):
                     rows = list(range(g * G, (g + 1) * G))
                     group = Group(take_rows(r, rows), correct[rows], adv[rows], ex, texts[g * G])
                     (kept if group.advantages.abs().sum() > 0 else dropped).append(group)
-                if common.all_sum(float(len(kept) >= need), d) == d.world:
+                if common.all_reduce(float(len(kept) >= need), d, "sum") == d.world:
                     break
         times["rollout_tok_per_s"] = sum(x.lengths.sum().item() for x, _ in seen) / times["rollout_s"]
         groups = (kept + dropped)[:need]   # (6) still short after the last round: dropped groups (A = 0) fill it
@@ -505,7 +505,7 @@ def main(args):
             for _ in range(args.num_iterations):
                 for m0 in range(0, N, rows_per_mini):
                     mini = range(m0, min(N, m0 + rows_per_mini))
-                    n_tok = common.all_mean(loss_mask[mini].sum().item(), d) or 1.0
+                    n_tok = common.all_reduce(loss_mask[mini].sum().item(), d) or 1.0
                     for i in range(mini.start, mini.stop, micro):
                         rows = slice(i, min(i + micro, mini.stop))
                         logp, crossed = policy_logprobs(model, ref, r, rows, args, ste=args.ste,
@@ -543,7 +543,8 @@ def main(args):
                **times}
         if ref_logp is not None:
             row["kl"] = stats["kl"] / stats["n"]
-        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)  # times: rank 0's
+        # times are rank 0's own; every other number is averaged over the processes
+        logger.log({k: common.all_reduce(v, d) if k not in times else v for k, v in row.items()}, step)
         if args.log_completions:
             shown = [{"question": g.example["question"], "completion": g.completion, "reward": float(g.correct[0])}
                      for g in groups]

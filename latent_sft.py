@@ -461,10 +461,10 @@ def main(args):
             t0, n_positions = time.perf_counter(), 0
             picks = rng.sample(range(len(train)), args.train_batch_size)[d.rank::d.world]
             parts = [split_example(tokenizer, train[j], args, think, prompting, end_id) for j in picks]
-            n_ce = common.all_sum(sum(sum(len(c) for c in p[1][1:]) + len(p[2]) + 1 if stage == 1 else len(p[2]) + 1
-                                      for p in parts), d)
-            n_slots = common.all_sum(sum(len(p[1]) for p in parts), d)
-            n_answer = common.all_sum(sum(len(p[2]) + 1 for p in parts), d)
+            n_ce = common.all_reduce(sum(sum(len(c) for c in p[1][1:]) + len(p[2]) + 1 if stage == 1 else len(p[2]) + 1
+                                         for p in parts), d, "sum")
+            n_slots = common.all_reduce(sum(len(p[1]) for p in parts), d, "sum")
+            n_answer = common.all_reduce(sum(len(p[2]) + 1 for p in parts), d, "sum")
             stats = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "top1_weight": 0.0}
             for m in range(0, len(parts), micro):
                 mb = parts[m:m + micro]
@@ -515,7 +515,7 @@ def main(args):
             window = {"s": window["s"] + time.perf_counter() - t0, "tokens": window["tokens"] + n_positions,
                       "steps": window["steps"] + 1}
             if (i + 1) % args.log_every == 0 or i + 1 == total:
-                row = {k: common.all_sum(v, d) for k, v in stats.items()}
+                row = {k: common.all_reduce(v, d, "sum") for k, v in stats.items()}
                 row.update(stage=stage, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],   # times: this rank's
                            step_s=window["s"] / window["steps"], tok_per_s=window["tokens"] / window["s"])
                 logger.log(row, step)

@@ -376,7 +376,7 @@ def main(args):
             row = {"acc": correct.mean().item(), "mean_value": pred.mean().item(), "policy_loss": policy_loss.item(),
                    "value_loss": value_loss.item(), "thought_norm": h.detach().norm(dim=-1).mean().item(),
                    "grad_norm": grad_norm}
-            row = {k: common.all_mean(x, d) for k, x in row.items()}
+            row = {k: common.all_reduce(x, d) for k, x in row.items()}
             # over the whole batch, the same on every rank
             scores = head_scores(common.all_gather(pred, d), common.all_gather(correct, d))
         if not scores and not noted and d.main:

@@ -381,7 +381,7 @@ def main(args):
             rows_per_mini = args.mini_batch_size // d.world * G
             for m0 in range(0, N, rows_per_mini):
                 mini = range(m0, min(N, m0 + rows_per_mini))
-                n_tok = common.all_mean(loss_mask[mini].sum().item(), d) or 1.0
+                n_tok = common.all_reduce(loss_mask[mini].sum().item(), d) or 1.0
                 for i in range(mini.start, mini.stop, micro):
                     rows = slice(i, min(i + micro, mini.stop))
                     logp = policy_logprobs(model, ref, r, rows, args)
@@ -412,7 +412,8 @@ def main(args):
                "grad_norm": stats["grad_norm"] / stats["n"], **times}
         if ref_logp is not None:
             row["kl"] = stats["kl"] / stats["n"]
-        logger.log({k: common.all_mean(v, d) if k not in times else v for k, v in row.items()}, step)  # times: rank 0's
+        # times are rank 0's own; every other number is averaged over the processes
+        logger.log({k: common.all_reduce(v, d) if k not in times else v for k, v in row.items()}, step)
         if args.log_completions:
             shown = [{"question": ex["question"], "completion": texts[j * G], "reward": rewards[j * G].item()}
                      for j, ex in enumerate(batch)]

@@ -70,7 +70,7 @@ def train(out, stop=TOTAL, save_steps=0, resume="", limit=None, forget=(), head_
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         baseline = 0.9 * baseline + 0.1 * loss.item()  # differs per rank
-        logger.log({"loss": common.all_mean(loss.item(), d), "lr": scheduler.get_last_lr()[0]}, step, quiet=True)
+        logger.log({"loss": common.all_reduce(loss.item(), d), "lr": scheduler.get_last_lr()[0]}, step, quiet=True)
         common.write_completions(out, step, [{"completion": data[0], "reward": baseline}], d)
         state.maybe_save(step, tok, {"mode": "cot"}, extra={"baseline": baseline}, extra_modules={"head": head})
     return SimpleNamespace(state=state, scheduler=scheduler, tok=tok)
