@@ -7,7 +7,7 @@
 #
 # Each venv gets requirements-lock.txt, then transformers==VERSION with whatever that version itself
 # needs (pip resolves it). The tests: tests/test_contracts.py (every internal the project relies on,
-# one test each) and the fast loop (-m "not slow"), about 3 minutes a version on 2 cores.
+# one test each) and the fast loop (-m "not slow"), about 4 minutes a version on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 versions=("$@")
