@@ -44,7 +44,7 @@ import common
 
 
 @dataclass
-class Args:
+class Args(common.TrainArgs):
     # ---- ATP-Latent RL's own
     format_weight: float = field(default=0.5, metadata={"help": "reward weight of the format bonus"})
     coherence_weight: float = field(default=0.1, metadata={"help": "reward weight of coherence (times correct)"})
@@ -61,55 +61,31 @@ class Args:
     num_iterations: int = field(default=1, metadata={"help": "passes over each batch"})
     temperature: float = field(default=1.0, metadata={"help": "answer sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "answer nucleus sampling"})
-    # ---- shared by every trainer
-    model_name_or_path: str = field(default="runs/atp_sft", metadata={
-        "aliases": ["--model"], "help": "an ATP-Latent checkpoint (atp_sft.py's output, or an atp_rl.py one)"})
-    dataset: str = field(default="", metadata={
-        "help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (default: the checkpoint's)"})
-    eval_dataset: str = field(default="", metadata={
-        "help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
-    output_dir: str = field(default="runs/atp_rl", metadata={
-        "help": "where the checkpoint, metrics.jsonl and plots go"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template"})
-    system_prompt: str = field(default="auto", metadata={
-        "help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
-    train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
+    # ---- the training loop
     mini_batch_size: int = field(default=8, metadata={"help": "prompts per optimizer update"})
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward on one rank"})
+    max_steps: int = field(default=30, metadata={"help": "RL steps"})
+    generation_batch_size: int = field(default=0, metadata={
+        "help": "rollouts generated at once on one rank, a multiple of --num_generations (0 = all of a step's)"})
+    eval_every: int = field(default=15, metadata={"help": "evaluate every N steps"})
+    log_completions: bool = field(default=False, metadata={
+        "help": "write one completion per prompt to completions.jsonl"})
+    distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
+    # ---- the flags every trainer shares (common.TrainArgs), with this method's defaults
+    model_name_or_path: str = field(default="runs/atp_sft", metadata={
+        "help": "an ATP-Latent checkpoint (atp_sft.py's output, or an atp_rl.py one)"})
+    dataset: str = field(default="", metadata={
+        "help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (default: the checkpoint's)"})
+    output_dir: str = "runs/atp_rl"
     max_completion_length: int = field(default=48, metadata={
         "help": "generated positions per rollout and evaluation, latents included"})
     # (4) the toy task's learning rate and steps (the paper's learning rate: 1e-6)
     learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate (LM and heads)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (the LM, and the heads apart)"})
-    max_steps: int = field(default=30, metadata={"help": "RL steps"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LM (0 = full fine-tuning)"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={
-        "help": "LoRA targets: all-linear or comma-separated module names"})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute each decoder layer's activations in backward (less memory, more compute)"})
-    generation_batch_size: int = field(default=0, metadata={
-        "help": "rollouts generated at once on one rank, a multiple of --num_generations (0 = all of a step's)"})
-    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
-    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
-    eval_every: int = field(default=15, metadata={"help": "evaluate every N steps"})
-    log_completions: bool = field(default=False, metadata={
-        "help": "write one completion per prompt to completions.jsonl"})
-    save_steps: int = field(default=0, metadata={
-        "help": "write a resumable <output_dir>/checkpoint-<step> every N steps (0 = only the final save)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={
-        "help": "keep only the newest N checkpoint-<step> folders (default: all)"})
-    resume_from_checkpoint: str = field(default="", metadata={
-        "help": "continue a stopped run exactly: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
     bf16: Optional[bool] = field(default=None, metadata={
         "help": "bf16 compute on fp32 master weights (and a bf16 frozen decoder); default: on for a bf16 GPU"})
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "dtype of the saved LM and decoder; auto = the start model's published dtype"})
-    distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
-    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
+        "help": "dtype of the saved LM and decoder (auto: the start model's published dtype)"})
 
 
 START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"   # Coconut's markers

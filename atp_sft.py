@@ -34,7 +34,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -47,7 +47,7 @@ import toy
 
 
 @dataclass
-class Args:
+class Args(common.TrainArgs):
     # ---- ATP-Latent SFT's own
     c_thought: int = field(default=2, metadata={
         "help": "latents per replaced step (the stop head also decides every c_thought latents)"})
@@ -61,49 +61,30 @@ class Args:
     decoder_weight: float = field(default=1.0, metadata={"help": "weight of the decoder's cross-entropy"})
     stop_weight: float = field(default=1.0, metadata={"help": "weight of the stop head's cross-entropy"})
     init_logvar: float = field(default=-4.0, metadata={"help": "initial log sigma^2 of the VAE head"})
-    # ---- shared by every trainer
+    # ---- the training loop
+    micro_batch_size: int = field(default=64, metadata={"help": "examples per forward on one rank"})
+    log_every: int = field(default=10, metadata={"help": "log every N steps"})
+    distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
+    # ---- the flags every trainer shares (common.TrainArgs), with this method's defaults
     model_name_or_path: str = field(default=toy.COT, metadata={
-        "aliases": ["--model"], "help": "start: a plain causal LM or a CoT checkpoint (coconut_sft.py --end_stage 0)"})
+        "help": "start: a plain causal LM or a CoT checkpoint (coconut_sft.py --end_stage 0)"})
     dataset: str = field(default="", metadata={
         "help": "training data with reasoning steps: a hub dataset, a local .jsonl/.parquet, or toy"})
-    eval_dataset: str = field(default="", metadata={
-        "help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
     output_dir: str = field(default="runs/atp_sft", metadata={
-        "help": "where the checkpoint, metrics.jsonl and plots go (atp_rl.py's default start)"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template"})
-    system_prompt: str = field(default="auto", metadata={
-        "help": "system turn with --chat_template; auto = the start checkpoint's, else the answer format"})
+        "help": "checkpoint, metrics.jsonl and plots (atp_rl.py's default start)"})
     train_batch_size: int = field(default=64, metadata={"help": "examples per optimizer step, all ranks together"})
-    micro_batch_size: int = field(default=64, metadata={"help": "examples per forward on one rank"})
     max_completion_length: int = field(default=48, metadata={
         "help": "generated positions per evaluation rollout, latents included"})
+    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions after each stage (0 = all)"})
     # (5) the toy task's learning rate, as coconut_sft.py's
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (LM, heads and decoder)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (the LM; heads and decoder apart)"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LM (0 = full fine-tuning)"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={
-        "help": "LoRA targets: all-linear or comma-separated module names"})
     gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute each layer's activations in backward, in the LM and the decoder (exact; less memory)"})
-    log_every: int = field(default=10, metadata={"help": "log every N steps"})
-    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
-    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions after each stage (0 = all)"})
+        "help": "recompute each layer in backward, in the LM and the decoder (exact; less memory)"})
     save_steps: int = field(default=0, metadata={
-        "help": "write a resumable <output_dir>/checkpoint-<step> every N steps, counted over all stages (0 = never)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={
-        "help": "keep only the newest N checkpoint-<step> folders (default: all)"})
-    resume_from_checkpoint: str = field(default="", metadata={
-        "help": "continue a stopped run exactly: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
-    bf16: Optional[bool] = field(default=None, metadata={
-        "help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
+        "help": "a checkpoint-<step> every N steps, counted over all stages (0 = only at the end)"})
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "dtype of the saved LM and decoder; auto = the start model's published dtype"})
-    distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
-    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
+        "help": "dtype of the saved LM and decoder (auto: the start model's published dtype)"})
 
 
 START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"   # Coconut's markers

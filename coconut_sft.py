@@ -32,7 +32,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -47,7 +47,7 @@ START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|late
 
 
 @dataclass
-class Args:
+class Args(common.TrainArgs):
     # the method
     start_stage: int = field(default=-1, metadata={"help": "first stage; -1 = 1, or the one after a Coconut start's"})
     end_stage: int = field(default=-1, metadata={"help": "last stage (inclusive); -1 = max_latent_stage + 1"})
@@ -59,41 +59,23 @@ class Args:
     uniform_prob: float = field(default=0.0, metadata={"help": "probability of a stage drawn from 0..current"})
     no_curriculum: bool = field(default=False, metadata={"help": "train the last stage from the start (ablation)"})
     pause_as_thought: bool = field(default=False, metadata={"help": "feed the <|latent|> embedding itself (ablation)"})
-    # shared by every trainer
-    model_name_or_path: str = field(default=toy.COT, metadata={
-        "aliases": ["--model"], "help": "start: a causal LM (toy, folder, hub id, .gguf), a CoT or Coconut checkpoint"})
-    dataset: str = field(default="", metadata={"help": "training data: hub dataset, .jsonl/.parquet, or toy"})
-    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: --dataset's test split"})
-    output_dir: str = field(default="runs/coconut_sft", metadata={"help": "checkpoint, metrics.jsonl and plots"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "prompt with the tokenizer's chat template"})
-    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto: see docs"})
-    train_batch_size: int = field(default=64, metadata={"help": "examples per optimizer step, all ranks together"})
+    # the training loop
     micro_batch_size: int = field(default=64, metadata={"help": "examples per forward pass on one rank"})
-    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
-    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions after each stage (0 = all)"})
-    max_completion_length: int = field(default=64, metadata={"help": "generated positions per evaluation rollout"})
     max_steps: int = field(default=-1, metadata={"help": "cap on optimizer steps per stage (-1 = none)"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (1e-4 for real models)"})  # (11)
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     lr_scheduler_type: Literal["constant", "cosine"] = field(default="constant", metadata={
         "help": "constant, or cosine to 0.1x (per stage)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps (from 0) at each stage's start"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     log_every: int = field(default=10, metadata={"help": "log a metrics row every N steps"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); marker rows trainable"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "all-linear, or names (q_proj,v_proj)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer in backward"})
-    save_steps: int = field(default=0, metadata={"help": "resumable checkpoint every N steps (0 = final only)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep the newest N checkpoints"})
-    resume_from_checkpoint: str = field(default="", metadata={"help": "a checkpoint-<step> folder, or latest"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute (default: on a bf16-capable GPU)"})
-    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "dtype of the saved weights; auto = the start model's"})
     distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
-    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
+    # the flags every trainer shares (common.TrainArgs), with this method's defaults
+    model_name_or_path: str = field(default=toy.COT, metadata={
+        "help": "start: a causal LM (toy, folder, hub id), a CoT or a Coconut checkpoint"})
+    output_dir: str = "runs/coconut_sft"
+    train_batch_size: int = field(default=64, metadata={"help": "examples per optimizer step, all ranks together"})
+    max_completion_length: int = field(default=64, metadata={"help": "generated positions per evaluation rollout"})
+    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions after each stage (0 = all)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (1e-4 for real models)"})  # (11)
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); marker rows trainable"})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ Contents (each is a `# ----` banner below; search for "# <name>:"):
 The toy task and the tiny model live in toy.py.
 """
 import contextlib
+import dataclasses
 import functools
 import inspect
 import json
@@ -34,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Context, Decimal
 from pathlib import Path
+from typing import Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -70,17 +72,67 @@ def read_json(path):
         die(f"{path} is not readable JSON ({first_line(e)})")
 
 
+@dataclass
+class TrainArgs:
+    """The flags every trainer shares (TRL's names). A method file's `Args(TrainArgs)` declares its own
+    flags, then re-declares the shared ones whose default (or help) it changes; --help lists its own first."""
+    model_name_or_path: str = field(default="toy", metadata={
+        "aliases": ["--model"], "help": "start model: toy, a local folder or a hub id"})
+    dataset: str = field(default="", metadata={
+        "help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default for the toy model)"})
+    eval_dataset: str = field(default="", metadata={
+        "help": "evaluation data (default: the test split of --dataset, or a held-out tenth of one file)"})
+    output_dir: str = field(default="runs/train", metadata={"help": "checkpoint, metrics.jsonl and plots"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template"})
+    system_prompt: str = field(default="auto", metadata={
+        "help": "system turn with --chat_template (auto: the checkpoint's, else the answer format)"})
+    train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
+    max_completion_length: int = field(default=64, metadata={"help": "generated positions per rollout, latents too"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
+    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "LoRA's layers: all-linear, or comma-separated names (q_proj,v_proj)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer in backward"})
+    save_steps: int = field(default=0, metadata={"help": "a checkpoint-<step> every N steps (0 = only at the end)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step>"})
+    resume_from_checkpoint: str = field(default="", metadata={
+        "help": "continue a run: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
+    bf16: Optional[bool] = field(default=None, metadata={
+        "help": "bf16 compute on fp32 master weights (default: on for a bf16-capable GPU)"})
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "dtype of the saved weights (auto: the start model's published dtype)"})
+    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
+
+
 def parse_args(cls, argv=None):
-    """HfArgumentParser on a file's Args dataclass; an unknown flag or a bad value (`--bf16 maybe`) is one
-    line, not a traceback or the whole usage."""
+    """HfArgumentParser on a file's Args. With `Args(TrainArgs)`, the method's own flags come first in
+    --help and the shared ones after, in their own group; an unknown flag or a bad value is one line."""
     from transformers import HfArgumentParser
-    parser = HfArgumentParser(cls)
+    shared = {f.name: f for f in dataclasses.fields(TrainArgs)} if issubclass(cls, TrainArgs) else {}
+
+    def view(name, fields, group=None):  # a dataclass of some of cls's fields, with cls's defaults
+        specs = [(f.name, f.type, field(default=f.default, default_factory=f.default_factory,
+                                        metadata={**shared[f.name].metadata, **f.metadata} if f.name in shared
+                                        else f.metadata)) for f in fields]
+        return dataclasses.make_dataclass(name, specs, namespace={"_argument_group_name": group} if group else {})
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    views = [view("Own", [f for f in fields if f.name not in shared])]
+    if shared:
+        views.append(view("Shared", [f for f in fields if f.name in shared], "flags every trainer shares"))
+    parser = HfArgumentParser(views)
     # argparse would print the whole usage first, and name a flag with its dashed alias (--a_b/--a-b)
     parser.error = lambda message: die(re.sub(r"(--\w+)/--[\w-]+", r"\1", message) + " (see --help)")
-    args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    *parts, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         die(f"unknown argument {' '.join(rest)} (see --help)")
-    return args
+    return cls(**{k: v for part in parts for k, v in vars(part).items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -713,7 +765,6 @@ def lm_forward(model, input_ids, attention_mask=None, position_ids=None, past_ke
 # Log-probs without whole logits (fp32 logits of 4 x 4,096 positions at a 151,936 vocabulary are 10 GB):
 # lm_logprobs works a chunk of positions at a time and recomputes each chunk's logits in backward.
 
-from typing import NamedTuple  # noqa: E402  (kept beside its one use)
 
 LOGPROB_CHUNK_ELEMENTS = 2 ** 26   # logits per chunk of positions (fp32: 256 MB; 441 positions at 151,936)
 # config fields that change logits after the head unless "off" (their value when off)

@@ -47,7 +47,7 @@ LOSS_TYPES = {"dapo": "dapo", "grpo": "grpo", "dr_grpo": "dr_grpo",            #
 
 
 @dataclass
-class Args:
+class Args(common.TrainArgs):
     # the method
     n_latents: int = field(default=-1, metadata={"help": "latent steps per rollout; -1 = the checkpoint's own"})
     num_generations: int = field(default=8, metadata={"help": "G: rollouts per prompt"})
@@ -62,42 +62,23 @@ class Args:
     mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions without EOS out"})
     temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "rollout nucleus sampling"})
-    # shared by every trainer
-    model_name_or_path: str = field(default=toy.COCONUT, metadata={
-        "aliases": ["--model"], "help": "a Coconut or CoT checkpoint of this project (or any causal LM: CoT)"})
-    dataset: str = field(default="", metadata={"help": "training data: hub dataset, .jsonl/.parquet, or toy"})
-    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: --dataset's test split"})
-    output_dir: str = field(default="runs/grpo_latent", metadata={"help": "checkpoint, metrics.jsonl and plots"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "prompt with the tokenizer's chat template"})
-    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto: see docs"})
-    train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
+    # the training loop
     mini_batch_size: int = field(default=16, metadata={"help": "prompts per optimizer update"})
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
-    max_completion_length: int = field(default=48, metadata={"help": "generated positions, latents included"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})  # (3)
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     max_steps: int = field(default=60, metadata={"help": "training steps"})
-    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
-    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
     eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
     log_completions: bool = field(default=False, metadata={"help": "write one completion per prompt and step"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); marker rows trainable"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "all-linear, or names (q_proj,v_proj)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer in backward"})
     generation_batch_size: int = field(default=0, metadata={
         "help": "rollouts generated at once on a rank, a multiple of G (0 = all at once)"})
-    save_steps: int = field(default=0, metadata={"help": "resumable checkpoint every N steps (0 = final only)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep the newest N checkpoints"})
-    resume_from_checkpoint: str = field(default="", metadata={"help": "a checkpoint-<step> folder, or latest"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute (default: on a bf16-capable GPU)"})
-    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "dtype of the saved weights; auto = the start model's"})
     distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
-    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
+    # the flags every trainer shares (common.TrainArgs), with this method's defaults
+    model_name_or_path: str = field(default=toy.COCONUT, metadata={
+        "help": "a Coconut or CoT checkpoint of this project (or any causal LM: CoT)"})
+    output_dir: str = "runs/grpo_latent"
+    max_completion_length: int = 48
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})  # (3)
+    weight_decay: float = 0.0
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); marker rows trainable"})
 
 
 # ----------------------------------------------------------------------------------------------

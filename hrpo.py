@@ -32,7 +32,7 @@ import copy
 import functools
 import random
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -44,7 +44,7 @@ import toy
 
 
 @dataclass
-class Args:
+class Args(common.TrainArgs):
     # ---- HRPO's own
     temperature: float = field(default=0.5, metadata={"help": "tau: sampling temperature and the sharpness of h~"})
     c: float = field(default=8.0, metadata={"help": "the gate's scale c in a = exp(-c softplus(-Lambda) r)"})
@@ -64,52 +64,27 @@ class Args:
         default="grpo", metadata={"help": "how per-token losses are averaged (TRL's names; verl's two are aliases)"})
     scale_rewards: Literal["group", "batch", "none", "true", "false"] = field(default="group", metadata={
         "help": "advantage scaling: by the group's std, the batch's, or none (true/false = group/none)"})
-    # ---- shared by every trainer
-    model_name_or_path: str = field(default=toy.COT, metadata={
-        "aliases": ["--model"], "help": "a plain causal LM, a CoT checkpoint, or an HRPO checkpoint (keeps its gate)"})
-    dataset: str = field(default="", metadata={
-        "help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default only for the toy model)"})
-    eval_dataset: str = field(default="", metadata={
-        "help": "evaluation data; default: the test split of --dataset (a single file: a held-out tenth of it)"})
-    output_dir: str = field(default="runs/hrpo", metadata={"help": "where the checkpoint, metrics.jsonl and plots go"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template"})
-    system_prompt: str = field(default="auto", metadata={
-        "help": "system turn with --chat_template; auto = the checkpoint's, else the answer format the reward checks"})
-    train_batch_size: int = field(default=16, metadata={"help": "prompts per step, all ranks together"})
+    # ---- the training loop
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
+    max_steps: int = field(default=60, metadata={"help": "training steps"})
+    generation_batch_size: int = field(default=0, metadata={
+        "help": "rollouts generated at once on one rank, a multiple of --num_generations (0 = all of a step's)"})
+    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
+    log_completions: bool = field(default=False, metadata={
+        "help": "write one completion per prompt to completions.jsonl"})
+    distributed: Literal["ddp", "fsdp"] = field(default="ddp", metadata={"help": "under torchrun: DDP or FSDP2"})
+    # ---- the flags every trainer shares (common.TrainArgs), with this method's defaults
+    model_name_or_path: str = field(default=toy.COT, metadata={
+        "help": "a plain causal LM, a CoT checkpoint, or an HRPO checkpoint (keeps its gate)"})
+    output_dir: str = "runs/hrpo"
     max_completion_length: int = field(default=48, metadata={"help": "generated tokens per rollout"})
     # (7) the toy task's learning rate (the paper's: 5e-6)
     learning_rate: float = field(default=1e-4, metadata={"help": "learning rate of the language model (LoRA or full)"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on Lambda)"})
     max_grad_norm: float = field(default=0.1, metadata={"help": "gradient clipping, the LM and the gate each"})
-    max_steps: int = field(default=60, metadata={"help": "training steps"})
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank (peft); 0 = full fine-tuning"})
-    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (scaling alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})  # (5) 0: training = rollout log-probs
-    lora_target_modules: str = field(default="all-linear", metadata={
-        "help": "LoRA targets: all-linear or comma-separated module names"})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute each decoder layer's activations in backward (less memory, more compute)"})
-    generation_batch_size: int = field(default=0, metadata={
-        "help": "rollouts generated at once on one rank, a multiple of --num_generations (0 = all of a step's)"})
-    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
-    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
-    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
-    log_completions: bool = field(default=False, metadata={
-        "help": "write one completion per prompt to completions.jsonl"})
-    save_steps: int = field(default=0, metadata={
-        "help": "write a resumable <output_dir>/checkpoint-<step> every N steps (0 = only the final save)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={
-        "help": "keep only the newest N checkpoint-<step> folders (default: all)"})
-    resume_from_checkpoint: str = field(default="", metadata={
-        "help": "continue a run from a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
-    bf16: Optional[bool] = field(default=None, metadata={
-        "help": "bf16 compute on fp32 master weights; default: on for a bf16-capable GPU, off on CPU"})
-    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "dtype of the saved weights; auto = the start model's published dtype"})
-    distributed: Literal["ddp", "fsdp"] = field(default="ddp", metadata={"help": "under torchrun: DDP or FSDP2"})
-    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.0  # (5) 0: training = rollout log-probs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ START_THINK, END_THINK = "<think>", "</think>"   # the think span: prompts end w
 
 
 @dataclass
-class Args:
+class Args(common.TrainArgs):
     # the method: its three designs, the latent token, dynamic sampling
     mask_invalid: bool = field(default=True, metadata={
         "help": "design 1: rollouts that never end get advantage 0 and leave the group statistics"})
@@ -76,48 +76,23 @@ class Args:
     scale_rewards: Literal["group", "batch", "none", "true", "false"] = field(default="group", metadata={
         "help": "divide R - valid group mean by the group's std, the batch's, or none (true/false = group/none)"})
     beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the frozen start model (paper: 0, 0.001)"})
-    # shared by every trainer; (7) the defaults are sized for the toy task (the paper: lr 1e-6, 64 prompts)
-    model_name_or_path: str = field(default=toy.LATENT_SFT, metadata={
-        "aliases": ["--model"], "help": "a Latent-SFT checkpoint, or a plain model or CoT checkpoint (capped)"})
-    dataset: str = field(default="", metadata={
-        "help": "training data: a hub dataset, a local .jsonl/.parquet, or toy (the default for the toy model)"})
-    eval_dataset: str = field(default="", metadata={
-        "help": "evaluation data (default: the test split of --dataset, or a held-out tenth of one file)"})
-    output_dir: str = field(default="runs/latent_grpo", metadata={"help": "checkpoint, metrics.jsonl and plots"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template"})
-    system_prompt: str = field(default="auto", metadata={
-        "help": "system turn with --chat_template (auto: the checkpoint's, else the answer format)"})
-    train_batch_size: int = field(default=16, metadata={"help": "prompts (groups with signal) per step, all ranks"})
+    # the training loop
     mini_batch_size: int = field(default=8, metadata={"help": "prompts per optimizer update"})
     micro_batch_size: int = field(default=64, metadata={"help": "rollouts per forward pass on one rank"})
-    max_completion_length: int = field(default=64, metadata={"help": "generated positions per rollout, latents too"})
-    learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (constant)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on the added marker rows)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     max_steps: int = field(default=60, metadata={"help": "training steps"})
-    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
-    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
     eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
     log_completions: bool = field(default=False, metadata={"help": "one completion per prompt to completions.jsonl"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning)"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={
-        "help": "LoRA's layers: all-linear, or comma-separated names (q_proj,v_proj)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer in backward"})
     generation_batch_size: int = field(default=0, metadata={
         "help": "rollouts generated at once on a rank, a multiple of --num_generations (0 = all at once)"})
-    save_steps: int = field(default=0, metadata={"help": "a checkpoint-<step> every N steps (0 = only at the end)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step>"})
-    resume_from_checkpoint: str = field(default="", metadata={
-        "help": "continue a run: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
-    bf16: Optional[bool] = field(default=None, metadata={
-        "help": "bf16 compute on fp32 master weights (default: on for a bf16-capable GPU)"})
-    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "dtype of the saved weights (auto: the start model's published dtype)"})
     distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
-    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
+    # the flags every trainer shares (common.TrainArgs); (7) defaults sized for the toy task (paper: lr 1e-6)
+    model_name_or_path: str = field(default=toy.LATENT_SFT, metadata={
+        "help": "a Latent-SFT checkpoint, or a plain model or CoT checkpoint (capped)"})
+    output_dir: str = "runs/latent_grpo"
+    train_batch_size: int = field(default=16, metadata={"help": "prompts (groups with signal) per step, all ranks"})
+    learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (constant)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on the added marker rows)"})
+    lora_alpha: int = 32
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ import functools
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Optional
 
 import torch
 from tqdm import tqdm
@@ -49,7 +48,7 @@ COMPRESS = "<|compress|>"                          # stage 1's marker after ever
 
 
 @dataclass
-class Args:
+class Args(common.TrainArgs):
     # the method
     stage1_steps: int = field(default=300, metadata={"help": "optimizer steps of stage 1 (encoder and decoder)"})
     stage2_steps: int = field(default=500, metadata={"help": "optimizer steps of stage 2 (the decoder alone)"})
@@ -60,47 +59,28 @@ class Args:
     gumbel_tau: float = field(default=1.0, metadata={"help": "stage 2: temperature of the noisy soft labels"})
     kl_weight: float = field(default=1.0, metadata={"help": "stage 2: weight of the KL to the noisy soft labels"})
     max_latent_steps: int = field(default=64, metadata={"help": "inference cap on latent tokens, then </think>"})
-    # shared by every trainer
+    # the training loop
+    micro_batch_size: int = field(default=32, metadata={"help": "examples per forward pass on one rank"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps of each stage"})
+    eval_every: int = field(default=250, metadata={"help": "stage 2: evaluate every N steps"})
+    log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
+    # the flags every trainer shares (common.TrainArgs), with this method's defaults
     model_name_or_path: str = field(default=toy.COT, metadata={
-        "aliases": ["--model"], "help": "start model: a plain causal LM or a CoT checkpoint"})
+        "help": "start model: a plain causal LM or a CoT checkpoint"})
     dataset: str = field(default="", metadata={
         "help": "training data with reasoning steps: a hub dataset, a local .jsonl/.parquet, or toy"})
-    eval_dataset: str = field(default="", metadata={
-        "help": "evaluation data (default: the test split of --dataset, or a held-out tenth of one file)"})
-    output_dir: str = field(default="runs/latent_sft", metadata={"help": "checkpoint, metrics.jsonl and plots"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "format prompts with the tokenizer's chat template"})
-    system_prompt: str = field(default="auto", metadata={
-        "help": "system turn with --chat_template (auto: the checkpoint's, else the answer format)"})
+    output_dir: str = "runs/latent_sft"
     train_batch_size: int = field(default=32, metadata={"help": "examples per optimizer step, all ranks together"})
-    micro_batch_size: int = field(default=32, metadata={"help": "examples per forward pass on one rank"})
-    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
-    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
     max_completion_length: int = field(default=96, metadata={
         "help": "generated positions per evaluation rollout, latents included"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on LoRA's marker rows)"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps of each stage"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     lora_r: int = field(default=0, metadata={"help": "0: two full copies (toy); 64: the paper's two LoRA adapters"})
-    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (with --lora_r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={
-        "help": "LoRA's layers: all-linear, or comma-separated names (q_proj,v_proj)"})
+    lora_alpha: int = 128
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute each decoder layer in backward, in both roles"})
-    eval_every: int = field(default=250, metadata={"help": "stage 2: evaluate every N steps"})
-    log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
     save_steps: int = field(default=0, metadata={
-        "help": "write a checkpoint-<step> every N steps, counted over both stages (0 = only the final save)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoint-<step>"})
-    resume_from_checkpoint: str = field(default="", metadata={
-        "help": "continue a run: a checkpoint-<step> folder, or latest (the newest in --output_dir)"})
-    bf16: Optional[bool] = field(default=None, metadata={
-        "help": "bf16 compute on fp32 master weights (default: on for a bf16-capable GPU)"})
-    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "dtype of the saved weights (auto: the start model's published dtype)"})
-    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
+        "help": "a checkpoint-<step> every N steps, counted over both stages (0 = only at the end)"})
 
 
 # ----------------------------------------------------------------------------------------------

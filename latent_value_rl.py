@@ -29,7 +29,7 @@ Docs: docs/latent_value_rl.md
 import functools
 import random
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -46,46 +46,29 @@ START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|late
 
 
 @dataclass
-class Args:
+class Args(common.TrainArgs):
     # the method
     pretrain_questions: int = field(default=1024, metadata={"help": "phase 1: questions whose rollouts train V"})
     pretrain_epochs: int = field(default=20, metadata={"help": "phase 1: epochs of head pretraining"})
     pos_weight: float = field(default=20.0, metadata={"help": "BCE weight of the correct (rare) class"})
     value_learning_rate: float = field(default=1e-4, metadata={"help": "phase 2: the head's AdamW learning rate"})
     freeze_value_head: bool = field(default=False, metadata={"help": "keep the head fixed in phase 2 (ablation)"})
-    # shared by every trainer
+    # the training loop
+    max_steps: int = field(default=60, metadata={"help": "phase 2 training steps"})
+    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
+    generation_batch_size: int = field(default=0, metadata={
+        "help": "rollouts generated at once on a rank (0 = all at once; phase 1: 64)"})
+    distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
+    # the flags every trainer shares (common.TrainArgs), with this method's defaults
     model_name_or_path: str = field(default=toy.COCONUT, metadata={
-        "aliases": ["--model"], "help": "a Coconut checkpoint of this project (made by coconut_sft.py)"})
-    dataset: str = field(default="", metadata={"help": "training data: hub dataset, .jsonl/.parquet, or toy"})
-    eval_dataset: str = field(default="", metadata={"help": "evaluation data; default: --dataset's test split"})
+        "help": "a Coconut checkpoint of this project (made by coconut_sft.py)"})
     output_dir: str = field(default="runs/latent_value_rl", metadata={"help": "checkpoint, head, metrics, plots"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    chat_template: bool = field(default=False, metadata={"help": "prompt with the tokenizer's chat template"})
-    system_prompt: str = field(default="auto", metadata={"help": "system turn with --chat_template; auto: see docs"})
-    train_batch_size: int = field(default=32, metadata={"help": "prompts per step, all ranks together"})
-    max_completion_length: int = field(default=48, metadata={"help": "generated positions, latents included"})
+    train_batch_size: int = 32
+    max_completion_length: int = 48
     learning_rate: float = field(default=1e-4, metadata={"help": "the language model's AdamW learning rate"})  # (3)
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (both optimizers)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping of the language model"})
-    max_steps: int = field(default=60, metadata={"help": "phase 2 training steps"})
-    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training rows (0 = all)"})
-    max_eval_samples: int = field(default=200, metadata={"help": "evaluation questions (0 = all)"})
-    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning); marker rows trainable"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "all-linear, or names (q_proj,v_proj)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer in backward"})
-    generation_batch_size: int = field(default=0, metadata={
-        "help": "rollouts generated at once on a rank (0 = all at once; phase 1: 64)"})
-    save_steps: int = field(default=0, metadata={"help": "resumable checkpoint every N steps (0 = final only)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep the newest N checkpoints"})
-    resume_from_checkpoint: str = field(default="", metadata={"help": "a checkpoint-<step> folder, or latest"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 compute (default: on a bf16-capable GPU)"})
-    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "dtype of the saved weights; auto = the start model's"})
-    distributed: Literal["fsdp", "ddp"] = field(default="fsdp", metadata={"help": "under torchrun: FSDP2 or DDP"})
-    track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
 # ----------------------------------------------------------------------------------------------
