@@ -111,21 +111,27 @@ class TrainArgs:
     track: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
 
 
+def flag_fields(cls):
+    """(own, shared): cls's flags as (name, type, field), with cls's defaults; a shared flag that cls
+    re-declares keeps the rest of TrainArgs' metadata (aliases, help)."""
+    shared = {f.name: f for f in dataclasses.fields(TrainArgs)} if issubclass(cls, TrainArgs) else {}
+    own, common = [], []
+    for f in dataclasses.fields(cls):
+        meta = {**shared[f.name].metadata, **f.metadata} if f.name in shared else f.metadata
+        spec = (f.name, f.type, field(default=f.default, default_factory=f.default_factory, metadata=meta))
+        (common if f.name in shared else own).append(spec)
+    return own, common
+
+
 def parse_args(cls, argv=None):
     """HfArgumentParser on a file's Args. With `Args(TrainArgs)`, the method's own flags come first in
     --help and the shared ones after, in their own group; an unknown flag or a bad value is one line."""
     from transformers import HfArgumentParser
-    shared = {f.name: f for f in dataclasses.fields(TrainArgs)} if issubclass(cls, TrainArgs) else {}
-
-    def view(name, fields, group=None):  # a dataclass of some of cls's fields, with cls's defaults
-        specs = [(f.name, f.type, field(default=f.default, default_factory=f.default_factory,
-                                        metadata={**shared[f.name].metadata, **f.metadata} if f.name in shared
-                                        else f.metadata)) for f in fields]
-        return dataclasses.make_dataclass(name, specs, namespace={"_argument_group_name": group} if group else {})
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    views = [view("Own", [f for f in fields if f.name not in shared])]
+    own, shared = flag_fields(cls)
+    views = [dataclasses.make_dataclass("Own", own)]
     if shared:
-        views.append(view("Shared", [f for f in fields if f.name in shared], "flags every trainer shares"))
+        views.append(dataclasses.make_dataclass("Shared", shared, namespace={
+            "_argument_group_name": "flags every trainer shares"}))
     parser = HfArgumentParser(views)
     # argparse would print the whole usage first, and name a flag with its dashed alias (--a_b/--a-b)
     parser.error = lambda message: die(re.sub(r"(--\w+)/--[\w-]+", r"\1", message) + " (see --help)")
@@ -476,8 +482,7 @@ def load_data(name, split, limit=None):
         try:
             rows = list(datasets.load_dataset(name, config, split=splits.get(split, split)))
         except Exception as e:  # offline, unknown name, unknown split: one line, not a trace
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            die(f"could not load dataset {name!r} split {split!r}: {first[:200]}")
+            die(f"could not load dataset {name!r} split {split!r}: {first_line(e)}")
     if not rows:
         die(f"dataset {name!r} ({split}) is empty")
     out = [normalize_example(r, where=f"dataset {name!r}") for r in (rows[:limit] if limit else rows)]
@@ -1500,8 +1505,6 @@ def save_checkpoint(model, tokenizer, output_dir, latent_config, extra_modules=N
     start model's published dtype. `training_state(tmp)` runs on every rank before the rename; an
     output_dir's checkpoint-<step> folders and logs are kept."""
     from safetensors.torch import save_file
-    if save_dtype not in ("auto", "float32", "bfloat16", "float16"):
-        die(f"--save_dtype must be auto, float32, bfloat16 or float16 (got {save_dtype!r})")
     dtype = (getattr(unwrap(model), "published_dtype", torch.float32) if save_dtype == "auto"
              else getattr(torch, save_dtype))
     def cast(m, sd):  # the saved dtype; a tied head is not written twice (FSDP2's gathered state has both keys)

@@ -84,7 +84,7 @@ class Args(common.TrainArgs):
     max_grad_norm: float = field(default=0.1, metadata={"help": "gradient clipping, the LM and the gate each"})
     lora_r: int = 32
     lora_alpha: int = 64
-    lora_dropout: float = 0.0  # (5) 0: training = rollout log-probs
+    # (5) --lora_dropout stays 0 (TrainArgs' default): the training log-probs are the rollout's
 
 
 # ----------------------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def run_variant(args):
     start = time.perf_counter()
     if args.variant == "whole":
         logits, _ = common.lm_forward(model, ids, mask, pos, logits_to_keep=T + 1)
-        logp = (lambda z: z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1))(logits[:, :-1].float() / temperature)
+        logp = (lambda z: z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1))(
+            logits[:, :-1].float() / temperature)
     else:
         logp = common.lm_logprobs(model, ids, mask, pos, tokens, temperature)[0].token
     loss = -(logp * adv).mean()
@@ -136,7 +137,8 @@ def main():
     lines = [f"vocabulary {args.vocab:,}, {args.rows} rows x {args.positions:,} positions, hidden {args.hidden}, "
              f"{args.layers} layer(s), {whole['device']}",
              f"{'variant':<52} {'peak MiB':>9} {'seconds':>8} {'loss':>10}"]
-    lines += [f"{VARIANTS[r['variant']]:<52} {r['peak_mb']:>9,.0f} {r['seconds']:>8.1f} {r['loss']:>10.6f}" for r in rows]
+    lines += [f"{VARIANTS[r['variant']]:<52} {r['peak_mb']:>9,.0f} {r['seconds']:>8.1f} {r['loss']:>10.6f}"
+              for r in rows]
     ratio = chunked["peak_mb"] / whole["peak_mb"]
     lines.append(f"chunked / whole peak: {ratio:.3f} (required: <= 0.25)")
     print("\n".join(lines))
@@ -145,7 +147,8 @@ def main():
     env = dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                threads=args.threads, cpus=os.cpu_count(), loadavg=os.getloadavg(),
                chunk_elements=common.LOGPROB_CHUNK_ELEMENTS)
-    out.write_text(json.dumps(dict(env=env, settings={k: v for k, v in vars(args).items() if k not in ("output", "variant")},
+    out.write_text(json.dumps(dict(env=env,
+                                   settings={k: v for k, v in vars(args).items() if k not in ("output", "variant")},
                                    results=rows, ratio=ratio), indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -68,14 +68,17 @@ def models():
     """The papers' models, from their published config.json files."""
     from transformers import LlamaConfig, Qwen2Config
     return {
-        "Qwen2.5-Math-7B": Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-        "Qwen2.5-3B-Instruct": Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                                           num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+        "Qwen2.5-Math-7B": Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                       tie_word_embeddings=False),
+        "Qwen2.5-3B-Instruct": Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                                           num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                                           tie_word_embeddings=True),
         "Qwen2.5-1.5B": Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                     num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-        "Llama-3.2-1B-Instruct": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                             num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+        "Llama-3.2-1B-Instruct": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                             num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                             head_dim=64, tie_word_embeddings=True),
     }
 
 
@@ -127,7 +130,8 @@ def plans():
             gen_rows = min(per_device, gen_batch) if gen_batch else per_device
             plan = memory_plan(config, n, lora_params(config, lora) if lora else n, world=gpus, sharded=gpus > 1,
                                       bf16=True, micro_rows=micro, seq_len=seq, gen_rows=gen_rows, gen_len=gen_len,
-                                      checkpointing=True, frozen_params=n if ref and not lora else 0, logit_positions=chunk)
+                                      checkpointing=True, frozen_params=n if ref and not lora else 0,
+                                      logit_positions=chunk)
             rows.append({"script": script, "model": name, "gpus": gpus, "lora_r": lora, "micro_rows": micro,
                          "seq_len": seq, "gen_rows": gen_rows, "gen_len": gen_len,
                          **{k: round(v / GB, 1) for k, v in plan.items()}})
@@ -160,13 +164,15 @@ def measure():
         smol = smol_shape_model(Path(tmp) / "smol135m")
         base_cmd = [sys.executable, "-c", "import resource, common, torch, transformers, peft, tqdm, datasets; "
                     "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"]
-        baseline = int(subprocess.run(base_cmd, capture_output=True, text=True, env=env, cwd=ROOT).stdout.split()[-1]) * 1024 / GB
+        baseline = int(subprocess.run(base_cmd, capture_output=True, text=True, env=env,
+                                      cwd=ROOT).stdout.split()[-1]) * 1024 / GB
         runs = {
-            "toy (grpo_latent.py default, 16 prompts x 8)": ["grpo_latent.py", "--max_steps", "2", "--max_eval_samples", "8"],
+            "toy (grpo_latent.py default, 16 prompts x 8)": [
+                "grpo_latent.py", "--max_steps", "2", "--max_eval_samples", "8"],
             "SmolLM2-135M shape (4 prompts x 4, 64 positions)": [
-                "grpo_latent.py", "--model", str(smol), "--dataset", "toy", "--max_steps", "2", "--max_eval_samples", "4",
-                "--train_batch_size", "4", "--mini_batch_size", "4", "--num_generations", "4", "--micro_batch_size", "16",
-                "--max_completion_length", "64"],
+                "grpo_latent.py", "--model", str(smol), "--dataset", "toy", "--max_steps", "2",
+                "--max_eval_samples", "4", "--train_batch_size", "4", "--mini_batch_size", "4",
+                "--num_generations", "4", "--micro_batch_size", "16", "--max_completion_length", "64"],
         }
         for label, argv in runs.items():
             run_dir = Path(tmp) / re.sub(r"\W+", "_", label)
@@ -193,12 +199,13 @@ def main():
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "memory_plan.json"))
     a = ap.parse_args()
     result = {"plans": plans()}
-    print("| script | model | GPUs | LoRA r | weights | grads | optimizer | KV cache | gathered | activations | logits | autocast | peak GB |")
+    print("| script | model | GPUs | LoRA r | weights | grads | optimizer | KV cache | gathered | activations |"
+          " logits | autocast | peak GB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["plans"]:
-        print(f"| {r['script']} | {r['model']} | {r['gpus']} | {r['lora_r'] or '-'} | {r['weights']} | {r['gradients']} | "
-              f"{r['optimizer']} | {r['kv_cache']} | {r['gathered_weights']} | {r['activations']} | {r['logits']} | "
-              f"{r['autocast_copies']} | **{r['total']}** |")
+        print(f"| {r['script']} | {r['model']} | {r['gpus']} | {r['lora_r'] or '-'} | {r['weights']} | "
+              f"{r['gradients']} | {r['optimizer']} | {r['kv_cache']} | {r['gathered_weights']} | "
+              f"{r['activations']} | {r['logits']} | {r['autocast_copies']} | **{r['total']}** |")
     if a.measure:
         result["measured"] = measure()
         for m in result["measured"]:

@@ -93,7 +93,8 @@ def bench(name, repeats):
     model, tok, questions = loaded
     model.eval()
     # Coconut tokens first, so every method runs the same (resized) model
-    start, end, latent = common.add_special_tokens(model, tok, [coconut_sft.START_LATENT, coconut_sft.END_LATENT, coconut_sft.LATENT])
+    start, end, latent = common.add_special_tokens(
+        model, tok, [coconut_sft.START_LATENT, coconut_sft.END_LATENT, coconut_sft.LATENT])
     B, T, pad = cfg["batch"], cfg["new_tokens"], tok.pad_token_id
     prompts = [common.encode_prompt(tok, q) for q in questions]
     latent_prompts = [p + [start] for p in prompts]
@@ -142,7 +143,8 @@ def table(rows):
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {r['generate_tok_s']:,.0f} | "
                      f"{r['rollout_tok_s']:,.0f} | {r['ratio']:.2f} | {r['latent_steps_s']:,.0f} | "
-                     f"{r['latent_explicit_ratio']:.2f} | {r['mixture_steps_s']:,.0f} | {r['mixture_explicit_ratio']:.2f} |")
+                     f"{r['latent_explicit_ratio']:.2f} | {r['mixture_steps_s']:,.0f} | "
+                     f"{r['mixture_explicit_ratio']:.2f} |")
     lines.append("\n(rates: medians over rounds; ratios: medians of per-round ratios, so they need not divide exactly)")
     return "\n".join(lines)
 

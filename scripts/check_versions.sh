@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 versions=("$@")
 if [ ${#versions[@]} -eq 0 ]; then
-    read -r -a versions <<< "$(sed -n 's/^transformers[^#]*# tested: \([0-9.]*\) and \([0-9.]*\).*/\1 \2/p' requirements.txt)"
+    read -r -a versions <<< "$(sed -n 's/^transformers[^#]*# tested: \([0-9.]*\) and \([0-9.]*\).*/\1 \2/p' \
+        requirements.txt)"
 fi
 [ ${#versions[@]} -gt 0 ] || { echo "error: no versions given and none found in requirements.txt" >&2; exit 2; }
 args=${PYTEST_ARGS:-"tests -q -m 'not slow' -n 2 -p no:cacheprovider"}

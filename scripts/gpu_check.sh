@@ -35,11 +35,13 @@ MINI="--mini_batch_size $((2 * W))"  # (HRPO makes one update per batch: no mini
 run() {  # name, script, arguments
     local name=$1; shift
     echo "== $name: $*"
-    $RUN "$@" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 || { tail -20 "$OUT/$name.log"; echo "error: $name failed (log: $OUT/$name.log)"; exit 1; }
+    $RUN "$@" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
+        || { tail -20 "$OUT/$name.log"; echo "error: $name failed (log: $OUT/$name.log)"; exit 1; }
 }
 # shellcheck disable=SC2086  # the flag lists split on purpose
 {
-run coconut_sft coconut_sft.py --model "$MODEL" $ALL --start_stage 1 --end_stage 1 --max_steps 2 --train_batch_size $((4 * W)) --micro_batch_size 4
+run coconut_sft coconut_sft.py --model "$MODEL" $ALL --start_stage 1 --end_stage 1 --max_steps 2 \
+    --train_batch_size $((4 * W)) --micro_batch_size 4
 run grpo_latent grpo_latent.py --model "$OUT/coconut_sft" $ALL $RL $MINI --beta 0.04
 run latent_value_rl latent_value_rl.py --model "$OUT/coconut_sft" $ALL --max_steps 2 --train_batch_size $((2 * W)) \
     --pretrain_questions $((4 * W)) --pretrain_epochs 1 --generation_batch_size 4 --eval_every 100
@@ -50,7 +52,8 @@ echo "== latent_sft: one device (two LoRA adapters on one model)"
 run soft_grpo soft_grpo.py --model "$OUT/latent_sft" $ALL $RL $MINI --max_latent_steps 8
 run latent_grpo latent_grpo.py --model "$OUT/latent_sft" $ALL $RL $MINI --max_latent_steps 8 --beta 0.001
 run hrpo hrpo.py --model "$MODEL" $ALL $RL --distributed fsdp
-run atp_sft atp_sft.py --model "$MODEL" $ALL --max_latent_stage 1 --steps_per_stage 1 --train_batch_size $((4 * W)) --micro_batch_size 4
+run atp_sft atp_sft.py --model "$MODEL" $ALL --max_latent_stage 1 --steps_per_stage 1 --train_batch_size $((4 * W)) \
+    --micro_batch_size 4
 run atp_rl atp_rl.py --model "$OUT/atp_sft" $ALL $RL $MINI
 }
 
@@ -59,7 +62,8 @@ import json, math, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 print(f"\n{'method':18} {'s/step':>8} {'rollout tok/s':>14} {'peak GB':>8}")
-for name in ["coconut_sft", "grpo_latent", "latent_value_rl", "latent_sft", "soft_grpo", "latent_grpo", "hrpo", "atp_sft", "atp_rl"]:
+for name in ["coconut_sft", "grpo_latent", "latent_value_rl", "latent_sft", "soft_grpo", "latent_grpo", "hrpo",
+             "atp_sft", "atp_rl"]:
     rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train = [r for r in rows if "step_s" in r or "rollout_s" in r]
     if not train:

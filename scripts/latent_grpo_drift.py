@@ -71,7 +71,8 @@ def measure(model, r, correct, end, G):
     logp, _ = lg.position_logprobs(model, r, slice(None), 0.6, ste="none")
     with torch.no_grad():
         seq_score = (logp * loss_mask).sum(1) / loss_mask.sum(1).clamp(min=1)
-    out = {"P": P.item(), "p_end_at_latents": (lp.ids[..., 0].exp() * hazard_mask).sum().item() / max(1, hazard_mask.sum().item()),
+    out = {"P": P.item(),
+           "p_end_at_latents": (lp.ids[..., 0].exp() * hazard_mask).sum().item() / max(1, hazard_mask.sum().item()),
            "valid": valid.float().mean().item(), "correct": correct.float().mean().item(),
            "latents": hazard_mask.sum(1).float().mean().item(), "dP": {}}
     adv_full = adv[:, None].expand_as(loss_mask)

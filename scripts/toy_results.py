@@ -1,8 +1,9 @@
 """Every toy number in README.md and docs/toy_results.md, from one script: it trains each RL method
-and its key ablations from the same start checkpoints with several seeds, evaluates every result with eval.py on 1,000
-test questions (greedy pass@1, #L, and pass@8 with sampling: Gumbel noise on the latent scores for
-mixture models), and writes docs/toy_results.json, the tables between their
-`<!-- toy_results:NAME -->` markers (README.md, docs/toy_results.md) and docs/toy_results.png (accuracy against reasoning length).
+and its key ablations from the same start checkpoints with several seeds, evaluates every result
+with eval.py on 1,000 test questions (greedy pass@1, #L, and pass@8 with sampling: Gumbel noise on
+the latent scores for mixture models), and writes docs/toy_results.json, the tables between their
+`<!-- toy_results:NAME -->` markers (README.md, docs/toy_results.md) and docs/toy_results.png
+(accuracy against reasoning length).
 
     python scripts/toy_results.py                    # run what is missing, 2 jobs at a time, then collect
     python scripts/toy_results.py --collect          # only the tables and the figure, from finished runs
@@ -39,8 +40,10 @@ K = 8
 # ---- the starts: committed checkpoints, or jobs trained once (seed 0) that other jobs wait for
 STARTS = {
     "toy-cot": {"label": "CoT SFT (`checkpoints/toy-cot`)", "path": "checkpoints/toy-cot", "task": "toy"},
-    "toy-coconut": {"label": "Coconut SFT (`checkpoints/toy-coconut`)", "path": "checkpoints/toy-coconut", "task": "toy"},
-    "toy-latent-sft": {"label": "Latent-SFT (`checkpoints/toy-latent-sft`)", "path": "checkpoints/toy-latent-sft", "task": "toy"},
+    "toy-coconut": {"label": "Coconut SFT (`checkpoints/toy-coconut`)", "path": "checkpoints/toy-coconut",
+                    "task": "toy"},
+    "toy-latent-sft": {"label": "Latent-SFT (`checkpoints/toy-latent-sft`)", "path": "checkpoints/toy-latent-sft",
+                       "task": "toy"},
     "toy-atp-sft": {"label": "ATP-Latent SFT (from toy-cot)", "task": "toy",
                     "cmd": ["atp_sft.py", "--model", "checkpoints/toy-cot"]},
     "prosqa-cot": {"label": "CoT SFT on ProsQA-toy", "task": "prosqa-toy",
@@ -55,7 +58,8 @@ STARTS = {
 
 # ---- the trained methods: (job, table, label, start, script and its flags)
 METHODS = [
-    ("latent_grpo", "rl", "Latent-GRPO (all three designs)", "toy-latent-sft", ["latent_grpo.py", "--save_steps", "20"]),
+    ("latent_grpo", "rl", "Latent-GRPO (all three designs)", "toy-latent-sft",
+     ["latent_grpo.py", "--save_steps", "20"]),
     ("latent_grpo_no_fts", "rl", "Latent-GRPO w/o first-token selection", "toy-latent-sft",
      ["latent_grpo.py", "--first_token_selection", "false", "--save_steps", "20"]),
     ("latent_grpo_no_onesided", "rl", "Latent-GRPO w/o one-sided noise (two-sided, no STE)", "toy-latent-sft",
@@ -72,7 +76,8 @@ METHODS = [
      ["latent_grpo.py", "--single_valid_advantage", "zero", "--save_steps", "20"]),
     ("atp_rl", "rl", "ATP-Latent RL", "toy-atp-sft", ["atp_rl.py"]),
     ("prosqa_grpo_cot", "prosqa", "GRPO on CoT", "prosqa-cot", ["grpo_latent.py", "--max_completion_length", "128"]),
-    ("prosqa_grpo_coconut", "prosqa", "GRPO on Coconut", "prosqa-coconut", ["grpo_latent.py", "--max_completion_length", "128"]),
+    ("prosqa_grpo_coconut", "prosqa", "GRPO on Coconut", "prosqa-coconut",
+     ["grpo_latent.py", "--max_completion_length", "128"]),
 ]
 
 
@@ -95,16 +100,19 @@ def jobs(only=(), seeds=(0, 1, 2)):
     stopped session leaves every method with as many seeds as possible)."""
     out, trained_starts = [], []
     for name, s in STARTS.items():
-        cmd = [a.replace("{" + s["after"] + "}", str(start_dir(s["after"]))) for a in s["cmd"]] if "after" in s else s.get("cmd")
+        cmd = ([a.replace("{" + s["after"] + "}", str(start_dir(s["after"]))) for a in s["cmd"]]
+               if "after" in s else s.get("cmd"))
         (trained_starts if cmd else out).append((name, 0, RUNS / name, cmd, s.get("after")))
     def job(name, seed, start, argv):
-        return name, seed, RUNS / name / f"seed{seed}", argv + ["--model", str(start_dir(start)), "--seed", str(seed)], start
+        return (name, seed, RUNS / name / f"seed{seed}",
+                argv + ["--model", str(start_dir(start)), "--seed", str(seed)], start)
     for seed in seeds:   # the methods first, seed by seed; the ablations' later seeds last
         out += [job(name, seed, start, argv) for name, _, _, start, argv in METHODS
                 if seed == seeds[0] or name not in ABLATIONS]
         if seed == seeds[0]:
             out += trained_starts
-    out += [job(name, seed, start, argv) for seed in seeds[1:] for name, _, _, start, argv in METHODS if name in ABLATIONS]
+    out += [job(name, seed, start, argv) for seed in seeds[1:] for name, _, _, start, argv in METHODS
+            if name in ABLATIONS]
     return [j for j in out if not only or j[0] in only]
 
 
@@ -129,8 +137,9 @@ def run_job(job):
             log.write(f"$ {' '.join(argv)}\n"); log.flush()
             subprocess.run(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
         train_s = time.time() - t0
-        argv = [sys.executable, "eval.py", "--model", str(model), "--max_samples", str(N_TEST), "--num_samples", str(K),
-                "--max_completion_length", "128", "--seed", str(seed), "--output_file", str(eval_file(folder) ) + ".tmp"]
+        argv = [sys.executable, "eval.py", "--model", str(model), "--max_samples", str(N_TEST),
+                "--num_samples", str(K), "--max_completion_length", "128", "--seed", str(seed),
+                "--output_file", str(eval_file(folder) ) + ".tmp"]
         log.write(f"$ {' '.join(argv)}\n"); log.flush()
         subprocess.run(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
         res = json.loads(Path(str(eval_file(folder)) + ".tmp").read_text())
@@ -251,7 +260,8 @@ def collect(seeds):
             per_seed[seed] = {"pass@1": res["pass@1"], f"pass@{K}": res.get(f"pass@{K}"), "mean_L": res["mean_L"],
                               "train_seconds": res.get("train_seconds"), "steps": steps,
                               **{f"{key}_{a}-{b}": window(rows, key, a, b)
-                                 for key in ("reward", "valid_frac", "n_latents", "kl", "hidden_ratio", "acc", "mean_value", "coherence")
+                                 for key in ("reward", "valid_frac", "n_latents", "kl", "hidden_ratio", "acc",
+                                             "mean_value", "coherence")
                                  for a, b in ((1, 10), (steps - 9, steps)) if steps}}
             if STARTS[start]["task"] == "prosqa-toy":
                 per_seed[seed].update(prosqa_steps(res["examples"]))
@@ -261,8 +271,8 @@ def collect(seeds):
                     per_seed[seed][f"eval_acc@{step}"] = acc[0]
         if not per_seed:
             continue
-        entry = {"label": label, "table": table, "start": start, "command": " ".join(["python"] + argv + ["--seed", "S"]),
-                 "seeds": per_seed}
+        entry = {"label": label, "table": table, "start": start,
+                 "command": " ".join(["python"] + argv + ["--seed", "S"]), "seeds": per_seed}
         for key in ("pass@1", f"pass@{K}", "mean_L", "answer_offered", "offered_right", "steps_in_question"):
             xs = [v[key] for v in per_seed.values() if v.get(key) is not None]
             if xs:
@@ -281,12 +291,15 @@ def pct(m, ci=None):
 def table(results, table_name):
     starts = {m["start"] for m in results["methods"].values() if m["table"] == table_name}
     prosqa = table_name == "prosqa"   # and what its greedy completions do (`prosqa_steps`)
-    extra = " answers naming an offered concept (%) | of those, right (%; a guess: 50) | written steps that are facts of the question (%) |" if prosqa else ""
-    lines = [f"| model | seeds | pass@1 (%) | pass@{K} (%) | #L | minutes |" + extra, "|---|---|---|---|---|---|" + "---|---|---|" * prosqa]
+    extra = (" answers naming an offered concept (%) | of those, right (%; a guess: 50) |"
+             " written steps that are facts of the question (%) |") if prosqa else ""
+    lines = [f"| model | seeds | pass@1 (%) | pass@{K} (%) | #L | minutes |" + extra,
+             "|---|---|---|---|---|---|" + "---|---|---|" * prosqa]
     def steps_cells(m):
         if not prosqa:
             return ""
-        return " " + " | ".join(pct(m.get(key), m.get(key + "_ci")) or "—" for key in ("answer_offered", "offered_right", "steps_in_question")) + " |"
+        return " " + " | ".join(pct(m.get(key), m.get(key + "_ci")) or "—"
+                                for key in ("answer_offered", "offered_right", "steps_in_question")) + " |"
     for sname in STARTS:
         if sname not in starts or sname not in results["starts"]:
             continue
@@ -308,7 +321,8 @@ def table(results, table_name):
 
 def collapse_table(results):
     """Latent-GRPO and its ablations, per seed: training-time signs of drift."""
-    lines = ["| run | seed | pass@1 (%) | #L | eval pass@1 at step 20 / 40 (200 test q.) | valid fraction, steps 1-10 -> last 10 | latents per rollout | train reward |",
+    lines = ["| run | seed | pass@1 (%) | #L | eval pass@1 at step 20 / 40 (200 test q.) |"
+             " valid fraction, steps 1-10 -> last 10 | latents per rollout | train reward |",
              "|---|---|---|---|---|---|---|---|"]
     for name, m in results["methods"].items():
         if not name.startswith("latent_grpo") and name != "soft_grpo":
@@ -331,7 +345,8 @@ def figure(results, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tasks = [(t, title) for t, title in (("toy", "arithmetic toy (GSM8K-Aug format)"), ("prosqa-toy", "ProsQA-toy (graph reachability)"))
+    tasks = [(t, title) for t, title in (("toy", "arithmetic toy (GSM8K-Aug format)"),
+                                         ("prosqa-toy", "ProsQA-toy (graph reachability)"))
              if any(s["task"] == t for s in results["starts"].values())]
     fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 6.5), squeeze=False)
     markers = "ov^D<>PXhp*"
@@ -340,7 +355,8 @@ def figure(results, out):
             c = f"C{i}"
             lo, hi = s["pass@1_ci"]
             ax.errorbar(s["mean_L"], 100 * s["pass@1"], yerr=[[100 * (s["pass@1"] - lo)], [100 * (hi - s["pass@1"])]],
-                        fmt="s", color=c, ms=10, capsize=3, mfc="white", mew=2, label=f"{s['label'].split(' (')[0]} (start)")
+                        fmt="s", color=c, ms=10, capsize=3, mfc="white", mew=2,
+                        label=f"{s['label'].split(' (')[0]} (start)")
             for j, m in enumerate(m for m in results["methods"].values() if m["start"] == sname):
                 ax.errorbar(m["mean_L"], 100 * m["pass@1"], xerr=m.get("mean_L_ci") or 0,
                             yerr=100 * (m.get("pass@1_ci") or 0), fmt=markers[j % len(markers)], color=c, ms=7,
@@ -385,7 +401,8 @@ if __name__ == "__main__":
     if not a.collect:
         run_all(todo, a.jobs)
     results = collect(a.seeds)
-    if not results["starts"] and not results["methods"]:  # (a fresh clone: nothing to overwrite the tables with)
+    # (a fresh clone: nothing to overwrite the tables with)
+    if not results["starts"] and not results["methods"]:
         sys.exit(f"error: no finished runs under {RUNS}: run the jobs first (without --collect)")
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "toy_results.json").write_text(json.dumps(results, indent=1))

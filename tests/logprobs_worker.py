@@ -51,7 +51,8 @@ if __name__ == "__main__":
     loss_of(mine).backward()
     value_err = max((a - b[rows]).abs().max().item() for a, b in zip(mine, full))
     got = {name: p.grad for name, p in common.unwrap(model).named_parameters()}
-    whole = {k: g.full_tensor() if hasattr(g, "full_tensor") else g for k, g in got.items() if g is not None}  # FSDP2 shards
+    # FSDP2 shards, gathered whole
+    whole = {k: g.full_tensor() if hasattr(g, "full_tensor") else g for k, g in got.items() if g is not None}
     grad_err = max((whole[k] - w).abs().max().item() for k, w in want.items() if k in whole)
     missing = sum(v is None for v in got.values())
     report = torch.tensor([value_err, grad_err, missing], dtype=torch.float64)

@@ -93,12 +93,13 @@ def test_numeric_golds_rendered_right_and_wrong(name):
     ("#### 12345678901234567890", "12345678901234567891", False),
     ("#### 1e400", "1", False), ("#### 1e400", "1e400", True), ("### 1.5e3", "1500", True), ("### 2E-3", "0.002", True),
     ("### 18.00", "18", True), ("### 18.5", "18", False), ("### 17.999", "18", False),
-    ("### 0.3333", "0.333", True), ("### 0.33", "0.333", False), ("### 0.334", "0.333", False),  # at the gold's 3 places
+    ("### 0.3333", "0.333", True), ("### 0.33", "0.333", False), ("### 0.334", "0.333", False),  # at gold's 3 places
     ("### 2.45", "2.5", True), ("### 2.44", "2.5", False), ("### 2.50", "2.5", True),           # rounded half-up
     ("### -18", "18", False), ("### 1,000,000", "1000000", True), ("The total is $1,234.50.", "1234.5", True),
     ("\\boxed{3}", "3\\sqrt{5}", False), ("\\boxed{2}", "2\\pi", False), ("\\boxed{6}", "6\\sqrt{2}", False),
     ("\\boxed{2}", "(-\\infty,2)\\cup(3,\\infty)", False), ("\\boxed{3\\sqrt{5}}", "3\\sqrt{5}", True),
-    ("\\boxed{\\sqrt{45}}", "3\\sqrt{5}", True), ("\\boxed{(3, \\infty)\\cup(-\\infty,2)}", "(-\\infty,2)\\cup(3,\\infty)", True),
+    ("\\boxed{\\sqrt{45}}", "3\\sqrt{5}", True),
+    ("\\boxed{(3, \\infty)\\cup(-\\infty,2)}", "(-\\infty,2)\\cup(3,\\infty)", True),
 ])
 def test_hand_cases(pred, gold, expected):
     assert common.is_correct(pred, gold) is expected
@@ -129,7 +130,8 @@ def test_gold_normalisation_keeps_values_exact():
 def _same_answer(a, b):
     """The same value written two ways: degrees, units in \\mbox/\\text, spaces; also "x=5" for 5 and a
     base subscript (40_9 read as 40), which math-verify (and so TRL's accuracy_reward) accepts."""
-    norm = lambda s: re.sub(r"\^\\circ|\^\{\\circ\}|\\mbox\{[^}]*\}(\^\d)?|\\text\{[^}]*\}|\s|^[a-z]=|_\d+$", "", s)  # noqa: E731
+    norm = lambda s: re.sub(  # noqa: E731
+        r"\^\\circ|\^\{\\circ\}|\\mbox\{[^}]*\}(\^\d)?|\\text\{[^}]*\}|\s|^[a-z]=|_\d+$", "", s)
     return norm(a) == norm(b)
 
 
@@ -172,9 +174,10 @@ def test_symbolic_checks_have_a_hard_deadline_in_a_thread(monkeypatch):
 def test_symbolic_checks_work_and_time_out_in_a_worker_process(monkeypatch):
     monkeypatch.setattr(common, "VERIFY_TIMEOUT", DEADLINE)
     assert common.is_correct("\\boxed{\\frac{1}{2}}", "0.5")                     # the parent's verifier is running
-    cases = [("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{3}", "3\\sqrt{5}"), (SLOW, "3"), ("\\boxed{x^2+1}", "1+x^2"), ("### 7", "7")]
+    cases = [("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{3}", "3\\sqrt{5}"), (SLOW, "3"), ("\\boxed{x^2+1}", "1+x^2"),
+             ("### 7", "7")]
     t0 = time.time()
-    with multiprocessing.get_context("fork").Pool(1) as pool:                      # daemonic workers, like a reward pool
+    with multiprocessing.get_context("fork").Pool(1) as pool:                    # daemonic workers, like a reward pool
         got = pool.apply_async(_check_in_child, (cases,)).get(timeout=12 * DEADLINE)
     assert got == [True, False, False, True, True] and time.time() - t0 < 10 * DEADLINE
     assert common.is_correct("\\boxed{\\sqrt{45}}", "3\\sqrt{5}")                 # the parent's verifier is unharmed

@@ -4,7 +4,6 @@ stop on the boundary, 2-step runs from an atp_sft.py checkpoint with eval.py on 
 frozen decoder, the shape of a real instruct model (`smol_tiny` in conftest), torchrun, and the
 scale features (log-probs without whole logits against the old computation, generation in pieces,
 LoRA, gradient checkpointing, resuming a stopped run)."""
-import dataclasses
 import json
 import re
 import shlex
@@ -407,7 +406,7 @@ def test_without_the_sft_checkpoint_the_default_says_run_atp_sft_first(tmp_path)
 def test_flags_live_in_their_phase(tmp_path):
     with pytest.raises(SystemExit, match="unknown argument --steps_per_stage"):   # SFT's flags live in atp_sft.py
         common.parse_args(atp_rl.Args, ["--steps_per_stage", "4"])
-    assert all(f.metadata.get("help") for f in dataclasses.fields(atp_rl.Args))
+    assert all(f.metadata.get("help") for _, _, f in sum(common.flag_fields(atp_rl.Args), []))
 
 
 def docs_commands(script):

@@ -54,7 +54,8 @@ def test_trainers_refuse_in_one_line(script, case, bad, tmp_path):
     argv, words = CASES[case]
     argv = [a.format(**bad) for a in argv]
     out = [] if "--output_dir" in argv else ["--output_dir", tmp_path / "run"]
-    start = ["--model", bad["atp"]] if script == "atp_rl" and "--model" not in argv else []  # (its default is made first)
+    # (atp_rl's default is made first)
+    start = ["--model", bad["atp"]] if script == "atp_rl" and "--model" not in argv else []
     assert words in main_error(script, *start, *argv, *out)
     assert not (tmp_path / "run").exists()  # nothing half-written
 

@@ -111,8 +111,8 @@ def test_the_toy_questions_do_not_depend_on_the_seed():
     the same test questions (the committed starts' split), so seeds can be compared."""
     from types import SimpleNamespace
     def split(seed, name="toy"):
-        return common.load_train_eval(SimpleNamespace(dataset=name, eval_dataset="", max_train_samples=0, max_eval_samples=0,
-                                                      seed=seed, model_name_or_path="toy"))
+        return common.load_train_eval(SimpleNamespace(dataset=name, eval_dataset="", max_train_samples=0,
+                                                      max_eval_samples=0, seed=seed, model_name_or_path="toy"))
     for name in ("toy", "prosqa-toy"):
         (train0, test0), (train2, test2) = split(0, name), split(2, name)
         assert test2 == test0 == common.load_data(name, "test") and train2 == train0
@@ -122,7 +122,8 @@ def test_a_missing_default_checkpoint_falls_back_to_the_toy_model(monkeypatch, t
     monkeypatch.setattr(toy, "COT", str(tmp_path / "checkpoints" / "toy-cot"))   # as in a folder without checkpoints/
     model, tok, cfg = common.load_model(toy.COT, torch.device("cpu"), torch.float32)
     assert cfg is None and len(tok) == len(toy.tokenizer()) and "untrained toy model" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="neither a local folder nor a hub id"):   # any other missing path stays an error
+    # any other missing path stays an error
+    with pytest.raises(SystemExit, match="neither a local folder nor a hub id"):
         common.load_model(str(tmp_path / "nothing"), torch.device("cpu"), torch.float32)
 
 
@@ -140,9 +141,11 @@ def test_finish_saves_plots_and_prints_before_after(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pass@1 0.250 -> 0.500   #L 4.0 -> 3.0   extra 1   saved" in out
     run = tmp_path / "run"
-    for f in ("model.safetensors", "latent_config.json", "head.safetensors", "curves.png", "metrics.jsonl", "completions.jsonl"):
+    for f in ("model.safetensors", "latent_config.json", "head.safetensors", "curves.png", "metrics.jsonl",
+              "completions.jsonl"):
         assert (run / f).is_file(), f
-    assert json.loads((run / "completions.jsonl").read_text()) == {"step": 2, "question": "q", "completion": "c", "reward": 1.0}
+    assert json.loads((run / "completions.jsonl").read_text()) == {"step": 2, "question": "q", "completion": "c",
+                                                                   "reward": 1.0}
 
 
 def test_plots_are_optional(tmp_path, monkeypatch, capsys):
@@ -166,7 +169,8 @@ def test_setup_distributed_seeds_like_before():
 
 def test_check_args_reads_the_fields_a_script_has():
     from types import SimpleNamespace as A
-    ok = dict(num_generations=4, lora_r=0, lora_dropout=0.0, generation_batch_size=8, train_batch_size=16, mini_batch_size=8)
+    ok = dict(num_generations=4, lora_r=0, lora_dropout=0.0, generation_batch_size=8, train_batch_size=16,
+              mini_batch_size=8)
     common.check_args(A(**ok))
     common.check_args(A(train_batch_size=16, generation_batch_size=6))     # no groups: any size >= 0
     common.check_args(A())                                                 # eval-like Args: nothing to check
@@ -176,7 +180,8 @@ def test_check_args_reads_the_fields_a_script_has():
                        (dict(generation_batch_size=6), "multiple of --num_generations 4"),
                        (dict(generation_batch_size=-4), "multiple of --num_generations 4"),
                        (dict(mini_batch_size=6), "--train_batch_size 16 must be a multiple of --mini_batch_size 6"),
-                       (dict(train_batch_size=0, mini_batch_size=None), "must be a positive multiple of the 1 processes")]:
+                       (dict(train_batch_size=0, mini_batch_size=None),
+                        "must be a positive multiple of the 1 processes")]:
         with pytest.raises(SystemExit, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
             common.check_args(A(**{**ok, **bad}))
     with pytest.raises(SystemExit, match="--generation_batch_size must be >= 0"):

@@ -70,4 +70,5 @@ def test_toy_tokenizer_survives_save_and_autotokenizer(tmp_path):
     again = AutoTokenizer.from_pretrained(tmp_path / "ck")
     text = toy.dataset("test")[0]["question"] + "\n<<3*4=12>>\n### 12" + "<|latent|>"
     assert again.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
-    assert again.decode(again.encode(text, add_special_tokens=False), skip_special_tokens=True) == text.replace("<|latent|>", "")
+    assert (again.decode(again.encode(text, add_special_tokens=False), skip_special_tokens=True)
+            == text.replace("<|latent|>", ""))

@@ -49,8 +49,9 @@ def test_a_plain_model_is_evaluated_as_language_cot(tmp_path):
     model, tok, _ = common.load_model("toy", torch.device("cpu"), torch.float32)
     model.save_pretrained(tmp_path / "plain")
     tok.save_pretrained(tmp_path / "plain")
-    res = evaluation.main(common.parse_args(evaluation.Args, ["--model", str(tmp_path / "plain"), "--max_samples", "3",
-                                                              "--max_completion_length", "4", "--output_file", str(tmp_path / "r.json")]))
+    res = evaluation.main(common.parse_args(evaluation.Args, [
+        "--model", str(tmp_path / "plain"), "--max_samples", "3", "--max_completion_length", "4",
+        "--output_file", str(tmp_path / "r.json")]))
     assert res["mode"] == "cot" and res["n"] == 3 and json.loads((tmp_path / "r.json").read_text())["mode"] == "cot"
 
 
@@ -60,10 +61,10 @@ def test_an_intermediate_checkpoint_is_evaluated_on_the_task_it_was_trained_on(t
     import eval as evaluation
     import grpo_latent
     grpo_latent.main(common.parse_args(grpo_latent.Args, [
-        "--model", toy.COT, "--dataset", "prosqa-toy:64", "--max_steps", "1", "--save_steps", "1", "--train_batch_size", "2",
-        "--mini_batch_size", "2", "--num_generations", "2", "--max_completion_length", "8", "--max_eval_samples", "2",
-        "--output_dir", str(tmp_path / "run")]))
-    res = evaluation.main(common.parse_args(evaluation.Args, ["--model", str(tmp_path / "run" / "checkpoint-1"), "--max_samples", "2",
-                                                              "--max_completion_length", "4"]))
+        "--model", toy.COT, "--dataset", "prosqa-toy:64", "--max_steps", "1", "--save_steps", "1",
+        "--train_batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2", "--max_completion_length", "8",
+        "--max_eval_samples", "2", "--output_dir", str(tmp_path / "run")]))
+    res = evaluation.main(common.parse_args(evaluation.Args, [
+        "--model", str(tmp_path / "run" / "checkpoint-1"), "--max_samples", "2", "--max_completion_length", "4"]))
     assert res["dataset"] == "prosqa-toy" and res["n"] == 2 and res["mode"] == "cot"
     assert res["examples"][0]["question"] == common.load_data("prosqa-toy", "test")[0]["question"]

@@ -5,7 +5,6 @@ torchrun) with eval.py on the saved checkpoint, the scale features (chunked log-
 whole logits, generation in pieces, gradient checkpointing, resuming a stopped run), and the shape
 of a real instruct model (chat prompts, the end of turn, bf16; `smol_tiny` in conftest)."""
 import copy
-import dataclasses
 import json
 import re
 import shlex
@@ -572,7 +571,7 @@ def test_hrpo_starts_and_data_that_do_not_fit_fail_in_one_line(smol_tiny, tmp_pa
     assert "--dataset is required" in main_error("hrpo", "--model", smol_tiny, "--output_dir", tmp_path / "x")
     with pytest.raises(SystemExit, match="unknown argument --no_such_flag"):
         common.parse_args(hrpo.Args, ["--no_such_flag", "1"])
-    assert all(f.metadata.get("help") for f in dataclasses.fields(hrpo.Args))
+    assert all(f.metadata.get("help") for _, _, f in sum(common.flag_fields(hrpo.Args), []))
 
 
 def docs_commands(script):

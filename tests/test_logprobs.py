@@ -162,7 +162,8 @@ def test_completion_logprobs_matches_whole_logits(toy):
                        {"ids": torch.randint(0, V, (N, T, 3), generator=g)})
     rows = slice(1, 3)
     with torch.no_grad():
-        lp = common.completion_logprobs(model, r, rows, 0.7, r.extras["ids"][rows], 1.0, entropy=True, chunk_elements=2 * V)
+        lp = common.completion_logprobs(model, r, rows, 0.7, r.extras["ids"][rows], 1.0, entropy=True,
+                                        chunk_elements=2 * V)
         z = whole_logits(model, r, rows)
         torch.testing.assert_close(lp.token, gather_logprobs(z / 0.7, r.tokens[rows]), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lp.ids, z.log_softmax(-1).gather(-1, r.extras["ids"][rows]), rtol=1e-5, atol=1e-5)
@@ -208,8 +209,8 @@ def test_peft_lora_gradients_match():
     V, d = model.config.vocab_size, model.config.hidden_size
     ids, mask, latent_mask, vectors, tokens, K = batch(V, d)
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
-    lp, _ = common.lm_logprobs(model, ids, mask, common.positions(mask), tokens, 0.7, latent_mask, vectors, K, 1.0, True,
-                               chunk_elements=2 * V)
+    lp, _ = common.lm_logprobs(model, ids, mask, common.positions(mask), tokens, 0.7, latent_mask, vectors, K, 1.0,
+                               True, chunk_elements=2 * V)
     loss_of(lp).backward()
     g_chunked = grads(lora)
     model.zero_grad()

@@ -52,7 +52,8 @@ def test_deterministic_per_seed_and_disjoint(splits):
     train, test = splits
     assert len(train) == 10000 and len(test) == 1000
     assert toy.prosqa_dataset("train", 200) == train[:200] and toy.prosqa_dataset("test") == test
-    assert toy.prosqa_dataset("test", seed=1) != test and toy.prosqa_dataset("test", seed=1) == toy.prosqa_dataset("test", seed=1)
+    assert (toy.prosqa_dataset("test", seed=1) != test
+            and toy.prosqa_dataset("test", seed=1) == toy.prosqa_dataset("test", seed=1))
     assert len({ex["question"] for ex in train}) == len(train) and len({ex["question"] for ex in test}) == len(test)
     assert not {ex["question"] for ex in train} & {ex["question"] for ex in test}
     assert toy.prosqa_problem(random.Random(3)) == toy.prosqa_problem(random.Random(3))
@@ -143,7 +144,8 @@ def test_load_train_eval_treats_prosqa_toy_as_a_toy_task():
     assert len(train) == 50 and cfg["dataset"] == "prosqa-toy:100"
     args.dataset = ""
     with pytest.raises(SystemExit, match="--dataset is required"):
-        common.load_train_eval(SimpleNamespace(**{**vars(args), "model_name_or_path": "/x"}), {"dataset": "other.jsonl"})
+        common.load_train_eval(SimpleNamespace(**{**vars(args), "model_name_or_path": "/x"}),
+                               {"dataset": "other.jsonl"})
 
 
 @pytest.mark.parametrize("pred,expected", [

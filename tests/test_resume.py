@@ -35,7 +35,8 @@ def train(out, stop=TOTAL, save_steps=0, resume="", limit=None, forget=(), head_
     gate = torch.nn.Linear(1, 1)  # trained from step 3 on: no optimizer state in checkpoint-2
     torch.manual_seed(1 + d.rank)
     model = common.wrap_model(model, d, strategy)
-    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters(), *gate.parameters()], lr=3e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters(), *gate.parameters()], lr=3e-3,
+                                  weight_decay=0.01)
     from transformers import get_cosine_schedule_with_warmup
     scheduler = get_cosine_schedule_with_warmup(optimizer, 2, TOTAL)
     rng = random.Random(0)
@@ -54,7 +55,8 @@ def train(out, stop=TOTAL, save_steps=0, resume="", limit=None, forget=(), head_
     data = [ex["question"] for ex in toy.dataset("train", 64)]
     model.train()
     for step in range(start + 1, stop + 1):
-        enc = tok([data[i] for i in rng.sample(range(len(data)), 4)[d.rank::d.world]], return_tensors="pt", padding=True)
+        enc = tok([data[i] for i in rng.sample(range(len(data)), 4)[d.rank::d.world]], return_tensors="pt",
+                  padding=True)
         ids = enc.input_ids
         noisy = torch.where(torch.rand(ids.shape) < 0.2, torch.randint_like(ids, 2, 20), ids)
         res = model(noisy, attention_mask=enc.attention_mask, output_hidden_states=True)
@@ -79,7 +81,8 @@ def train(out, stop=TOTAL, save_steps=0, resume="", limit=None, forget=(), head_
 def full_state(run):
     """Every weight and optimizer tensor of a `train` run, gathered whole (a collective under FSDP2)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(run.state.modules, run.state.optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_state_dict(run.state.modules, run.state.optimizers,
+                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def assert_same(a, b):
@@ -166,7 +169,8 @@ def test_bad_input_is_one_line(tmp_path):
     assert "has no checkpoint-<step> folder" in error(out=tmp_path / "a", resume="latest")
     train(tmp_path / "run", stop=1, save_steps=1)
     assert "no training_state/" in error(out=tmp_path / "a", resume=str(tmp_path / "run"))  # the run folder itself
-    assert "does not fit this run's modules" in error(out=tmp_path / "a", resume=str(tmp_path / "run" / "checkpoint-1"), head_size=2)
+    assert "does not fit this run's modules" in error(out=tmp_path / "a", resume=str(tmp_path / "run" / "checkpoint-1"),
+                                                      head_size=2)
     ts = tmp_path / "run" / "checkpoint-1" / "training_state"
     (ts / "rank-1.pt").write_bytes((ts / "rank-0.pt").read_bytes())
     assert "saved by 2 processes and this run has 1" in error(out=tmp_path / "a", resume=str(ts.parent))
@@ -176,7 +180,8 @@ def test_bad_input_is_one_line(tmp_path):
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_two_process_resume_continues_exactly(tmp_path, strategy):
     from conftest import ROOT, run_script
-    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29537 + (strategy == "ddp")),
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(29537 + (strategy == "ddp")),
                ROOT / "tests" / "test_resume.py", tmp_path, strategy, env={"OMP_NUM_THREADS": "1"}, timeout=600)
     straight, resumed, forgot = (torch.load(tmp_path / f"{name}.pt") for name in ("straight", "resumed", "forgot"))
     assert_same(resumed, straight)
@@ -192,7 +197,8 @@ if __name__ == "__main__":  # under torchrun: see the module's docstring
     out, strategy = Path(sys.argv[1]), sys.argv[2]
     for name, kw in [("straight", {}), ("stopped", dict(stop=3, save_steps=2)), ("resumed", dict(resume="latest")),
                      ("forgot", dict(resume=str(out / "run" / "checkpoint-2"), forget=("rng",)))]:
-        final = full_state(train(out / {"straight": "straight", "forgot": "forgot"}.get(name, "run"), strategy=strategy, **kw))
+        final = full_state(train(out / {"straight": "straight", "forgot": "forgot"}.get(name, "run"),
+                                 strategy=strategy, **kw))
         if torch.distributed.get_rank() == 0 and name != "stopped":
             torch.save(final, out / f"{name}.pt")
     torch.distributed.barrier()

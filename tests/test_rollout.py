@@ -44,7 +44,8 @@ def test_cached_rollout_equals_full_recompute(toy):
     assert torch.allclose(lp, r.logprobs, atol=1e-4), (lp - r.logprobs).abs().max()
     # the latent fed at step t is the final hidden state at the position before it
     ids, mask, latent_mask, latents = r.inputs()
-    _, hidden = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask, latent_vectors=latents)
+    _, hidden = common.lm_forward(model, ids, mask, common.positions(mask), latent_mask=latent_mask,
+                                  latent_vectors=latents)
     P = r.prompt_ids.shape[1]
     for t in range(4):
         assert torch.allclose(r.latents[:, t], hidden[:, P - 1 + t], atol=1e-4)

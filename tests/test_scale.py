@@ -39,7 +39,8 @@ def test_lora_trains_adapters_and_added_rows_only():
     others = [i for i in range(emb.shape[0]) if i not in ids]
     assert torch.equal(emb[others], before["model.embed_tokens.weight"][others])   # the old rows are frozen
     assert not torch.allclose(emb[ids], before["model.embed_tokens.weight"][ids])  # the added ones train
-    assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"],
+                              before["model.layers.0.self_attn.q_proj.weight"])
 
 
 def test_merged_checkpoint_equals_peft_merge_and_reloads(tmp_path):
@@ -67,8 +68,8 @@ def test_merged_checkpoint_equals_peft_merge_and_reloads(tmp_path):
 
 def test_lora_untied_head_rows_train_too(tmp_path):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     head_before = model.lm_head.weight.detach().clone()
     pm = common.apply_lora(model, 2, 4, trainable_token_ids=[37, 38])
@@ -203,12 +204,13 @@ def test_memory_plan_by_hand():
     config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
     plan = memory_plan_bench.memory_plan(config, n_params=1_000_000, n_trainable=100_000, world=4, sharded=True,
-                                         bf16=True, micro_rows=2, seq_len=10, gen_rows=8, gen_len=20, frozen_params=1_000_000)
+                                         bf16=True, micro_rows=2, seq_len=10, gen_rows=8, gen_len=20,
+                                         frozen_params=1_000_000)
     assert plan["weights"] == 4e6 / 4 + 2e6 / 4
     assert plan["gradients"] == 4e5 / 4 and plan["optimizer"] == 8e5 / 4
-    assert plan["activations"] == 20 * (10 * 64 + 4 * 256) * 2 * 2       # tokens x per layer x bf16 x layers
-    assert plan["kv_cache"] == 8 * 20 * 2 * 2 * 2 * 16 * 2               # rows x len x layers x (k, v) x heads x dim x bf16
-    assert plan["gathered_weights"] == 2e6                                # the rollout's unsharded bf16 model
+    assert plan["activations"] == 20 * (10 * 64 + 4 * 256) * 2 * 2  # tokens x per layer x bf16 x layers
+    assert plan["kv_cache"] == 8 * 20 * 2 * 2 * 2 * 16 * 2          # rows x len x layers x (k, v) x heads x dim x bf16
+    assert plan["gathered_weights"] == 2e6                          # the rollout's unsharded bf16 model
     assert plan["logits"] == 12 * 20 * 1000 and plan["autocast_copies"] == 0
     held = 4e6 / 4 + 2e6 / 4 + 4e5 / 4 + 8e5 / 4
     assert plan["total"] == held + max(plan["kv_cache"] + 2e6, plan["activations"] + plan["logits"])
@@ -244,16 +246,18 @@ def test_lora_and_checkpointing_under_fsdp2_and_ddp(tmp_path):
     from pathlib import Path
     worker = Path(__file__).with_name("scale_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(worker), "none", str(tmp_path / "one")], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, str(worker), "none", str(tmp_path / "one")], check=True, env=env,
+                   capture_output=True)
     weights = {}
     for strategy in ("fsdp", "ddp"):
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), strategy,
-                            str(tmp_path / strategy)], env=env, capture_output=True, text=True, timeout=600)
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+                            strategy, str(tmp_path / strategy)], env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
         weights[strategy] = AutoModelForCausalLM.from_pretrained(tmp_path / strategy).state_dict()
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
     start, _, _ = toy_model(["<|a|>"])
-    assert not torch.allclose(one["model.layers.0.mlp.up_proj.weight"], start.state_dict()["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.allclose(one["model.layers.0.mlp.up_proj.weight"],
+                              start.state_dict()["model.layers.0.mlp.up_proj.weight"])
     for strategy, w in weights.items():
         for k in one:
             assert torch.allclose(w[k], one[k], atol=1e-5), (strategy, k)
@@ -313,7 +317,8 @@ def test_a_lora_subfolder_model_is_saved_merged_too(tmp_path):
 def test_bad_lora_and_generation_sizes_are_one_line():
     """check_args is where the sizes are checked (apply_lora and generate only assert)."""
     def args(**kw):
-        return type("A", (), {"num_generations": 4, "lora_r": 0, "lora_dropout": 0.0, "generation_batch_size": 0, **kw})()
+        return type("A", (), {"num_generations": 4, "lora_r": 0, "lora_dropout": 0.0, "generation_batch_size": 0,
+                              **kw})()
     with pytest.raises(SystemExit, match="--lora_r must be >= 0"):
         common.check_args(args(lora_r=-1))
     with pytest.raises(SystemExit, match="multiple of --num_generations 4"):

@@ -1,13 +1,18 @@
 """The shape the project promises: one method per file, a small common.py of plumbing, files that
-depend downward only, and a method file that runs when copied out with common.py and toy.py."""
+depend downward only, a method file that runs when copied out with common.py and toy.py, and no
+line of code over 120 columns anywhere."""
 import ast
 import dataclasses
 import importlib
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import common
 from conftest import ROOT
 
 PLUMBING = {"common", "toy"}
@@ -29,7 +34,8 @@ def imports(name):
 
 
 def test_the_expected_files_are_there():
-    assert {"coconut_sft", "grpo_latent", "latent_value_rl", "latent_sft", "soft_grpo", "latent_grpo", "hrpo"} <= set(METHODS)
+    assert {"coconut_sft", "grpo_latent", "latent_value_rl", "latent_sft", "soft_grpo", "latent_grpo",
+            "hrpo"} <= set(METHODS)
     assert len(METHODS) >= 8
 
 
@@ -38,7 +44,8 @@ def test_files_depend_downward_only():
     assert graph["toy"] == set(), graph["toy"]
     assert graph["common"] <= {"toy"}, f"common.py imports {graph['common'] - {'toy'}}"
     for name in METHODS:
-        assert graph[name] <= PLUMBING, f"{name}.py imports {graph[name] - PLUMBING}: a method file imports only common and toy"
+        assert graph[name] <= PLUMBING, (f"{name}.py imports {graph[name] - PLUMBING}: "
+                                         "a method file imports only common and toy")
     assert graph["eval"] <= PLUMBING, graph["eval"]   # eval.py reaches method files through importlib only
 
 
@@ -72,8 +79,91 @@ def test_every_mode_is_defined_by_a_file_that_exists():
 @pytest.mark.parametrize("name", METHODS + ["eval"])
 def test_every_argument_has_help(name):
     module = importlib.import_module(name)
-    missing = [f.name for f in dataclasses.fields(module.Args) if not f.metadata.get("help")]
+    missing = [name for name, _, f in sum(common.flag_fields(module.Args), []) if not f.metadata.get("help")]
     assert not missing, f"{name}.py: no help for {missing}"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_trainers_declare_the_shared_flags_once(name):
+    """Every trainer's Args derives from common.TrainArgs and re-declares a shared flag only to change
+    its default or its help: the shared flags are written once, in common.py."""
+    args = importlib.import_module(name).Args
+    assert issubclass(args, common.TrainArgs), f"{name}.Args does not derive from common.TrainArgs"
+    base = {f.name: f for f in dataclasses.fields(common.TrainArgs)}
+    source = ast.parse((ROOT / f"{name}.py").read_text())
+    body = next(n for n in source.body if isinstance(n, ast.ClassDef) and n.name == "Args").body
+    redeclared = [n.target.id for n in body if isinstance(n, ast.AnnAssign) and n.target.id in base]
+    own = {f.name: f for f in dataclasses.fields(args)}
+    same = [k for k in redeclared if own[k].default == base[k].default
+            and own[k].metadata.get("help", base[k].metadata["help"]) == base[k].metadata["help"]]
+    assert not same, f"{name}.py re-declares {same} as common.TrainArgs has them"
+
+
+MAX_COLUMNS = 120
+
+
+def is_code(path):
+    """A .py or .sh file, or a script without a suffix that starts with #! (.ci/run)."""
+    if path.suffix in (".py", ".sh"):
+        return True
+    if path.suffix or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(2) == b"#!"
+
+
+def code_files(root=ROOT, git=True):
+    """Every file of code in the repository: the ones git tracks; without git (or outside a
+    checkout), the ones on disk, leaving out .git, caches and virtual environments."""
+    names = None
+    if git:
+        try:
+            p = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, timeout=60)
+            names = [n for n in p.stdout.split("\0") if n] if p.returncode == 0 else None
+        except OSError:  # no git on the PATH
+            pass
+    if names is None:
+        names = []
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d != ".git" and d != "__pycache__" and not d.endswith("_cache")
+                       and not os.path.exists(os.path.join(folder, d, "pyvenv.cfg"))]
+            names += [os.path.relpath(os.path.join(folder, f), root) for f in files]
+    # (a tracked file deleted in the working tree is not there to read)
+    return sorted(Path(n) for n in names if (root / n).is_file() and is_code(root / n))
+
+
+def long_lines(path, limit=MAX_COLUMNS):
+    """`path:line: N columns` for each line longer than `limit` characters."""
+    lines = [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
+    return [f"{path}:{i}: {len(line)} columns" for i, line in enumerate(lines, 1) if len(line) > limit]
+
+
+def test_no_line_of_code_over_120_columns():
+    files = code_files()
+    for must in ("common.py", "tests/test_structure.py", "scripts/toy_results.py", "scripts/gpu_check.sh"):
+        assert Path(must) in files, f"{must} is not among the files checked"
+    bad = [hit for f in files for hit in long_lines(ROOT / f)]
+    assert not bad, f"lines over {MAX_COLUMNS} columns:\n" + "\n".join(bad)
+
+
+def test_the_line_check_catches_a_121_column_line(tmp_path):
+    (tmp_path / "ok.py").write_text("x = 1\n" + "#" * 120 + "\n" + "é" * 120 + "\n")
+    (tmp_path / "long.py").write_text("x = 1\n" + "#" * 121 + "\n")
+    (tmp_path / "long.sh").write_text("echo " + "a" * 116 + "\n")
+    (tmp_path / "run").write_text("#!/usr/bin/env bash\n" + "a" * 121 + "\n")
+    (tmp_path / "notes.txt").write_text("a" * 200 + "\n")  # not code
+    assert long_lines(tmp_path / "ok.py") == []
+    assert long_lines(tmp_path / "long.py") == [f"{tmp_path / 'long.py'}:2: 121 columns"]
+    assert len(long_lines(tmp_path / "long.sh")) == 1
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "cached.py").write_text("#" * 121 + "\n")
+    files = code_files(tmp_path, git=False)  # the files on disk
+    assert files == [Path("long.py"), Path("long.sh"), Path("ok.py"), Path("run")]
+    assert [f for f in files if long_lines(tmp_path / f)] == [Path("long.py"), Path("long.sh"), Path("run")]
+    if shutil.which("git"):  # the files git tracks
+        subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+        subprocess.run(["git", "add", "ok.py", "long.py", "run", "notes.txt"], cwd=tmp_path, check=True)
+        assert code_files(tmp_path) == [Path("long.py"), Path("ok.py"), Path("run")]
 
 
 # One step of each method file copied out with common.py and toy.py alone (no checkpoints/, no other
@@ -85,13 +175,15 @@ COPY_RUNS = {
     "coconut_sft": ["--start_stage", "0", "--end_stage", "0", "--max_steps", "1", "--train_batch_size", "4",
                     "--micro_batch_size", "4", *ONE_STEP],
     "grpo_latent": RL_STEP,
-    "latent_value_rl": ["--model", ROOT / "checkpoints" / "toy-coconut", "--max_steps", "1", "--pretrain_questions", "4",
-                        "--pretrain_epochs", "1", "--train_batch_size", "2", *ONE_STEP],
-    "latent_sft": ["--stage1_steps", "1", "--stage2_steps", "1", "--train_batch_size", "4", "--micro_batch_size", "4", *ONE_STEP],
+    "latent_value_rl": ["--model", ROOT / "checkpoints" / "toy-coconut", "--max_steps", "1",
+                        "--pretrain_questions", "4", "--pretrain_epochs", "1", "--train_batch_size", "2", *ONE_STEP],
+    "latent_sft": ["--stage1_steps", "1", "--stage2_steps", "1", "--train_batch_size", "4", "--micro_batch_size", "4",
+                   *ONE_STEP],
     "soft_grpo": RL_STEP,
     "latent_grpo": RL_STEP,
     "hrpo": ["--max_steps", "1", "--train_batch_size", "2", "--num_generations", "2", *ONE_STEP],
-    "atp_sft": ["--end_stage", "1", "--steps_per_stage", "1", "--train_batch_size", "4", "--micro_batch_size", "4", *ONE_STEP],
+    "atp_sft": ["--end_stage", "1", "--steps_per_stage", "1", "--train_batch_size", "4", "--micro_batch_size", "4",
+                *ONE_STEP],
     "atp_rl": [*RL_STEP, "--micro_batch_size", "4"],
 }
 
@@ -122,9 +214,8 @@ def test_a_method_file_copied_out_with_common_and_toy_runs(name, tmp_path):
 
 def run_in(folder, *argv):
     """`python <argv>` in `folder` with nothing of the project on the path but that folder."""
-    import os
-    import subprocess
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    p = subprocess.run([sys.executable, *map(str, argv)], cwd=folder, capture_output=True, text=True, timeout=600, env=env)
+    p = subprocess.run([sys.executable, *map(str, argv)], cwd=folder, capture_output=True, text=True, timeout=600,
+                       env=env)
     assert p.returncode == 0, f"{argv} in {folder} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     return p

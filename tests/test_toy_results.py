@@ -68,7 +68,8 @@ def test_collect_tables_and_readme_blocks(tr, tmp_path):
     assert set(res["methods"]) == {"latent_grpo"}          # runs that are missing are left out
     rl = tr.table(res, "rl")
     assert "| **Latent-SFT" in rl and "11.0 [" in rl
-    assert "| Latent-GRPO (all three designs) | 3 (10.0, 20.0, 30.0) | 20.0 ± 24.8 | 40.0 ± 0.0 | 16.0 ± 2.5 | 2 |" in rl
+    assert ("| Latent-GRPO (all three designs) | 3 (10.0, 20.0, 30.0) | 20.0 ± 24.8 | 40.0 ± 0.0 | "
+            "16.0 ± 2.5 | 2 |") in rl
     assert "1.00 -> 0.50" in tr.collapse_table(res)
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- toy_results:rl -->\nold\n<!-- /toy_results:rl -->\nb\n")
@@ -85,13 +86,18 @@ def test_collect_tables_and_readme_blocks(tr, tmp_path):
 def test_prosqa_steps_by_hand(tr):
     q = "Every gut is a gug. Every gug is a beg. Every gut is a pif. Ann is a gut. Is Ann a beg or a pif?"
     examples = [
-        {"question": q, "completion": "Every gut is a gug.\nEvery gug is a beg.\n### beg", "correct": True},  # 2 facts, offered
-        {"question": q, "completion": "Every gut is a beg.\nEvery beg is a beg.\n### vilus", "correct": False},  # 0 of 2
-        {"question": q, "completion": "### pif", "correct": False},                                            # offered, wrong
-        {"question": q, "completion": "Every gut is a pif.\n", "correct": False},                               # 1 fact, no answer
+        # 2 facts, offered
+        {"question": q, "completion": "Every gut is a gug.\nEvery gug is a beg.\n### beg", "correct": True},
+        # 0 of 2
+        {"question": q, "completion": "Every gut is a beg.\nEvery beg is a beg.\n### vilus", "correct": False},
+        # offered, wrong
+        {"question": q, "completion": "### pif", "correct": False},
+        # 1 fact, no answer
+        {"question": q, "completion": "Every gut is a pif.\n", "correct": False},
     ]
     out = tr.prosqa_steps(examples)
-    assert out == {"answer_offered": 0.5, "offered_right": 0.5, "steps_in_question": 0.6}   # 2 of 4; 1 of 2; 3 of 5 steps
+    # 2 of 4; 1 of 2; 3 of 5 steps
+    assert out == {"answer_offered": 0.5, "offered_right": 0.5, "steps_in_question": 0.6}
     assert tr.prosqa_steps(examples[2:3])["steps_in_question"] is None     # latents only: nothing to check
     assert tr.prosqa_steps(examples[1:2])["offered_right"] is None         # no answer among the options
 
@@ -103,8 +109,8 @@ def test_prosqa_table_has_the_step_columns(tr):
         "steps_in_question": None}}}
     res["methods"]["prosqa_grpo_cot"] = {"label": "GRPO on CoT", "table": "prosqa", "start": "prosqa-cot",
                                          "seeds": {0: {"pass@1": 0.08, "train_seconds": 60}}, "pass@1": 0.08,
-                                         "mean_L": 80.0, "answer_offered": 0.2, "answer_offered_ci": 0.05, "offered_right": 0.5,
-                                         "steps_in_question": 0.03}
+                                         "mean_L": 80.0, "answer_offered": 0.2, "answer_offered_ci": 0.05,
+                                         "offered_right": 0.5, "steps_in_question": 0.03}
     lines = tr.table(res, "prosqa").splitlines()
     assert lines[0].count("|") == lines[1].count("|") == 10          # 9 columns
     assert lines[2].endswith("| 13.1 | 45.0 | — |") and lines[3].endswith("| 1 | 20.0 ± 5.0 | 50.0 | 3.0 |")
