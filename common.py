@@ -1192,8 +1192,8 @@ GB = 2 ** 30
 
 
 @functools.lru_cache(maxsize=None)
-def _memory_plan_estimate():
-    """benchmarks/memory_plan.py's `memory_plan`, or None where that file is absent (a copied-out method)."""
+def memory_plan_module():
+    """benchmarks/memory_plan.py, or None where that file is absent (a method file copied out)."""
     import importlib.util
     path = ROOT / "benchmarks" / "memory_plan.py"
     if not path.is_file():
@@ -1201,46 +1201,14 @@ def _memory_plan_estimate():
     spec = importlib.util.spec_from_file_location("_latent_rl_memory_plan", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.memory_plan
-
-
-def device_memory(device):
-    """Bytes the device has: the GPU's memory, or the machine's RAM."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return module
 
 
 def print_memory_plan(model, d, args, micro_rows, seq_len, gen_rows, gen_len, frozen=None, extra_modules=()):
-    """Print this run's memory plan per device in one line (and a warning line when it exceeds the
-    device); return the plan, or None when benchmarks/memory_plan.py is absent. `frozen`: a frozen
-    copy (reference model) or None; `extra_modules` (heads, gates, a second model) count as trainable."""
-    memory_plan = _memory_plan_estimate()
-    if memory_plan is None:
-        return None
-    from torch.distributed.tensor import DTensor
-
-    def count(modules, trainable):
-        return sum((p.full_tensor() if isinstance(p, DTensor) else p).numel() for m in modules
-                   for p in m.parameters() if p.requires_grad or not trainable)
-    modules = [model, *extra_modules]
-    sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    config = plain_model(model).config
-    plan = memory_plan(config, count(modules, False), count(modules, True), d.world, sharded,
-                       bool(_io(model).bf16), micro_rows, seq_len, gen_rows, gen_len,
-                       bool(getattr(args, "gradient_checkpointing", False)),
-                       count([frozen], False) if frozen is not None else 0,
-                       max(1, LOGPROB_CHUNK_ELEMENTS // config.vocab_size))  # lm_logprobs' chunks
-    total, have = plan["total"], device_memory(d.device)
-    if d.main:
-        terms = ", ".join(f"{k} {v / GB:.2f}" for k, v in plan.items() if v and k != "total")
-        print(f"memory plan per device (GB): {terms}; peak {total / GB:.2f} of the device's {have / GB:.0f}",
-              flush=True)
-        if total > have:
-            print(f"warning: the memory plan ({total / GB:.1f} GB) exceeds this device ({have / GB:.1f} GB): "
-                  "consider --lora_r, --gradient_checkpointing, a smaller --micro_batch_size or "
-                  "--generation_batch_size, or more devices", flush=True)
-    return plan
+    """Print this run's memory plan per device, and a warning line when it exceeds the device
+    (benchmarks/memory_plan.py's `print_plan`); returns the plan, or None without that file."""
+    module = memory_plan_module()
+    return module and module.print_plan(model, d, args, micro_rows, seq_len, gen_rows, gen_len, frozen, extra_modules)
 
 
 def peak_memory_gb(device):

@@ -1,5 +1,6 @@
-"""The memory plan (`memory_plan` below, which `common.print_memory_plan` prints before a run's
-first step) for the papers' real runs, and a check of it against measured peaks.
+"""The memory plan (`memory_plan` below; every training script prints its own through
+`common.print_memory_plan` -> `print_plan` before the first step) for the papers' real runs, and a
+check of it against measured peaks.
 
 1. `python benchmarks/memory_plan.py` prints, per method, the plan per device of the commands in
    docs/real_models.md for one 80 GB GPU and for 8 x 80 GB under FSDP2: the papers' models
@@ -61,6 +62,44 @@ def memory_plan(config, n_params, n_trainable, world=1, sharded=False, bf16=Fals
     rollout = plan["kv_cache"] + plan["gathered_weights"]
     training = plan["activations"] + plan["logits"] + plan["autocast_copies"]
     plan["total"] = plan["weights"] + plan["gradients"] + plan["optimizer"] + max(rollout, training)
+    return plan
+
+
+def device_memory(device):
+    """Bytes the device has: the GPU's memory, or the machine's RAM."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def print_plan(model, d, args, micro_rows, seq_len, gen_rows, gen_len, frozen=None, extra_modules=()):
+    """A run's plan (common.print_memory_plan), printed in one line by the first process, with a warning
+    line when it exceeds the device. `frozen`: a frozen copy (reference model) or None; `extra_modules`
+    (heads, gates, a second model) count as trainable."""
+    from torch.distributed.tensor import DTensor
+    common = _common()
+
+    def count(modules, trainable):
+        return sum((p.full_tensor() if isinstance(p, DTensor) else p).numel() for m in modules
+                   for p in m.parameters() if p.requires_grad or not trainable)
+    modules = [model, *extra_modules]
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    config = common.plain_model(model).config
+    plan = memory_plan(config, count(modules, False), count(modules, True), d.world, sharded,
+                       bool(common._io(model).bf16), micro_rows, seq_len, gen_rows, gen_len,
+                       bool(getattr(args, "gradient_checkpointing", False)),
+                       count([frozen], False) if frozen is not None else 0,
+                       max(1, common.LOGPROB_CHUNK_ELEMENTS // config.vocab_size))  # lm_logprobs' chunks
+    total, have = plan["total"], device_memory(d.device)
+    if d.main:
+        terms = ", ".join(f"{k} {v / GB:.2f}" for k, v in plan.items() if v and k != "total")
+        print(f"memory plan per device (GB): {terms}; peak {total / GB:.2f} of the device's {have / GB:.0f}",
+              flush=True)
+        if total > have:
+            print(f"warning: the memory plan ({total / GB:.1f} GB) exceeds this device ({have / GB:.1f} GB): "
+                  "consider --lora_r, --gradient_checkpointing, a smaller --micro_batch_size or "
+                  "--generation_batch_size, or more devices", flush=True)
     return plan
 
 

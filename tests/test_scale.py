@@ -230,7 +230,7 @@ def test_print_memory_plan_warns_in_one_line(capsys, monkeypatch):
     assert plan["weights"] == 4 * n and plan["optimizer"] == 8 * n
     out = capsys.readouterr().out
     assert out.startswith("memory plan per device (GB): weights") and "warning" not in out
-    monkeypatch.setattr(common, "device_memory", lambda device: 1000)
+    monkeypatch.setattr(common.memory_plan_module(), "device_memory", lambda device: 1000)
     common.print_memory_plan(model, common.Dist(), args, 4, 64, 32, 64)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[1].startswith("warning: the memory plan") and "exceeds" in lines[1]
