@@ -222,7 +222,8 @@ def check_start(cfg, accepts, script):
     mode = (cfg or {}).get("mode")
     if mode not in accepts:
         fits = {"coconut": "grpo_latent.py or latent_value_rl.py", "mixture": "latent_grpo.py or soft_grpo.py",
-                "hybrid": "hrpo.py", "atp": "atp_rl.py", "cot": "any RL script"}.get(mode, "eval.py")
+                "hybrid": "hrpo.py", "atp": "atp_rl.py", "multiplex": "multiplex_thinking.py",
+                "cot": "any RL script"}.get(mode, "eval.py")
         die(f"{script} does not train {mode!r} checkpoints (made by {(cfg or {}).get('method', '?')}); "
             f"use {fits}")
 
@@ -709,6 +710,10 @@ class _LatentIO:
     def _embed_hook(self, module, args, out):
         if self.mask is None:
             return out
+        if isinstance(self.vectors, tuple):  # (ids, weights) (B, T, K): sum_k w_k E[id_k], embedded here, in the
+            ids, w = self.vectors            # forward (the table whole under FSDP2), so gradients reach its rows
+            mixed = (w[self.mask].unsqueeze(-1).to(out.dtype) * module.forward(ids[self.mask])).sum(-2)
+            return out.masked_scatter(self.mask.unsqueeze(-1), mixed)
         return torch.where(self.mask.unsqueeze(-1), self.vectors.to(out.dtype), out)
 
     def _decoder_hook(self, module, args, out):
@@ -733,8 +738,9 @@ def _io(model):
 
 def lm_forward(model, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                latent_mask=None, latent_vectors=None, logits_to_keep=0):
-    """One forward pass: `latent_vectors[b, t]` replaces the token embedding wherever
-    `latent_mask[b, t]` is True. Returns (logits, last hidden state after the final norm)."""
+    """One forward pass: `latent_vectors[b, t]` replaces the token embedding wherever `latent_mask[b, t]`
+    is True; `latent_vectors` = (ids, weights), each (B, T, K), feeds sum_k weights[.., k] E[ids[.., k]]
+    instead. Returns (logits, last hidden state after the final norm)."""
     io = _io(model)
     if latent_mask is not None and not latent_mask.any():
         latent_mask = None

