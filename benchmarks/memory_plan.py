@@ -135,6 +135,7 @@ RECIPES = {
     "hrpo.py": ("Qwen2.5-3B-Instruct", 32, 8, 1280, 256, 0, 1280, False),
     "atp_sft.py": ("Llama-3.2-1B-Instruct", 0, 16, 384, 0, 0, 0, False),
     "atp_rl.py": ("Llama-3.2-1B-Instruct", 0, 16, 512, 512, 0, 512, False),
+    "multiplex_thinking.py": ("Qwen2.5-1.5B", 0, 4, 4352, 512, 64, 4352, False),
 }
 
 
@@ -245,6 +246,8 @@ def main():
         print(f"| {r['script']} | {r['model']} | {r['gpus']} | {r['lora_r'] or '-'} | {r['weights']} | "
               f"{r['gradients']} | {r['optimizer']} | {r['kv_cache']} | {r['gathered_weights']} | "
               f"{r['activations']} | {r['logits']} | {r['autocast_copies']} | **{r['total']}** |")
+    if not a.measure and Path(a.output).is_file():  # a plan-only run keeps the last measurement
+        result["measured"] = json.loads(Path(a.output).read_text()).get("measured", [])
     if a.measure:
         result["measured"] = measure()
         for m in result["measured"]:
