@@ -209,13 +209,11 @@ def test_instruct_model_with_chat_template_lora_and_eval(smol_tiny, tmp_path):
     assert cfg["prompt_format"] == "chat" and cfg["mode"] == "multiplex"
     import eval as eval_py
     with torch.enable_grad():
-        res = eval_py.main(common.parse_args(eval_py.Args, ["--model", str(out), "--dataset", str(gsm8k),
-                                                            "--max_samples", "2", "--max_completion_length", "8",
-                                                            "--output_file", str(tmp_path / "e.json")]))
+        argv = ["--model", str(out), "--dataset", str(gsm8k), "--max_samples", "2", "--max_completion_length", "8"]
+        res = eval_py.main(common.parse_args(eval_py.Args, [*argv, "--output_file", str(tmp_path / "e.json")]))
         assert res["mode"] == "multiplex" and res["mean_L"] > 0
-        res = eval_py.main(common.parse_args(eval_py.Args, ["--model", str(out), "--dataset", str(gsm8k),
-                                                            "--max_samples", "2", "--max_completion_length", "8",
-                                                            "--mode", "cot", "--output_file", str(tmp_path / "c.json")]))
+        res = eval_py.main(common.parse_args(eval_py.Args, [*argv, "--mode", "cot",
+                                                            "--output_file", str(tmp_path / "c.json")]))
         assert res["mode"] == "cot"
 
 
