@@ -20,6 +20,7 @@ Contents (each is a `# ----` banner below; search for "# <name>:"):
 The toy task and the tiny model live in toy.py.
 """
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -331,6 +332,22 @@ def plain_model(model):
     """The transformers model under any wrapper (DDP, peft): what save_pretrained is called on."""
     m = unwrap(model)
     return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+
+def reference_model(model, args, d, bf16=False):
+    """--beta > 0: the KL reference, a frozen copy of the start model (bf16 when computing in bf16; under
+    FSDP2 sharded like the policy). None without a KL term, or with --lora_r, where the reference is the
+    policy with its adapters off (`scoring_reference`)."""
+    if args.beta <= 0 or args.lora_r:
+        return None
+    ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
+    return wrap_model(ref, d, "fsdp") if getattr(args, "distributed", "fsdp") == "fsdp" else ref
+
+
+def scoring_reference(model, ref):
+    """(the model that scores the KL reference, the context to score it in): the frozen copy, or the
+    policy with its LoRA adapters off."""
+    return (ref, contextlib.nullcontext()) if ref is not None else (model, unwrap(model).disable_adapter())
 
 
 def enable_gradient_checkpointing(model, recompute_context=None):

@@ -27,7 +27,6 @@ Usage:
 
 Docs: docs/grpo_latent.md
 """
-import copy
 import functools
 import random
 from dataclasses import dataclass, field
@@ -171,10 +170,9 @@ def reasoning(model, tokenizer, cfg, temperature=0.0, top_p=1.0):
 
 def ref_logprobs(model, ref, r, rows, temperature):
     """The frozen start model's log-probs of rollout rows: a copy, or with LoRA the policy with its adapters off."""
-    if ref is not None:
-        return common.completion_logprobs(ref, r, rows, temperature).token
-    with common.unwrap(model).disable_adapter():
-        return common.completion_logprobs(model, r, rows, temperature).token
+    scorer, context = common.scoring_reference(model, ref)
+    with context:
+        return common.completion_logprobs(scorer, r, rows, temperature).token
 
 
 def run_eval(model, tokenizer, test, cfg, args, d, logger, step):
@@ -203,11 +201,7 @@ def main(args):
     markers = tokenizer.convert_tokens_to_ids([START_LATENT, END_LATENT, LATENT]) if cfg["mode"] == "coconut" else []
     model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
                               trainable_token_ids=markers)
-    ref = None
-    if args.beta > 0 and not args.lora_r:  # frozen: kept in bf16 when computing in bf16 (with LoRA: the adapters off)
-        ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
-        if args.distributed == "fsdp":  # sharded like the policy; under DDP a frozen copy needs no wrapper
-            ref = common.wrap_model(ref, d, "fsdp")
+    ref = common.reference_model(model, args, d, bf16)   # the KL reference (with LoRA: the adapters off)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     model = common.wrap_model(model, d, args.distributed, bf16)

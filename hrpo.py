@@ -28,7 +28,6 @@ Usage:
 
 Docs: docs/hrpo.md
 """
-import copy
 import functools
 import random
 from dataclasses import dataclass, field
@@ -349,11 +348,7 @@ def main(args):
     bf16 = common.use_bf16(args.bf16, d.device)
     d_model = model.get_input_embeddings().weight.shape[1]
     torch.manual_seed(args.seed)              # the reference, the gate and the adapters: the same on every rank
-    ref = None
-    if args.beta > 0 and args.lora_r == 0:  # (10) full fine-tuning: a frozen copy (with LoRA: the adapters off)
-        ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
-        if args.distributed == "fsdp":
-            ref = common.wrap_model(ref, d, "fsdp")
+    ref = common.reference_model(model, args, d, bf16)   # (10) full fine-tuning: a frozen copy (LoRA: adapters off)
     gate = Gate(d_model, args.c, args.r_min, args.r_max, args.interp_weight if args.no_gate else None).to(d.device)
     if cfg["mode"] == "hybrid":  # continue training an HRPO checkpoint: its own gate
         common.load_extra_module(args.model_name_or_path, "gate", gate)

@@ -26,7 +26,7 @@ Usage:
     python latent_grpo.py --first_token_selection false      # an ablation (--one_sided_noise false --ste none: another)
     python eval.py --model runs/latent_grpo --num_samples 8 --noise_scale 1.0
 """
-import copy
+import contextlib
 import functools
 import random
 import sys
@@ -340,10 +340,9 @@ def embedding_tables(model):
 def policy_logprobs(model, ref, r, rows, args, reference=False, **kw):
     """position_logprobs of the policy, or of the KL reference: the frozen copy `ref`, or with LoRA
     (`ref` None) the policy with its adapters off (the start model)."""
-    if reference and ref is None:
-        with common.unwrap(model).disable_adapter():
-            return position_logprobs(model, r, rows, args.temperature, **kw)
-    return position_logprobs(ref if reference else model, r, rows, args.temperature, **kw)
+    scorer, context = common.scoring_reference(model, ref) if reference else (model, contextlib.nullcontext())
+    with context:
+        return position_logprobs(scorer, r, rows, args.temperature, **kw)
 
 
 def run_eval(model, tokenizer, test, cfg, args, d, logger, step):
@@ -380,11 +379,7 @@ def main(args):
     saved_cfg = {**cfg, "method": "latent_grpo", "base_model": args.model_name_or_path}
     end_think = common.require_tokens(tokenizer, [START_THINK, END_THINK], "Latent-GRPO")[1]
     bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
-    ref = None
-    if args.beta > 0 and not args.lora_r:  # frozen: kept in bf16 when computing in bf16 (LoRA: the adapters off)
-        ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
-        if args.distributed == "fsdp":
-            ref = common.wrap_model(ref, d, "fsdp")
+    ref = common.reference_model(model, args, d, bf16)   # the KL reference (with LoRA: the adapters off)
     # frozen input embedding and LM head: the latent space stays the vocabulary's span. (8) Rows this
     # run added (<think>, </think> of a model without latent SFT) must learn all the same. With
     # --lora_r the tables are frozen with the rest of the base model and peft trains those rows

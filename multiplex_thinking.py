@@ -26,7 +26,7 @@ Usage:
     python eval.py --model runs/multiplex_thinking --num_samples 8
     python eval.py --model checkpoints/toy-cot --mode multiplex      # training-free multiplex rollouts
 """
-import copy
+import contextlib
 import functools
 import random
 from dataclasses import dataclass, field
@@ -227,10 +227,9 @@ def aggregate_loss(per_tok, loss_mask, loss_type, n_tokens, n_rows, max_len):
 def policy_logprobs(model, ref, r, rows, T, reference=False):
     """slot_logprobs of the policy, or of the KL reference: the frozen copy `ref`, or with LoRA (`ref`
     None) the policy with its adapters off."""
-    if reference and ref is None:
-        with common.unwrap(model).disable_adapter():
-            return slot_logprobs(model, r, rows, T)
-    return slot_logprobs(ref if reference else model, r, rows, T)
+    scorer, context = common.scoring_reference(model, ref) if reference else (model, contextlib.nullcontext())
+    with context:
+        return slot_logprobs(scorer, r, rows, T)
 
 
 def run_eval(model, tokenizer, test, cfg, args, d, logger, step):
@@ -262,11 +261,7 @@ def main(args):
         common.die(f"{args.model_name_or_path}: the tokenizer has neither {END_THINK} nor a token that begins "
                    f"{common.ANSWER_MARKER!r}: the think span could never end")
     bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
-    ref = None
-    if args.beta > 0 and not args.lora_r:  # frozen: kept in bf16 when computing in bf16 (LoRA: the adapters off)
-        ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
-        if args.distributed == "fsdp":
-            ref = common.wrap_model(ref, d, "fsdp")
+    ref = common.reference_model(model, args, d, bf16)   # the KL reference (with LoRA: the adapters off)
     model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)

@@ -23,7 +23,7 @@ Usage:
     python soft_grpo.py --model runs/llama-latent-sft --dataset whynlp/gsm8k-aug --bf16 true --learning_rate 1e-6 \\
         --train_batch_size 64 --mini_batch_size 16 --micro_batch_size 32 --max_completion_length 128
 """
-import copy
+import contextlib
 import functools
 import random
 import sys
@@ -252,10 +252,9 @@ def clipped_tokens(ratio, loss_mask, eps_low, eps_high):
 def policy_logprobs(model, ref, r, rows, args, reference=False):
     """position_logprobs of the policy, or of the KL reference: the frozen copy `ref`, or with LoRA
     (`ref` None) the policy with its adapters off (the start model)."""
-    if reference and ref is None:
-        with common.unwrap(model).disable_adapter():
-            return position_logprobs(model, r, rows, args.temperature, args.latent_density)
-    return position_logprobs(ref if reference else model, r, rows, args.temperature, args.latent_density)
+    scorer, context = common.scoring_reference(model, ref) if reference else (model, contextlib.nullcontext())
+    with context:
+        return position_logprobs(scorer, r, rows, args.temperature, args.latent_density)
 
 
 def run_eval(model, tokenizer, test, cfg, args, d, logger, step):
@@ -292,11 +291,7 @@ def main(args):
     markers = common.require_tokens(tokenizer, [START_THINK, END_THINK], "Soft-GRPO")
     end_think = markers[1]
     bf16, stop = common.use_bf16(args.bf16, d.device), common.stop_ids(model, tokenizer)
-    ref = None
-    if args.beta > 0 and not args.lora_r:  # frozen: kept in bf16 when computing in bf16 (LoRA: the adapters off)
-        ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
-        if args.distributed == "fsdp":
-            ref = common.wrap_model(ref, d, "fsdp")
+    ref = common.reference_model(model, args, d, bf16)   # the KL reference (with LoRA: the adapters off)
     # --lora_r: adapters on every linear layer, the marker rows trainable (the whole model trains otherwise)
     model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, markers)
     if args.gradient_checkpointing:
