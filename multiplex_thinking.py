@@ -81,6 +81,7 @@ class Args(common.TrainArgs):
 # ----------------------------------------------------------------------------------------------
 # the algorithm: the multiplex token, the end of the span, the slot log-probs, advantages, the loss
 
+@functools.lru_cache(maxsize=8)   # (reading a 150k vocabulary takes a second: once per tokenizer, not per evaluation)
 def think_end_ids(tokenizer):
     """The ids that end the think span: </think> if the tokenizer has it as one token, else every token
     that begins the answer marker "###" ("#", "##", " ###", ... : its first piece, however it is split)."""
